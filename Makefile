@@ -1,0 +1,54 @@
+# celery-api: see the README. Every target installs what it needs into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+export PORT
+
+.PHONY: run test serve worker beat migrate bench install install-test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -e '.[test,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(BIN)/python -m celery_api.devstack
+
+serve: install
+	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+
+worker: install
+	$(BIN)/celery -A wsgi:celery_app worker --loglevel $${LOG_LEVEL:-INFO} \
+		--statedb $${CELERY_API_WORKER_STATE_DB:-instance/worker-%n.state}
+
+beat: install
+	$(BIN)/celery -A wsgi:celery_app beat --loglevel $${LOG_LEVEL:-INFO} \
+		--schedule $${CELERY_API_BEAT_SCHEDULE:-instance/celerybeat-schedule}
+
+migrate: install
+	$(BIN)/flask --app wsgi db upgrade
+
+test: install-test
+	$(BIN)/ruff check celery_api tests wsgi.py gunicorn.conf.py
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check celery_api tests wsgi.py gunicorn.conf.py
+
+bench: install-test
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache

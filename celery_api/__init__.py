@@ -1,0 +1,100 @@
+"""celery-api: a REST control plane for Celery tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Flask, request
+from flask_swagger_ui import get_swaggerui_blueprint
+
+from celery_api import settings
+from celery_api.catalog import load_catalog
+from celery_api.celery_app import celery_init_app
+from celery_api.extensions import api, db, migrate
+from celery_api.logging import configure_logging
+from celery_api.resources.fields import TaskIdConverter
+from celery_api.services.errors import ServiceError
+from celery_api.smorest import problem_response
+
+__version__ = "0.1.0"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the app. ``config`` overrides the environment (``CELERY`` is merged key by key)."""
+    config = dict(config or {})
+    instance_path = Path(config.pop("INSTANCE_PATH", None) or settings.default_instance_path())
+    app = Flask(__name__, instance_path=str(instance_path.resolve()))
+    instance_path.mkdir(parents=True, exist_ok=True)
+    app.config.from_mapping(
+        API_TITLE="celery-api",
+        API_VERSION=__version__,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api",
+        OPENAPI_JSON_PATH="openapi.json",
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
+        API_SPEC_OPTIONS={
+            "info": {"description": "REST control plane for Celery tasks. See the README."},
+        },
+    )
+    app.config.update(settings.from_environment(instance_path))
+    celery_overrides = config.pop("CELERY", {})
+    app.config.update(config)
+    app.config["CELERY"] = {**app.config["CELERY"], **celery_overrides}
+
+    configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
+    app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
+    celery_init_app(app)
+
+    app.url_map.converters["task_id"] = TaskIdConverter
+    api.init_app(app)
+    api.register_converter(TaskIdConverter, lambda _c: {"type": "string", "format": "uuid"})
+    _register_blueprints(app)
+    _register_params_components(app)
+    _register_request_checks(app)
+
+    from celery_api.cli import register_cli
+
+    register_cli(app)
+    return app
+
+
+def _register_blueprints(app: Flask) -> None:
+    from celery_api.resources.stats.routes import blp as stats_blp
+    from celery_api.resources.status.routes import blp as status_blp
+    from celery_api.resources.tasks.routes import blp as tasks_blp
+
+    for blp in (tasks_blp, status_blp, stats_blp):
+        api.register_blueprint(blp)
+    app.register_blueprint(
+        get_swaggerui_blueprint("/api/docs", "/api/openapi.json",
+                                config={"app_name": "celery-api"}),
+        url_prefix="/api/docs",
+    )
+
+
+def _register_params_components(app: Flask) -> None:
+    """Each task type's params schema appears as its own OpenAPI component."""
+    for definition in app.extensions["celery_api.catalog"]:
+        if definition.schema_name not in api.spec.components.schemas:
+            api.spec.components.schema(definition.schema_name, schema=definition.params_schema)
+
+
+def _register_request_checks(app: Flask) -> None:
+    @app.before_request
+    def require_json_body():
+        if request.method in BODY_METHODS and (
+            request.content_length or request.headers.get("Transfer-Encoding")
+        ):
+            if not request.is_json:
+                return problem_response(
+                    415, f"Send the body as application/json (got "
+                         f"{request.mimetype or 'no Content-Type'}).")
+        return None
+
+    @app.errorhandler(ServiceError)
+    def service_error(exc: ServiceError):
+        return problem_response(exc.status, exc.detail, errors=exc.errors, headers=exc.headers)

@@ -1,0 +1,123 @@
+"""The catalog: which task types a client may launch, and with what parameters.
+
+Each entry names its Celery task, describes itself and carries the marshmallow
+schema its ``params`` are validated with. Views and services look task types up
+here; nothing branches on a task type. Task modules contribute entries through a
+``register(catalog)`` function; a deployment adds its own modules with
+``CELERY_API_TASK_MODULES`` (comma separated import paths).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import marshmallow as ma
+from flask import current_app
+
+BUILTIN_MODULES = ("celery_api.tasks.sii",)
+_TASK_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+
+
+class CatalogError(Exception):
+    """A task module tried to register something invalid."""
+
+
+@dataclass(frozen=True)
+class TaskDefinition:
+    task_type: str
+    celery_name: str
+    name: str
+    description: str
+    params_schema: type[ma.Schema]
+    queue: str | None = None
+    # True when running the task twice is harmless: it may then be redelivered
+    # after a worker is lost instead of being recorded as failed.
+    safe_to_repeat: bool = False
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def validate(self, params: Any) -> dict:
+        """Load ``params`` (raises ``ma.ValidationError``) and return them JSON-ready."""
+        schema = self.params_schema()
+        loaded = schema.load(params if params is not None else {})
+        return schema.dump(loaded)
+
+    @property
+    def schema_name(self) -> str:
+        return self.params_schema.__name__.removesuffix("Schema")
+
+
+class Catalog:
+    def __init__(self) -> None:
+        self._entries: dict[str, TaskDefinition] = {}
+        self._by_celery_name: dict[str, TaskDefinition] = {}
+
+    def add(
+        self,
+        task_type: str,
+        *,
+        celery_name: str,
+        params_schema: type[ma.Schema],
+        name: str,
+        description: str,
+        queue: str | None = None,
+        safe_to_repeat: bool = False,
+    ) -> TaskDefinition:
+        if not _TASK_TYPE.match(task_type):
+            raise CatalogError(f"task_type {task_type!r} must be dotted lower_snake_case")
+        if task_type in self._entries:
+            raise CatalogError(f"task_type {task_type!r} is registered twice")
+        if not (isinstance(params_schema, type) and issubclass(params_schema, ma.Schema)):
+            raise CatalogError(f"{task_type}: params_schema must be a marshmallow Schema class")
+        definition = TaskDefinition(
+            task_type=task_type,
+            celery_name=celery_name,
+            name=name,
+            description=description,
+            params_schema=params_schema,
+            queue=queue,
+            safe_to_repeat=safe_to_repeat,
+        )
+        self._entries[task_type] = definition
+        self._by_celery_name[celery_name] = definition
+        return definition
+
+    def get(self, task_type: str) -> TaskDefinition | None:
+        return self._entries.get(task_type)
+
+    def by_celery_name(self, celery_name: str) -> TaskDefinition | None:
+        return self._by_celery_name.get(celery_name)
+
+    def __iter__(self) -> Iterator[TaskDefinition]:
+        return iter(sorted(self._entries.values(), key=lambda d: d.task_type))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, task_type: object) -> bool:
+        return task_type in self._entries
+
+
+def load_catalog(modules: list[str] | tuple[str, ...]) -> Catalog:
+    """Import each module and call its ``register(catalog)``."""
+    catalog = Catalog()
+    for module_name in (*BUILTIN_MODULES, *modules):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise CatalogError(
+                f"CELERY_API_TASK_MODULES names {module_name!r}, which cannot be imported: {exc}"
+            ) from exc
+        register = getattr(module, "register", None)
+        if not callable(register):
+            raise CatalogError(f"task module {module_name!r} has no register(catalog) function")
+        register(catalog)
+    return catalog
+
+
+def get_catalog() -> Catalog:
+    """The current app's catalog."""
+    return current_app.extensions["celery_api.catalog"]

@@ -1,0 +1,46 @@
+"""The Celery app, built in the factory from the ``CELERY`` config key.
+
+Tasks run inside the Flask app context (``FlaskTask``); catalog tasks check the
+durable record before running, so a run revoked while no worker was listening
+still never runs.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, Task
+from celery.exceptions import Ignore
+from flask import Flask
+
+
+def celery_init_app(app: Flask) -> Celery:
+    class FlaskTask(Task):
+        def __call__(self, *args, **kwargs):
+            with app.app_context():
+                if not self.request.called_directly and self.request.id:
+                    from celery_api.services import recorder
+
+                    if recorder.is_revoked(self.request.id):
+                        self.backend.mark_as_revoked(
+                            self.request.id, "revoked before it started", request=self.request
+                        )
+                        raise Ignore()
+                return self.run(*args, **kwargs)
+
+        def report_progress(self, current: int, total: int, message: str = "") -> None:
+            """Publish PROGRESS with ``{current, total, percent, message}`` as meta."""
+            percent = round(100.0 * current / total, 1) if total else 0.0
+            self.update_state(
+                state="PROGRESS",
+                meta={"current": current, "total": total, "percent": percent, "message": message},
+            )
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object(app.config["CELERY"])
+    celery_app.set_default()
+    celery_app.flask_app = app  # for worker signal handlers, which run outside any task
+    app.extensions["celery"] = celery_app
+
+    from celery_api.services import recorder
+
+    recorder.connect_signals()
+    return celery_app

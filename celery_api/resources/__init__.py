@@ -1,0 +1,1 @@
+"""One blueprint per resource: ``routes.py`` (thin views) and ``schemas.py``."""

@@ -1,0 +1,36 @@
+"""Worker and queue statistics: GET /stats."""
+
+from __future__ import annotations
+
+import marshmallow as ma
+from flask.views import MethodView
+
+from celery_api.services import stats
+from celery_api.smorest import Blueprint, error_responses
+
+blp = Blueprint("stats", __name__, url_prefix="/api/celery", description="Workers and queues")
+
+
+class StatsSchema(ma.Schema):
+    active_tasks = ma.fields.Dict(metadata={"description": "Running tasks, by worker"})
+    scheduled_tasks = ma.fields.Dict(metadata={"description": "ETA/countdown tasks, by worker"})
+    registered_tasks = ma.fields.List(ma.fields.String())
+    worker_stats = ma.fields.Dict(metadata={"description": "celery inspect stats, by worker"})
+    workers_online = ma.fields.List(ma.fields.String())
+    queues = ma.fields.Dict(keys=ma.fields.String(), values=ma.fields.Integer(),
+                            metadata={"description": "Messages waiting, by queue"})
+    inspect_timeout = ma.fields.Float(metadata={"description": "Seconds workers had to answer"})
+    collected_in_seconds = ma.fields.Float()
+    snapshot_age_seconds = ma.fields.Float(
+        metadata={"description": "Age of this snapshot (it is cached briefly)"})
+    note = ma.fields.String(metadata={"description": "Present when no worker answered"})
+
+
+@blp.route("/stats")
+class Stats(MethodView):
+    @blp.response(200, StatsSchema)
+    @error_responses(blp, 503)
+    @blp.doc(operationId="getStats")
+    def get(self):
+        """Workers, their tasks, and queue lengths"""
+        return stats.snapshot()

@@ -1,0 +1,83 @@
+"""Following and controlling runs: GET/DELETE /tasks/{id}, POST /tasks/{id}/retry."""
+
+from __future__ import annotations
+
+from flask import url_for
+from flask.views import MethodView
+
+from celery_api.resources.fields import parse_task_id
+from celery_api.resources.status.schemas import (
+    RevokeArgsSchema,
+    RevokeResponseSchema,
+    TaskStatusResponseSchema,
+)
+from celery_api.resources.tasks.routes import launch_response
+from celery_api.resources.tasks.schemas import TaskLaunchResponseSchema
+from celery_api.services import control, runs
+from celery_api.smorest import Blueprint, error_responses
+
+blp = Blueprint("status", __name__, url_prefix="/api/celery", description="Status and control")
+
+
+@blp.route("/tasks/<task_id:task_id>")
+class TaskRunItem(MethodView):
+    @blp.response(200, TaskStatusResponseSchema)
+    @error_responses(blp, 404, 422, 503)
+    @blp.doc(operationId="getTaskStatus")
+    def get(self, task_id):
+        """Get a run's status, result and progress
+
+        404 for an id this service never saw (Celery alone would say PENDING).
+        """
+        view = runs.describe(parse_task_id(task_id))
+        run = view.run
+        return {
+            "task_id": run.id, "status": view.status, "result": view.result,
+            "error": view.error, "traceback": view.traceback, "meta": view.meta,
+            "task_type": run.task_type, "params": run.params, "progress": view.progress,
+            "queue": run.queue, "priority": run.priority, "tags": run.tags or [],
+            "worker": run.worker, "retries": run.retries, "created_at": run.created_at,
+            "started_at": run.started_at, "finished_at": run.finished_at,
+            "runtime": run.runtime, "parent_id": run.parent_id, "root_id": run.root_id,
+            "retry_of": run.retry_of, "batch_id": run.batch_id,
+            "schedule_id": run.schedule_id, "children": view.children,
+            "retried_as": view.retries_of_this,
+        }
+
+    @blp.arguments(RevokeArgsSchema, location="query")
+    @blp.response(200, RevokeResponseSchema)
+    @blp.alt_response(202, schema=RevokeResponseSchema,
+                      description="Running run: the stop signal was sent")
+    @error_responses(blp, 404, 409, 503)
+    @blp.doc(operationId="revokeTask")
+    def delete(self, args, task_id):
+        """Revoke (cancel) a run
+
+        A queued run is revoked at once (200) and never runs, even if no worker is up
+        now. A running one needs `terminate=true`: the signal is sent and 202 answered.
+        409 when it already finished.
+        """
+        outcome = control.revoke(parse_task_id(task_id), terminate=args["terminate"],
+                                 signal=args["signal"], reason=args.get("reason"))
+        body = {"task_id": outcome.task_id, "status": outcome.status,
+                "terminate": outcome.terminate, "message": outcome.message}
+        return body, 202 if outcome.accepted else 200
+
+
+@blp.route("/tasks/<task_id:task_id>/retry")
+class TaskRunRetry(MethodView):
+    @blp.response(202, TaskLaunchResponseSchema, headers={
+        "Location": {"description": "URL of the new run's status", "schema": {"type": "string"}}})
+    @error_responses(blp, 404, 409, 422, 503)
+    @blp.doc(operationId="retryTask")
+    def post(self, task_id):
+        """Retry a failed or revoked run
+
+        Launches a new run with the same task type and params, linked to the original
+        by `retry_of`.
+        """
+        run = control.retry(parse_task_id(task_id))
+        location = url_for("status.TaskRunItem", task_id=run.id)
+        body = launch_response(run, location)
+        body["message"] = f"Retry of {task_id} queued as {run.id}"
+        return body, 202, {"Location": location}

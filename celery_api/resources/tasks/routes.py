@@ -1,0 +1,68 @@
+"""The catalog and launching: GET /tasks, POST /tasks/launch."""
+
+from __future__ import annotations
+
+from flask import current_app, url_for
+from flask.views import MethodView
+
+from celery_api.catalog import get_catalog
+from celery_api.resources.tasks.schemas import (
+    AvailableTaskSchema,
+    TaskLaunchRequestSchema,
+    TaskLaunchResponseSchema,
+)
+from celery_api.services import launch as launch_service
+from celery_api.smorest import Blueprint, error_responses
+
+blp = Blueprint("tasks", __name__, url_prefix="/api/celery", description="Catalog and launch")
+
+
+def params_json_schema(definition) -> dict:
+    api = current_app.extensions["flask-smorest"]["apis"][""]["ext_obj"]
+    return api.ma_plugin.converter.schema2jsonschema(definition.params_schema())
+
+
+@blp.route("/tasks")
+class TaskCatalog(MethodView):
+    @blp.response(200, AvailableTaskSchema(many=True))
+    @blp.doc(operationId="listTasks")
+    def get(self):
+        """List the task types that may be launched
+
+        Each entry carries the JSON Schema of its `params`.
+        """
+        return [
+            {"task_type": d.task_type, "name": d.name, "description": d.description,
+             "parameters": params_json_schema(d), "queue": d.queue,
+             "safe_to_repeat": d.safe_to_repeat}
+            for d in get_catalog()
+        ]
+
+
+@blp.route("/tasks/launch")
+class TaskLaunch(MethodView):
+    @blp.arguments(TaskLaunchRequestSchema)
+    @blp.response(202, TaskLaunchResponseSchema, headers={
+        "Location": {"description": "URL of the run's status", "schema": {"type": "string"}}})
+    @error_responses(blp, 400, 413, 415, 503)
+    @blp.doc(operationId="launchTask")
+    def post(self, body):
+        """Launch a task
+
+        Validates `params` against the task type's schema, records the run and
+        publishes it. Answers 202 with the status URL in `Location`.
+        """
+        options = launch_service.LaunchOptions(
+            priority=body.get("priority"), countdown=body.get("countdown"),
+            eta=body.get("eta"), expires=body.get("expires"), queue=body.get("queue"),
+            tags=body.get("tags") or [])
+        run = launch_service.launch(body["task_type"], body["params"], options)
+        location = url_for("status.TaskRunItem", task_id=run.id)
+        return launch_response(run, location), 202, {"Location": location}
+
+
+def launch_response(run, location: str) -> dict:
+    return {
+        "success": True, "task_id": run.id, "task_type": run.task_type, "status": run.status,
+        "message": f"Task {run.task_type} queued as {run.id}", "status_url": location,
+    }

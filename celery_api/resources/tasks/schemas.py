@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from datetime import UTC
+
+import marshmallow as ma
+
+from celery_api.resources.fields import Expires
+
+TAG = ma.fields.String(validate=ma.validate.Length(1, 64))
+
+
+class AvailableTaskSchema(ma.Schema):
+    task_type = ma.fields.String(required=True, metadata={"example": "sii.sync_documents"})
+    name = ma.fields.String(required=True)
+    description = ma.fields.String(required=True)
+    parameters = ma.fields.Dict(
+        required=True,
+        metadata={"description": "JSON Schema of `params`, generated from the task's "
+                                 "marshmallow schema"})
+    queue = ma.fields.String(allow_none=True, metadata={"description": "Default queue"})
+    safe_to_repeat = ma.fields.Boolean(
+        metadata={"description": "Whether a run may be redelivered after its worker is lost"})
+
+
+class LaunchOptionsMixin(ma.Schema):
+    priority = ma.fields.Integer(
+        validate=ma.validate.Range(0, 9),
+        metadata={"description": "0 (highest) to 9 (lowest), as Celery's Redis transport orders"
+                                 " them"})
+    countdown = ma.fields.Float(
+        validate=ma.validate.Range(0, 30 * 86400),
+        metadata={"description": "Seconds to wait before running (at most 30 days)"})
+    eta = ma.fields.AwareDateTime(
+        default_timezone=UTC, metadata={"description": "Earliest time to run (ISO 8601)"})
+    expires = Expires(metadata={
+        "description": "Seconds from now, or an ISO 8601 date-time, after which the run is "
+                       "discarded (REVOKED) if it has not started",
+        "oneOf": [{"type": "number"}, {"type": "string", "format": "date-time"}]})
+    queue = ma.fields.String(
+        validate=ma.validate.Regexp(r"^[A-Za-z0-9_.:-]{1,100}$"),
+        metadata={"description": "Queue to publish to; one of the configured queues"})
+    tags = ma.fields.List(TAG, validate=ma.validate.Length(max=20),
+                          metadata={"description": "Free labels kept in the history"})
+
+    @ma.validates_schema
+    def _one_start_time(self, data, **kwargs):
+        if data.get("countdown") is not None and data.get("eta") is not None:
+            raise ma.ValidationError("Give either countdown or eta, not both.", "eta")
+
+
+class TaskLaunchRequestSchema(LaunchOptionsMixin):
+    task_type = ma.fields.String(
+        required=True, validate=ma.validate.Length(1, 200),
+        metadata={"description": "One of the task types listed by GET /tasks",
+                  "example": "sii.sync_documents"})
+    params = ma.fields.Dict(
+        load_default=dict,
+        metadata={"description": "Parameters, validated by the task type's schema",
+                  "example": {"company_id": "0b9ad5a2-4f4f-5a8e-8e1b-3f0c8c3f7a10", "months": 1}})
+
+
+class TaskLaunchResponseSchema(ma.Schema):
+    success = ma.fields.Boolean(required=True)
+    task_id = ma.fields.String(required=True)
+    task_type = ma.fields.String(required=True)
+    status = ma.fields.String(required=True, metadata={"example": "PENDING"})
+    message = ma.fields.String(required=True)
+    status_url = ma.fields.String(metadata={"description": "Where to follow the run"})

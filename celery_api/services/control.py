@@ -1,0 +1,85 @@
+"""Revoking and retrying runs."""
+
+from __future__ import annotations
+
+import logging
+import signal as signal_module
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from flask import current_app
+
+from celery_api.extensions import db
+from celery_api.models import FINISHED_STATES, TaskRun, utcnow
+from celery_api.services import launch as launch_service
+from celery_api.services.errors import Conflict, Unavailable
+from celery_api.services.runs import describe
+
+log = logging.getLogger("celery_api.control")
+
+QUEUED_STATES = frozenset({"PENDING", "RECEIVED", "RETRY"})
+RETRYABLE_STATES = frozenset({"FAILURE", "REVOKED"})
+SIGNALS = ("SIGTERM", "SIGKILL", "SIGINT", "SIGQUIT", "SIGUSR1")
+
+
+@dataclass
+class RevokeOutcome:
+    task_id: str
+    status: str
+    terminate: bool
+    message: str
+    accepted: bool  # True: the worker still has to confirm (terminate of a running run)
+
+
+def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
+           reason: str | None = None) -> RevokeOutcome:
+    view = describe(task_id)
+    status = view.status
+    if status in FINISHED_STATES:
+        raise Conflict(f"Task {task_id} already finished with status {status}; "
+                       "there is nothing to revoke.")
+    running = status not in QUEUED_STATES
+    if running and not terminate:
+        raise Conflict(f"Task {task_id} is already running ({status}). Send terminate=true "
+                       "to stop it with a signal.")
+    celery_app = current_app.extensions["celery"]
+    try:
+        celery_app.control.revoke(task_id, terminate=terminate, signal=signal)
+    except Exception as exc:  # noqa: BLE001
+        raise Unavailable("The task broker is unreachable; the revoke was not sent.") from exc
+    note = f": {reason}" if reason else ""
+    if not running:
+        db.session.execute(
+            sa.update(TaskRun)
+            .where(TaskRun.id == task_id, TaskRun.status.not_in(FINISHED_STATES))
+            .values(status="REVOKED", finished_at=utcnow(), error=f"revoked{note}")
+        )
+        db.session.commit()
+        log.info("🚫 revoked queued task %s%s", task_id, note)
+        return RevokeOutcome(task_id, "REVOKED", terminate,
+                             f"Task {task_id} revoked before it ran{note}.", accepted=False)
+    log.info("🚫 terminating running task %s with %s%s", task_id, signal, note)
+    return RevokeOutcome(
+        task_id, status, terminate,
+        f"{signal} sent to the worker running {task_id}{note}; its status becomes REVOKED "
+        "once the worker confirms.", accepted=True)
+
+
+def retry(task_id: str) -> TaskRun:
+    view = describe(task_id)
+    if view.status not in RETRYABLE_STATES:
+        raise Conflict(f"Task {task_id} is {view.status}; only FAILURE or REVOKED runs "
+                       "can be retried.")
+    original = view.run
+    options = launch_service.LaunchOptions(
+        priority=original.priority, queue=original.queue, tags=list(original.tags or []))
+    lineage = launch_service.Lineage(
+        retry_of=original.id, root_id=original.root_id or original.id,
+        batch_id=original.batch_id)
+    run = launch_service.launch(original.task_type, original.params, options, lineage)
+    log.info("🔁 retry of %s launched as %s", task_id, run.id)
+    return run
+
+
+def signal_names() -> tuple[str, ...]:
+    return tuple(s for s in SIGNALS if hasattr(signal_module, s))

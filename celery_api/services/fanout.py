@@ -1,0 +1,78 @@
+"""Fan-out: a parent run that launches one child per company and closes when they all end.
+
+The parent records how many children it expects before launching any, then lets
+its Celery task end without a result (``Ignore``). Each child, as it finishes,
+counts its siblings; the one that finds them all finished writes the parent's
+summary ``{total_companies, synced, failed, skipped}`` to the record and the
+result backend. Counting after each child's own commit means the last to commit
+always sees every sibling.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+from celery.exceptions import Ignore
+
+from celery_api.extensions import db
+from celery_api.models import FINISHED_STATES, TaskRun, utcnow
+from celery_api.services import launch as launch_service
+
+log = logging.getLogger("celery_api.fanout")
+
+
+def fan_out(task, child_type: str, children: list[dict], *, total: int, skipped: int) -> dict:
+    """Launch ``children`` (params dicts) under the running ``task``; return or ``Ignore``."""
+    parent_id = task.request.id
+    if not children:
+        return {"total_companies": total, "synced": 0, "failed": 0, "skipped": skipped}
+    plan = {"fanout": {"child_type": child_type, "total_companies": total,
+                       "expected": len(children), "skipped": skipped}}
+    db.session.execute(
+        sa.update(TaskRun).where(TaskRun.id == parent_id)
+        .values(meta=plan, status="PROGRESS")
+    )
+    db.session.commit()
+    root_id = task.request.root_id or parent_id
+    for params in children:
+        launch_service.launch(
+            child_type, params,
+            lineage=launch_service.Lineage(parent_id=parent_id, root_id=root_id))
+    task.update_state(state="PROGRESS", meta={**plan["fanout"], "launched": len(children)})
+    log.info("📤 %s fanned out %d %s run(s)", parent_id, len(children), child_type)
+    raise Ignore()
+
+
+def finish_if_complete(parent_id: str, celery_app) -> None:
+    parent = db.session.get(TaskRun, parent_id)
+    if parent is None or parent.finished or not isinstance(parent.meta, dict):
+        return
+    plan = parent.meta.get("fanout")
+    if not plan:
+        return
+    counts = dict(db.session.execute(
+        sa.select(TaskRun.status, sa.func.count())
+        .where(TaskRun.parent_id == parent_id, TaskRun.retry_of.is_(None))
+        .group_by(TaskRun.status)
+    ).all())
+    done = sum(n for status, n in counts.items() if status in FINISHED_STATES)
+    if done < plan["expected"]:
+        return
+    summary = {
+        "total_companies": plan["total_companies"],
+        "synced": counts.get("SUCCESS", 0),
+        "failed": counts.get("FAILURE", 0) + counts.get("REVOKED", 0),
+        "skipped": plan["skipped"],
+    }
+    now = utcnow()
+    runtime = (now - parent.started_at).total_seconds() if parent.started_at else None
+    closed = db.session.execute(
+        sa.update(TaskRun)
+        .where(TaskRun.id == parent_id, TaskRun.status.not_in(FINISHED_STATES))
+        .values(status="SUCCESS", result=summary, finished_at=now, runtime=runtime)
+    ).rowcount
+    db.session.commit()
+    if closed:
+        celery_app.backend.store_result(parent_id, summary, "SUCCESS")
+        log.info("✅ %s finished its fan-out: %s", parent_id, summary)

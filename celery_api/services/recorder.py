@@ -1,0 +1,222 @@
+"""The worker side of the history: Celery signals keep each run's record current.
+
+API launches are recorded before they are published (``services.launch``); the
+worker then moves the record through STARTED, RETRY and its final state. A task
+sent straight to Celery by someone else is recorded when a worker first runs it.
+Recording never breaks a task: a database error is logged and the task goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback as tb
+from datetime import timedelta
+
+import sqlalchemy as sa
+from celery import signals
+from celery.worker import state as worker_state
+
+from celery_api.catalog import get_catalog
+from celery_api.extensions import db
+from celery_api.models import FINISHED_STATES, TaskRun, utcnow
+
+log = logging.getLogger("celery_api.worker")
+_connected = False
+
+
+def is_revoked(task_id: str) -> bool:
+    status = db.session.execute(
+        sa.select(TaskRun.status).where(TaskRun.id == task_id)
+    ).scalar_one_or_none()
+    db.session.rollback()
+    return status == "REVOKED"
+
+
+def _json_safe(value):
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _flask_app(task):
+    celery_app = getattr(task, "app", None)
+    return getattr(celery_app, "flask_app", None)
+
+
+def _guarded(handler):
+    """Run a signal handler in the Flask app context; log, never raise."""
+
+    def wrapper(sender=None, **kwargs):
+        task = kwargs.pop("task", None) or sender
+        app = _flask_app(task)
+        if app is None:
+            return
+        with app.app_context():
+            try:
+                handler(task, **kwargs)
+                db.session.commit()
+            except Exception:  # noqa: BLE001 - recording must not break the task
+                db.session.rollback()
+                log.exception("❌ could not record %s for task %s", handler.__name__,
+                              kwargs.get("task_id") or getattr(kwargs.get("request"), "id", "?"))
+            finally:
+                db.session.remove()
+
+    wrapper.__name__ = handler.__name__
+    return wrapper
+
+
+def _update(task_id: str, *conditions, **values) -> int:
+    stmt = sa.update(TaskRun).where(TaskRun.id == task_id, *conditions).values(**values)
+    return db.session.execute(stmt).rowcount
+
+
+@_guarded
+def on_prerun(task, task_id=None, args=None, kwargs=None, **_):
+    request = task.request
+    now = utcnow()
+    updated = _update(
+        task_id,
+        TaskRun.status.not_in(FINISHED_STATES),
+        status="STARTED",
+        started_at=sa.func.coalesce(TaskRun.started_at, now),
+        worker=request.hostname,
+        retries=request.retries or 0,
+    )
+    if updated:
+        log.info("▶️ started %s on %s", task_id, request.hostname)
+        return
+    if db.session.get(TaskRun, task_id) is not None:
+        return
+    # A task this API did not launch: record it now.
+    definition = get_catalog().by_celery_name(task.name)
+    params = kwargs or {}
+    if args:
+        params = {"args": list(args), "kwargs": kwargs or {}}
+    delivery = request.delivery_info or {}
+    db.session.add(
+        TaskRun(
+            id=task_id,
+            task_type=definition.task_type if definition else task.name,
+            task_name=task.name,
+            params=_json_safe(params),
+            status="STARTED",
+            queue=delivery.get("routing_key"),
+            priority=delivery.get("priority"),
+            worker=request.hostname,
+            retries=request.retries or 0,
+            parent_id=request.parent_id,
+            root_id=request.root_id or task_id,
+            company_id=_company_id(params),
+            created_at=now,
+            started_at=now,
+            tags=[],
+        )
+    )
+    log.info("▶️ started %s (%s, not launched through the API) on %s",
+             task_id, task.name, request.hostname)
+
+
+def _company_id(params) -> str | None:
+    value = params.get("company_id") if isinstance(params, dict) else None
+    return str(value)[:36] if value else None
+
+
+def _finish_values(task_id: str, now) -> dict:
+    started = db.session.execute(
+        sa.select(TaskRun.started_at).where(TaskRun.id == task_id)
+    ).scalar_one_or_none()
+    runtime = (now - started).total_seconds() if started else None
+    return {"finished_at": now, "runtime": runtime}
+
+
+@_guarded
+def on_postrun(task, task_id=None, retval=None, state=None, **_):
+    now = utcnow()
+    if state == "SUCCESS":
+        _update(task_id, TaskRun.status != "REVOKED", status="SUCCESS", result=_json_safe(retval),
+                error=None, traceback=None, **_finish_values(task_id, now))
+        log.info("✅ %s succeeded", task_id)
+    elif state == "FAILURE":
+        error = f"{type(retval).__name__}: {retval}"
+        trace = "".join(tb.format_exception(retval)) if isinstance(retval, BaseException) else None
+        _update(task_id, TaskRun.status != "REVOKED", status="FAILURE", error=error,
+                traceback=trace, **_finish_values(task_id, now))
+        log.error("❌ %s failed: %s", task_id, error)
+    elif state == "RETRY":
+        reason = getattr(retval, "exc", None) or retval
+        _update(task_id, TaskRun.status != "REVOKED", status="RETRY",
+                retries=(task.request.retries or 0) + 1, error=f"retrying: {reason}")
+        log.warning("🔁 %s will retry: %s", task_id, reason)
+        return
+    else:
+        return
+    _maybe_finish_parent(task, task_id)
+
+
+@_guarded
+def on_revoked(task, request=None, terminated=False, signum=None, expired=False, **_):
+    task_id = request.id
+    now = utcnow()
+    if expired:
+        reason = "expired before it started"
+    elif terminated:
+        reason = f"terminated with signal {signum}"
+    else:
+        reason = "revoked"
+    _update(task_id, TaskRun.status.not_in(("SUCCESS", "FAILURE")), status="REVOKED",
+            error=reason, **_finish_values(task_id, now))
+    log.info("🚫 %s revoked (%s)", task_id, reason)
+    _maybe_finish_parent(task, task_id)
+
+
+def on_worker_ready(sender=None, **_):
+    """Load runs revoked while this worker was away, so Celery discards them on receipt."""
+    celery_app = getattr(sender, "app", None)
+    app = getattr(celery_app, "flask_app", None)
+    if app is None:
+        return
+    with app.app_context():
+        try:
+            horizon = utcnow() - timedelta(seconds=celery_app.conf.result_expires or 86400)
+            ids = db.session.execute(
+                sa.select(TaskRun.id).where(
+                    TaskRun.status == "REVOKED",
+                    TaskRun.started_at.is_(None),
+                    TaskRun.created_at >= horizon,
+                )
+            ).scalars().all()
+            for task_id in ids:
+                worker_state.revoked.add(task_id)
+            log.info("loaded %d revoked run(s) from the history", len(ids))
+        except Exception:  # noqa: BLE001
+            log.exception("❌ could not load revoked runs")
+        finally:
+            db.session.remove()
+
+
+def _maybe_finish_parent(task, task_id: str) -> None:
+    """Close a fan-out parent once each of its children has finished."""
+    parent_id = db.session.execute(
+        sa.select(TaskRun.parent_id).where(TaskRun.id == task_id)
+    ).scalar_one_or_none()
+    if not parent_id:
+        return
+    db.session.commit()  # our own final state first, so the last child sees every sibling
+    from celery_api.services import fanout
+
+    fanout.finish_if_complete(parent_id, task.app)
+
+
+def connect_signals() -> None:
+    global _connected
+    if _connected:
+        return
+    signals.task_prerun.connect(on_prerun, weak=False)
+    signals.task_postrun.connect(on_postrun, weak=False)
+    signals.task_revoked.connect(on_revoked, weak=False)
+    signals.worker_ready.connect(on_worker_ready, weak=False)
+    _connected = True

@@ -1,0 +1,124 @@
+"""Reading runs: the durable record merged with the live state of the result backend."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from flask import current_app
+from sqlalchemy.exc import SQLAlchemyError
+
+from celery_api.extensions import db
+from celery_api.models import FINISHED_STATES, TaskRun, utcnow
+from celery_api.services.errors import NotFound, Unavailable
+
+log = logging.getLogger("celery_api.status")
+
+
+@dataclass
+class RunView:
+    """A run as the status endpoint shows it."""
+
+    run: TaskRun
+    status: str
+    result: object = None
+    error: str | None = None
+    traceback: str | None = None
+    meta: dict | None = None
+    progress: dict | None = None
+    children: list[str] = field(default_factory=list)
+    retries_of_this: list[str] = field(default_factory=list)
+    live: bool = True
+
+
+def get_run(task_id: str) -> TaskRun:
+    try:
+        run = db.session.get(TaskRun, task_id)
+    except SQLAlchemyError as exc:
+        db.session.rollback()
+        raise Unavailable("The database is unreachable; try again shortly.") from exc
+    if run is None:
+        raise NotFound(
+            f"No task with id {task_id} was launched through this service "
+            "(or its record has been purged)."
+        )
+    return run
+
+
+def _error_text(result) -> str | None:
+    if isinstance(result, dict) and "exc_type" in result:
+        message = result.get("exc_message")
+        if isinstance(message, list | tuple):
+            message = " ".join(str(m) for m in message)
+        return f"{result['exc_type']}: {message}"
+    if result is None:
+        return None
+    return str(result)
+
+
+def describe(task_id: str) -> RunView:
+    """The run's record, refreshed from the result backend while it is not finished."""
+    run = get_run(task_id)
+    view = RunView(run=run, status=run.status, result=run.result, error=run.error,
+                   traceback=run.traceback, meta=run.meta)
+    if not run.finished:
+        _merge_live_state(view)
+    if isinstance(view.meta, dict) and {"current", "total"} <= view.meta.keys():
+        view.progress = {k: view.meta.get(k) for k in ("current", "total", "percent", "message")}
+    view.children = list(db.session.execute(
+        sa.select(TaskRun.id).where(TaskRun.parent_id == task_id).order_by(TaskRun.created_at)
+    ).scalars())
+    view.retries_of_this = list(db.session.execute(
+        sa.select(TaskRun.id).where(TaskRun.retry_of == task_id).order_by(TaskRun.created_at)
+    ).scalars())
+    log.info("📊 status of %s: %s", task_id, view.status)
+    return view
+
+
+def _merge_live_state(view: RunView) -> None:
+    celery_app = current_app.extensions["celery"]
+    try:
+        meta = celery_app.backend.get_task_meta(view.run.id)
+    except Exception as exc:  # noqa: BLE001 - the record still answers
+        log.warning("result backend unreachable while reading %s: %s", view.run.id, exc)
+        view.live = False
+        return
+    state = meta.get("status") or "PENDING"
+    result = meta.get("result")
+    if state == "PENDING":
+        return  # the backend knows nothing yet: the record's state stands
+    view.status = state
+    if state in FINISHED_STATES:
+        _reconcile(view.run, state, result, meta.get("traceback"))
+        view.status = view.run.status
+        view.result, view.error, view.traceback = (
+            view.run.result, view.run.error, view.run.traceback)
+        view.meta = view.run.meta
+        return
+    if state in ("PROGRESS", "STARTED") and isinstance(result, dict):
+        view.meta = result
+    elif state == "RETRY":
+        view.error = _error_text(result)
+
+
+def _reconcile(run: TaskRun, state: str, result, trace) -> None:
+    """The backend saw an end the worker could not record (e.g. database down): keep it."""
+    values: dict = {"status": state, "finished_at": run.finished_at or utcnow()}
+    if state == "SUCCESS":
+        values["result"] = result
+    else:
+        values["error"] = _error_text(result)
+        values["traceback"] = trace
+    try:
+        db.session.execute(
+            sa.update(TaskRun)
+            .where(TaskRun.id == run.id, TaskRun.status.not_in(FINISHED_STATES))
+            .values(**values)
+        )
+        db.session.commit()
+        db.session.refresh(run)
+    except SQLAlchemyError:
+        db.session.rollback()
+        for key, value in values.items():
+            setattr(run, key, value)

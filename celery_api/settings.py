@@ -1,0 +1,136 @@
+"""Configuration, read once from the environment.
+
+Every setting is documented in the README's configuration table. Names fixed by the
+contract (``CELERY_BROKER_URL``, ``CELERY_RESULT_BACKEND``, ``DATABASE_URL``,
+``REDIS_URL``, ``PORT``, ``LOG_LEVEL``, ``LOG_FORMAT``) keep their names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EMBEDDED_SOCKET_NAME = "embedded-redis.sock"
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def env_int(name: str, default: int) -> int:
+    value = env_str(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from exc
+
+
+def env_float(name: str, default: float) -> float:
+    value = env_str(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {value!r}") from exc
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = env_str(name)
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def env_list(name: str) -> list[str]:
+    value = env_str(name, "") or ""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def default_instance_path() -> Path:
+    """The instance folder: ``INSTANCE_PATH`` or ``./instance`` of the project."""
+    return Path(env_str("INSTANCE_PATH") or Path(__file__).resolve().parent.parent / "instance")
+
+
+def embedded_redis_url(instance_path: Path) -> str:
+    return f"redis+socket://{instance_path / EMBEDDED_SOCKET_NAME}"
+
+
+def from_environment(instance_path: Path) -> dict:
+    """Build the Flask config mapping from the environment."""
+    embedded = embedded_redis_url(instance_path)
+    broker_url = env_str("CELERY_BROKER_URL", embedded)
+    result_backend = env_str("CELERY_RESULT_BACKEND")
+    if result_backend is None:
+        # Same server as the broker when it is Redis; otherwise the embedded one.
+        result_backend = broker_url if broker_url.startswith(("redis", "rediss")) else embedded
+    database_url = env_str("DATABASE_URL") or f"sqlite:///{instance_path / 'celery_api.db'}"
+    if database_url.startswith("postgres://"):
+        database_url = "postgresql://" + database_url[len("postgres://") :]
+    if database_url.startswith("postgresql://"):
+        database_url = "postgresql+psycopg://" + database_url[len("postgresql://") :]
+    publish_timeout = env_float("CELERY_API_PUBLISH_TIMEOUT", 1.0)
+    return {
+        "SQLALCHEMY_DATABASE_URI": database_url,
+        "REDIS_URL": env_str("REDIS_URL"),
+        "LOG_LEVEL": (env_str("LOG_LEVEL", "INFO") or "INFO").upper(),
+        "LOG_FORMAT": env_str("LOG_FORMAT", "text"),
+        "TASK_MODULES": env_list("CELERY_API_TASK_MODULES"),
+        "PUBLISH_TIMEOUT": publish_timeout,
+        "INSPECT_TIMEOUT": env_float("CELERY_API_INSPECT_TIMEOUT", 1.0),
+        "STATS_CACHE_SECONDS": env_float("CELERY_API_STATS_CACHE_SECONDS", 2.0),
+        "SII_CLIENT": env_str("SII_CLIENT", "celery_api.tasks.sii_client:SandboxSIIClient"),
+        "SII_SANDBOX_STEP_SECONDS": env_float("SII_SANDBOX_STEP_SECONDS", 0.2),
+        "SII_RETRY_BACKOFF_SECONDS": env_float("SII_RETRY_BACKOFF_SECONDS", 2.0),
+        "SII_MAX_RETRIES": env_int("SII_MAX_RETRIES", 5),
+        "MAX_CONTENT_LENGTH": env_int("CELERY_API_MAX_BODY_BYTES", 1024 * 1024),
+        "CELERY": celery_config(broker_url, result_backend, publish_timeout),
+    }
+
+
+def celery_config(broker_url: str, result_backend: str, publish_timeout: float) -> dict:
+    """The one nested ``CELERY`` key the Celery app is built from."""
+    transport_options: dict = {}
+    if broker_url.startswith(("redis", "rediss")):
+        transport_options = {
+            "socket_connect_timeout": publish_timeout,
+            "socket_timeout": max(publish_timeout, 5.0),
+            # Priorities 0-9 are honoured on Redis with these steps (0 = highest).
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+            "visibility_timeout": env_int("CELERY_API_VISIBILITY_TIMEOUT", 3600),
+        }
+    return {
+        "broker_url": broker_url,
+        "result_backend": result_backend,
+        "broker_transport_options": transport_options,
+        "broker_connection_timeout": publish_timeout,
+        "broker_connection_retry_on_startup": True,
+        "redis_socket_connect_timeout": publish_timeout,
+        "redis_socket_timeout": max(publish_timeout, 5.0),
+        "result_extended": True,
+        "result_expires": env_int("CELERY_API_RESULT_EXPIRES", 7 * 24 * 3600),
+        "task_track_started": True,
+        "task_send_sent_event": False,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": env_str("CELERY_API_DEFAULT_QUEUE", "celery"),
+        "task_acks_late": False,
+        "worker_prefetch_multiplier": env_int("CELERY_API_PREFETCH_MULTIPLIER", 1),
+        "worker_hijack_root_logger": False,
+        "worker_state_db": env_str("CELERY_API_WORKER_STATE_DB"),
+        "broker_channel_error_retry": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+

@@ -1,0 +1,152 @@
+"""Project base classes for flask-smorest: the ``Api`` that speaks RFC 9457.
+
+Every error, whether raised with ``abort`` in a view, by webargs on a bad request
+or by Flask itself (404, 405, 413), leaves through ``Api.handle_http_exception``
+as ``application/problem+json`` with a ``detail`` a person can act on.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+
+import marshmallow as ma
+from flask import Response, json, request
+from flask_smorest import Api as BaseApi
+from flask_smorest import Blueprint as BaseBlueprint
+from flask_smorest.utils import prepare_response
+from werkzeug.exceptions import HTTPException
+
+PROBLEM_JSON = "application/problem+json"
+
+log = logging.getLogger("celery_api.http")
+
+
+class ProblemSchema(ma.Schema):
+    """RFC 9457 problem details, as every error of this API is answered."""
+
+    type = ma.fields.String(
+        metadata={"description": "URI of the problem type ('about:blank' when generic)"}
+    )
+    title = ma.fields.String(metadata={"description": "HTTP status phrase"})
+    status = ma.fields.Integer(metadata={"description": "HTTP status code"})
+    detail = ma.fields.String(
+        required=True, metadata={"description": "What went wrong, in words a person can act on"}
+    )
+    instance = ma.fields.String(metadata={"description": "The request path"})
+    errors = ma.fields.Dict(
+        metadata={
+            "description": "Field-level messages (422): location, then field path, then messages"
+        }
+    )
+
+
+def _flatten(errors, prefix: str = "") -> list[str]:
+    """Turn marshmallow's nested error dict into 'path: message' lines."""
+    lines: list[str] = []
+    if isinstance(errors, dict):
+        for key, value in errors.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            lines.extend(_flatten(value, path))
+    elif isinstance(errors, list | tuple):
+        for item in errors:
+            if isinstance(item, dict | list | tuple):
+                lines.extend(_flatten(item, prefix))
+            else:
+                lines.append(f"{prefix}: {item}" if prefix else str(item))
+    else:
+        lines.append(f"{prefix}: {errors}" if prefix else str(errors))
+    return lines
+
+
+def validation_detail(errors: dict) -> str:
+    # webargs nests messages under their location ("json", "query", ...): drop it.
+    if len(errors) == 1:
+        (location, inner), = errors.items()
+        if location in ("json", "query", "path", "headers", "form") and isinstance(inner, dict):
+            errors = inner
+    lines = _flatten(errors)
+    shown = "; ".join(lines[:5])
+    more = f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""
+    return f"Invalid request: {shown}{more}"
+
+
+def problem_response(status: int, detail: str, *, errors=None, headers=None, type_=None):
+    payload = {
+        "type": type_ or "about:blank",
+        "title": http.HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": request.path if request else None,
+    }
+    if errors is not None:
+        payload["errors"] = errors
+    response = Response(json.dumps(payload), status=status, mimetype=PROBLEM_JSON)
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+class Api(BaseApi):
+    ERROR_SCHEMA = ProblemSchema
+
+    def _register_responses(self):
+        """Document every error status with the problem+json media type."""
+        for status in http.HTTPStatus:
+            response = {"description": status.phrase}
+            if not (100 <= status < 200) and status not in (204, 304):
+                response["schema"] = self.ERROR_SCHEMA
+            prepare_response(response, self.spec, PROBLEM_JSON)
+            self.spec.components.response(status.name, response, lazy=True)
+        response = {"description": "Default error response", "schema": self.ERROR_SCHEMA}
+        prepare_response(response, self.spec, PROBLEM_JSON)
+        self.spec.components.response("DEFAULT_ERROR", response, lazy=True)
+
+    def _register_error_handlers(self):
+        self._app.register_error_handler(HTTPException, self.handle_http_exception)
+
+    def handle_http_exception(self, error: HTTPException):
+        headers: dict = {}
+        if error.code == 405:
+            # Werkzeug puts Allow on the exception; flask-smorest drops it: keep it.
+            headers.update(dict(error.get_headers()))
+            headers.pop("Content-Type", None)
+        data = getattr(error, "data", None) or {}
+        headers.update(data.get("headers") or {})
+        errors = data.get("errors")
+        if errors is None and "messages" in data:
+            errors = data["messages"]
+        message = data.get("message")
+        code = error.code or 500
+        if code == 500:
+            detail = "Internal error; it has been logged. Try again or report the request id."
+            errors = None
+        elif message:
+            detail = message
+        elif errors and code == 400 and _is_invalid_json(errors):
+            detail = "The request body is not valid JSON (or not UTF-8): send a JSON object."
+            errors = None
+        elif errors:
+            detail = validation_detail(errors)
+        else:
+            detail = error.description or http.HTTPStatus(code).phrase
+        return problem_response(code, detail, errors=errors, headers=headers)
+
+
+def _is_invalid_json(errors) -> bool:
+    return isinstance(errors, dict) and errors.get("json") == ["Invalid JSON body."]
+
+
+class Blueprint(BaseBlueprint):
+    """flask-smorest's Blueprint; errors are documented with ``ProblemSchema``."""
+
+
+def error_responses(blp: BaseBlueprint, *codes: int):
+    """Decorator documenting each error status of an operation (problem+json components)."""
+
+    def decorator(func):
+        for code in reversed(codes):
+            func = blp.alt_response(code, response=http.HTTPStatus(code).name)(func)
+        return func
+
+    return decorator

@@ -1,0 +1,1 @@
+"""Celery tasks shipped with the service (all ``@shared_task``)."""
