@@ -6,11 +6,12 @@ from pathlib import Path
 
 from flask import Flask, request
 from flask_swagger_ui import get_swaggerui_blueprint
+from sqlalchemy import event
 
 from celery_api import settings
 from celery_api.catalog import load_catalog
 from celery_api.celery_app import celery_init_app
-from celery_api.extensions import api, db, migrate
+from celery_api.extensions import db, make_api, migrate
 from celery_api.logging import configure_logging
 from celery_api.resources.fields import TaskIdConverter
 from celery_api.services.errors import ServiceError
@@ -45,15 +46,18 @@ def create_app(config: dict | None = None) -> Flask:
 
     configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     db.init_app(app)
+    _tune_sqlite(app)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
     app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
     celery_init_app(app)
 
     app.url_map.converters["task_id"] = TaskIdConverter
+    api = make_api()
     api.init_app(app)
     api.register_converter(TaskIdConverter, lambda _c: {"type": "string", "format": "uuid"})
-    _register_blueprints(app)
-    _register_params_components(app)
+    app.extensions["celery_api.api"] = api
+    _register_blueprints(app, api)
+    _register_params_components(app, api)
     _register_request_checks(app)
 
     from celery_api.cli import register_cli
@@ -62,7 +66,23 @@ def create_app(config: dict | None = None) -> Flask:
     return app
 
 
-def _register_blueprints(app: Flask) -> None:
+def _tune_sqlite(app: Flask) -> None:
+    """SQLite is shared by API and worker processes: WAL and a busy timeout let them."""
+    if not app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        return
+
+    def on_connect(dbapi_connection, _record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=15000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    with app.app_context():
+        event.listen(db.engine, "connect", on_connect)
+
+
+def _register_blueprints(app: Flask, api) -> None:
     from celery_api.resources.stats.routes import blp as stats_blp
     from celery_api.resources.status.routes import blp as status_blp
     from celery_api.resources.tasks.routes import blp as tasks_blp
@@ -76,7 +96,7 @@ def _register_blueprints(app: Flask) -> None:
     )
 
 
-def _register_params_components(app: Flask) -> None:
+def _register_params_components(app: Flask, api) -> None:
     """Each task type's params schema appears as its own OpenAPI component."""
     for definition in app.extensions["celery_api.catalog"]:
         if definition.schema_name not in api.spec.components.schemas:

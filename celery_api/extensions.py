@@ -22,4 +22,8 @@ class Base(DeclarativeBase):
 
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
-api = Api()
+
+
+def make_api() -> Api:
+    """flask-smorest's Api keeps one spec for one app: each app gets its own."""
+    return Api()

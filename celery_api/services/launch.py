@@ -17,6 +17,7 @@ from celery_api.catalog import get_catalog
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
 from celery_api.services.errors import InvalidParams, Unavailable, UnknownTaskType
+from celery_api.services.stats import known_queues
 
 log = logging.getLogger("celery_api.launch")
 # What a publish raises when the broker (or the Redis result backend) cannot be reached.
@@ -75,6 +76,12 @@ def launch(
     definition, clean = validate(task_type, params)
     task_id = str(uuid.uuid4())
     queue = options.queue or definition.queue or current_app.config["CELERY"]["task_default_queue"]
+    allowed = known_queues()
+    if queue not in allowed:
+        raise InvalidParams(
+            f"Unknown queue {queue!r}: no worker is configured to consume it. "
+            f"Use one of: {', '.join(allowed)}.",
+            errors={"json": {"queue": [f"Must be one of: {', '.join(allowed)}."]}})
     expires = options.expires
     run = TaskRun(
         id=task_id,
@@ -102,7 +109,8 @@ def launch(
     except SQLAlchemyError as exc:
         db.session.rollback()
         log.error("❌ could not record launch of %s: %s", task_type, exc)
-        raise Unavailable("The database is unreachable; nothing was launched. Retry later.") from exc
+        raise Unavailable(
+            "The database is unreachable; nothing was launched. Retry later.") from exc
 
     log.info("📤 launching %s as %s on queue %s", task_type, task_id, queue)
     try:

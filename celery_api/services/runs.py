@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from flask import current_app
@@ -44,6 +45,19 @@ def get_run(task_id: str) -> TaskRun:
             "(or its record has been purged)."
         )
     return run
+
+
+def _parse_date(value) -> datetime | None:
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _error_text(result) -> str | None:
@@ -90,7 +104,7 @@ def _merge_live_state(view: RunView) -> None:
         return  # the backend knows nothing yet: the record's state stands
     view.status = state
     if state in FINISHED_STATES:
-        _reconcile(view.run, state, result, meta.get("traceback"))
+        _reconcile(view.run, state, result, meta.get("traceback"), meta.get("date_done"))
         view.status = view.run.status
         view.result, view.error, view.traceback = (
             view.run.result, view.run.error, view.run.traceback)
@@ -102,9 +116,12 @@ def _merge_live_state(view: RunView) -> None:
         view.error = _error_text(result)
 
 
-def _reconcile(run: TaskRun, state: str, result, trace) -> None:
-    """The backend saw an end the worker could not record (e.g. database down): keep it."""
-    values: dict = {"status": state, "finished_at": run.finished_at or utcnow()}
+def _reconcile(run: TaskRun, state: str, result, trace, date_done) -> None:
+    """The backend saw an end before the worker recorded it (or could not): keep it."""
+    finished = _parse_date(date_done) or utcnow()
+    values: dict = {"status": state, "finished_at": finished}
+    if run.started_at:
+        values["runtime"] = max(0.0, (finished - run.started_at).total_seconds())
     if state == "SUCCESS":
         values["result"] = result
     else:

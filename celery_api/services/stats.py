@@ -1,8 +1,9 @@
 """Worker and queue statistics.
 
 Inspect replies are gathered with a short timeout (``CELERY_API_INSPECT_TIMEOUT``),
-the four broadcasts in parallel, so a call costs one timeout at most. The snapshot is kept ``CELERY_API_STATS_CACHE_SECONDS`` and
-served with its age, so a burst of calls costs one round of broadcasts.
+the four broadcasts in parallel, so a call costs one timeout at most. The
+snapshot is kept ``CELERY_API_STATS_CACHE_SECONDS`` and served with its age,
+so a burst of calls costs one round of broadcasts.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ COMMANDS = ("stats", "active", "scheduled", "registered")
 
 
 def known_queues() -> list[str]:
+    """The queues a launch may name: ``CELERY_API_QUEUES``, the default one, the catalog's."""
     conf = current_app.config["CELERY"]
-    queues = {conf["task_default_queue"]}
+    queues = {conf["task_default_queue"], *current_app.config["QUEUES"]}
     queues.update(d.queue for d in get_catalog() if d.queue)
     return sorted(queues)
 

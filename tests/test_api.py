@@ -1,0 +1,288 @@
+"""The HTTP contract with the Flask test client: shapes, codes and every bad input."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+
+from celery_api.extensions import db
+from celery_api.models import TaskRun, utcnow
+from celery_api.tasks.sii_client import SANDBOX_COMPANIES
+
+COMPANY = SANDBOX_COMPANIES[0]
+PROBLEM = "application/problem+json"
+
+
+def launch(client, task_type="sii.sync_documents", params=None, **options):
+    body = {"task_type": task_type, "params": params if params is not None else
+            {"company_id": COMPANY}}
+    body.update(options)
+    return client.post("/api/celery/tasks/launch", json=body)
+
+
+def assert_problem(response, status, *fragments):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == PROBLEM
+    body = response.get_json()
+    assert body["status"] == status
+    assert isinstance(body["detail"], str) and body["detail"]
+    for fragment in fragments:
+        assert fragment in body["detail"], body["detail"]
+    return body
+
+
+def test_factory_applies_overrides(tmp_path, redis_server):
+    from celery_api import create_app
+
+    app = create_app({"INSTANCE_PATH": tmp_path, "CELERY": {"broker_url": redis_server.url},
+                      "INSPECT_TIMEOUT": 0.25})
+    assert app.config["INSPECT_TIMEOUT"] == 0.25
+    assert app.config["CELERY"]["broker_url"] == redis_server.url
+    # The other Celery keys survive a partial override.
+    assert app.config["CELERY"]["task_track_started"] is True
+    assert app.extensions["celery"].conf.broker_url == redis_server.url
+
+
+def test_list_tasks(client):
+    response = client.get("/api/celery/tasks")
+    assert response.status_code == 200
+    tasks = {t["task_type"]: t for t in response.get_json()}
+    assert {"sii.sync_documents", "sii.sync_documents_all_companies", "sii.sync_f29",
+            "sii.sync_f29_all_companies", "acme.add"} <= tasks.keys()
+    docs = tasks["sii.sync_documents"]
+    assert docs["name"] and docs["description"]
+    schema = docs["parameters"]
+    assert schema["required"] == ["company_id"]
+    assert schema["properties"]["company_id"]["format"] == "uuid"
+    assert schema["properties"]["months"] == {
+        "type": "integer", "minimum": 1, "maximum": 12, "default": 1,
+        "description": "How many months to sync, 1 to 12"}
+    assert schema["properties"]["month_offset"]["minimum"] == 0
+    assert "required" not in tasks["sii.sync_f29_all_companies"]["parameters"]
+
+
+def test_launch_records_and_answers_202(client, app, caplog):
+    caplog.set_level(logging.INFO)
+    response = launch(client, params={"company_id": COMPANY, "months": 2})
+    assert response.status_code == 202
+    body = response.get_json()
+    assert body["success"] is True
+    assert body["task_type"] == "sii.sync_documents"
+    assert body["status"] == "PENDING"
+    uuid.UUID(body["task_id"])
+    assert response.headers["Location"] == f"/api/celery/tasks/{body['task_id']}"
+    with app.app_context():
+        run = db.session.get(TaskRun, body["task_id"])
+        assert run.status == "PENDING"
+        assert run.params == {"company_id": COMPANY, "months": 2, "month_offset": 0}
+        assert run.root_id == run.id and run.company_id == COMPANY
+    assert any("📤" in r.message and body["task_id"] in r.message for r in caplog.records)
+    status = client.get(response.headers["Location"])
+    assert status.status_code == 200
+    assert status.get_json()["status"] == "PENDING"
+    assert any("📊" in r.message and body["task_id"] in r.message for r in caplog.records)
+
+
+def test_launch_applies_defaults_for_f29(client, app):
+    from datetime import date
+
+    body = launch(client, "sii.sync_f29").get_json()
+    with app.app_context():
+        assert db.session.get(TaskRun, body["task_id"]).params == {
+            "company_id": COMPANY, "year": str(date.today().year)}
+
+
+def test_malformed_json_is_400(client):
+    response = client.post("/api/celery/tasks/launch", data=b'{"task_type": ',
+                           content_type="application/json")
+    assert_problem(response, 400, "not valid JSON")
+
+
+def test_non_utf8_body_is_400(client):
+    response = client.post("/api/celery/tasks/launch", data=b'{"task_type": "\xff\xfe"}',
+                           content_type="application/json")
+    assert_problem(response, 400)
+
+
+def test_unknown_task_type_is_400(client):
+    body = assert_problem(launch(client, "sii.nope"), 400, "sii.nope", "sii.sync_documents")
+    assert "Known task types" in body["detail"]
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({}, "company_id"),
+    ({"company_id": "not-a-uuid"}, "company_id"),
+    ({"company_id": COMPANY, "months": 0}, "months"),
+    ({"company_id": COMPANY, "months": 13}, "months"),
+    ({"company_id": COMPANY, "months": "three"}, "months"),
+    ({"company_id": COMPANY, "month_offset": -1}, "month_offset"),
+    ({"company_id": COMPANY, "colour": "blue"}, "colour"),
+])
+def test_invalid_params_are_422_with_field_errors(client, params, field):
+    body = assert_problem(launch(client, params=params), 422, f"params.{field}")
+    assert field in body["errors"]["json"]["params"]
+
+
+@pytest.mark.parametrize("year", ["25", "2O25", "1999", "3000", 2025])
+def test_invalid_year_is_422(client, year):
+    assert_problem(launch(client, "sii.sync_f29", {"company_id": COMPANY, "year": year}), 422,
+                   "params.year")
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"params": {}}, "task_type"),
+    ({"task_type": "sii.sync_documents", "params": [1]}, "params"),
+    ({"task_type": 7}, "task_type"),
+    ({"task_type": "sii.sync_documents", "surprise": 1}, "surprise"),
+    ({"task_type": "sii.sync_documents", "priority": 10}, "priority"),
+    ({"task_type": "sii.sync_documents", "countdown": -1}, "countdown"),
+    ({"task_type": "sii.sync_documents", "countdown": 5, "eta": "2030-01-01T00:00:00Z"}, "eta"),
+    ({"task_type": "sii.sync_documents", "eta": "tomorrow"}, "eta"),
+    ({"task_type": "sii.sync_documents", "expires": True}, "expires"),
+    ({"task_type": "sii.sync_documents", "queue": "bad queue!"}, "queue"),
+    ({"task_type": "sii.sync_documents", "tags": ["x" * 65]}, "tags"),
+])
+def test_invalid_request_bodies_are_422(client, body, field):
+    response = client.post("/api/celery/tasks/launch", json=body)
+    problem = assert_problem(response, 422, field)
+    assert field in problem["errors"]["json"]
+
+
+def test_unknown_queue_is_422(client):
+    problem = assert_problem(
+        launch(client, queue="nobody-listens"), 422, "nobody-listens", "celery")
+    assert "queue" in problem["errors"]["json"]
+
+
+def test_launch_options_are_recorded(client, app):
+    response = launch(client, priority=3, countdown=60, queue="parked", tags=["nightly"],
+                      expires=3600)
+    assert response.status_code == 202
+    with app.app_context():
+        run = db.session.get(TaskRun, response.get_json()["task_id"])
+        assert (run.priority, run.queue, run.tags) == (3, "parked", ["nightly"])
+
+
+def test_wrong_content_type_is_415(client):
+    response = client.post("/api/celery/tasks/launch", data="task_type=sii.sync_documents",
+                           content_type="application/x-www-form-urlencoded")
+    assert_problem(response, 415, "application/json")
+
+
+def test_oversized_body_is_413(client):
+    huge = {"task_type": "sii.sync_documents", "params": {"company_id": "x" * 2_000_000}}
+    assert_problem(client.post("/api/celery/tasks/launch", json=huge), 413)
+
+
+def test_method_not_allowed_keeps_allow_header(client):
+    response = client.put("/api/celery/tasks/launch", json={})
+    assert_problem(response, 405)
+    assert "POST" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize("method", ["get", "delete"])
+def test_non_uuid_task_id_is_422(client, method):
+    response = getattr(client, method)("/api/celery/tasks/not-a-uuid")
+    body = assert_problem(response, 422, "UUID", "not-a-uuid")
+    assert body["errors"] == {"path": {"task_id": ["Not a valid UUID."]}}
+
+
+def test_non_uuid_retry_is_422(client):
+    assert_problem(client.post("/api/celery/tasks/1%20OR%201=1/retry"), 422, "UUID")
+
+
+def test_path_traversal_is_a_404_problem(client):
+    assert_problem(client.post("/api/celery/tasks/..%2F..%2Fetc/retry"), 404)
+
+
+@pytest.mark.parametrize("call", [
+    lambda c, i: c.get(f"/api/celery/tasks/{i}"),
+    lambda c, i: c.delete(f"/api/celery/tasks/{i}"),
+    lambda c, i: c.post(f"/api/celery/tasks/{i}/retry"),
+])
+def test_unknown_task_id_is_404(client, call):
+    unknown = str(uuid.uuid4())
+    assert_problem(call(client, unknown), 404, unknown)
+
+
+def _stored_run(app, status: str, **fields) -> str:
+    task_id = str(uuid.uuid4())
+    with app.app_context():
+        db.session.add(TaskRun(
+            id=task_id, task_type="sii.sync_documents", task_name="sii.sync_documents",
+            params={"company_id": COMPANY, "months": 1, "month_offset": 0}, status=status,
+            tags=[], root_id=task_id, created_at=utcnow(),
+            finished_at=utcnow() if status in ("SUCCESS", "FAILURE", "REVOKED") else None,
+            **fields))
+        db.session.commit()
+    return task_id
+
+
+@pytest.mark.parametrize("status", ["SUCCESS", "FAILURE", "REVOKED"])
+def test_revoke_finished_is_409(client, app, status):
+    task_id = _stored_run(app, status)
+    assert_problem(client.delete(f"/api/celery/tasks/{task_id}"), 409, status)
+
+
+def test_revoke_bad_signal_is_422(client, app):
+    task_id = _stored_run(app, "PENDING")
+    assert_problem(client.delete(f"/api/celery/tasks/{task_id}?signal=SIGNOPE"), 422, "signal")
+
+
+@pytest.mark.parametrize("status", ["PENDING", "STARTED", "SUCCESS"])
+def test_retry_of_unfinished_or_successful_run_is_409(client, app, status):
+    task_id = _stored_run(app, status)
+    assert_problem(client.post(f"/api/celery/tasks/{task_id}/retry"), 409, "FAILURE or REVOKED")
+
+
+def test_retry_of_failed_run_links_new_run(client, app):
+    task_id = _stored_run(app, "FAILURE", error="boom")
+    response = client.post(f"/api/celery/tasks/{task_id}/retry")
+    assert response.status_code == 202
+    new_id = response.get_json()["task_id"]
+    assert new_id != task_id
+    new = client.get(f"/api/celery/tasks/{new_id}").get_json()
+    assert new["retry_of"] == task_id and new["root_id"] == task_id
+    assert new["params"] == {"company_id": COMPANY, "months": 1, "month_offset": 0}
+    assert client.get(f"/api/celery/tasks/{task_id}").get_json()["retried_as"] == [new_id]
+
+
+def test_stats_without_workers_answers_quickly_and_says_so(client):
+    response = client.get("/api/celery/stats")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["workers_online"] == []
+    assert "No worker answered" in body["note"]
+    assert body["collected_in_seconds"] < 5  # bounded by the 0.5 s inspect timeout
+    assert set(body) >= {"active_tasks", "scheduled_tasks", "registered_tasks", "worker_stats",
+                         "queues"}
+    assert "celery" in body["queues"]
+
+
+def test_openapi_document(client):
+    spec = client.get("/api/openapi.json").get_json()
+    operations = [op for path in spec["paths"].values() for op in path.values()
+                  if isinstance(op, dict) and "responses" in op]
+    ids = {op["operationId"] for op in operations}
+    assert {"listTasks", "launchTask", "getTaskStatus", "revokeTask", "retryTask",
+            "getStats"} <= ids
+    assert len(ids) == len(operations)
+    problem = spec["components"]["responses"]["NOT_FOUND"]["content"]
+    assert "application/problem+json" in problem
+    assert "detail" in spec["components"]["schemas"]["Problem"]["required"]
+    launch_op = spec["paths"]["/api/celery/tasks/launch"]["post"]
+    assert {"202", "400", "422", "503"} <= launch_op["responses"].keys()
+    assert "SyncDocumentsParams" in spec["components"]["schemas"]
+    assert "AddParams" in spec["components"]["schemas"]
+
+
+def test_docs_page_needs_no_cdn(client):
+    page = client.get("/api/docs/")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert "/api/openapi.json" in html
+    assert "https://" not in html and "http://" not in html.replace("http://localhost", "")
+    asset = client.get("/api/docs/swagger-ui-bundle.js")
+    assert asset.status_code == 200 and len(asset.data) > 100_000
