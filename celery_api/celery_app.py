@@ -8,6 +8,7 @@ still never runs.
 from __future__ import annotations
 
 from celery import Celery, Task
+from celery._state import _set_task_join_will_block
 from celery.exceptions import Ignore
 from flask import Flask
 
@@ -37,6 +38,10 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(app.config["CELERY"])
     celery_app.set_default()
+    # Nothing in this service waits on a result with .get(): tell Celery so, as its
+    # prefork workers do. The Redis result backend then skips its SUBSCRIBE on every
+    # publish, one round trip less per launch and no hang when the backend is down.
+    _set_task_join_will_block(True)
     celery_app.flask_app = app  # for worker signal handlers, which run outside any task
     app.extensions["celery"] = celery_app
 

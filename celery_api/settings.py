@@ -77,7 +77,7 @@ def from_environment(instance_path: Path) -> dict:
         database_url = "postgresql://" + database_url[len("postgres://") :]
     if database_url.startswith("postgresql://"):
         database_url = "postgresql+psycopg://" + database_url[len("postgresql://") :]
-    publish_timeout = env_float("CELERY_API_PUBLISH_TIMEOUT", 1.0)
+    broker_timeout = env_float("CELERY_API_BROKER_TIMEOUT", 0.5)
     return {
         "SQLALCHEMY_DATABASE_URI": database_url,
         "REDIS_URL": env_str("REDIS_URL"),
@@ -85,7 +85,7 @@ def from_environment(instance_path: Path) -> dict:
         "LOG_FORMAT": env_str("LOG_FORMAT", "text"),
         "TASK_MODULES": env_list("CELERY_API_TASK_MODULES"),
         "QUEUES": env_list("CELERY_API_QUEUES"),
-        "PUBLISH_TIMEOUT": publish_timeout,
+        "BROKER_TIMEOUT": broker_timeout,
         "INSPECT_TIMEOUT": env_float("CELERY_API_INSPECT_TIMEOUT", 1.0),
         "STATS_CACHE_SECONDS": env_float("CELERY_API_STATS_CACHE_SECONDS", 2.0),
         "SII_CLIENT": env_str("SII_CLIENT", "celery_api.tasks.sii_client:SandboxSIIClient"),
@@ -93,17 +93,21 @@ def from_environment(instance_path: Path) -> dict:
         "SII_RETRY_BACKOFF_SECONDS": env_float("SII_RETRY_BACKOFF_SECONDS", 2.0),
         "SII_MAX_RETRIES": env_int("SII_MAX_RETRIES", 5),
         "MAX_CONTENT_LENGTH": env_int("CELERY_API_MAX_BODY_BYTES", 1024 * 1024),
-        "CELERY": celery_config(broker_url, result_backend, publish_timeout),
+        "CELERY": celery_config(broker_url, result_backend, broker_timeout),
     }
 
 
-def celery_config(broker_url: str, result_backend: str, publish_timeout: float) -> dict:
-    """The one nested ``CELERY`` key the Celery app is built from."""
+def celery_config(broker_url: str, result_backend: str, broker_timeout: float) -> dict:
+    """The one nested ``CELERY`` key the Celery app is built from.
+
+    ``broker_timeout`` bounds each connect and each command on the broker; a publish
+    is tried twice at most, so a launch answers 503 within about 2x that.
+    """
     transport_options: dict = {}
     if broker_url.startswith(("redis", "rediss")):
         transport_options = {
-            "socket_connect_timeout": publish_timeout,
-            "socket_timeout": max(publish_timeout, 5.0),
+            "socket_connect_timeout": broker_timeout,
+            "socket_timeout": broker_timeout,
             # Priorities 0-9 are honoured on Redis with these steps (0 = highest).
             "priority_steps": list(range(10)),
             "sep": ":",
@@ -114,10 +118,10 @@ def celery_config(broker_url: str, result_backend: str, publish_timeout: float) 
         "broker_url": broker_url,
         "result_backend": result_backend,
         "broker_transport_options": transport_options,
-        "broker_connection_timeout": publish_timeout,
+        "broker_connection_timeout": broker_timeout,
         "broker_connection_retry_on_startup": True,
-        "redis_socket_connect_timeout": publish_timeout,
-        "redis_socket_timeout": max(publish_timeout, 5.0),
+        "redis_socket_connect_timeout": broker_timeout,
+        "redis_socket_timeout": max(broker_timeout, 2.0),
         "result_extended": True,
         "result_expires": env_int("CELERY_API_RESULT_EXPIRES", 7 * 24 * 3600),
         "task_track_started": True,

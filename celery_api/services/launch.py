@@ -140,7 +140,6 @@ def _forget(run: TaskRun) -> None:
 
 def publish(run: TaskRun, celery_name: str, options: LaunchOptions) -> None:
     celery_app = current_app.extensions["celery"]
-    timeout = current_app.config["PUBLISH_TIMEOUT"]
     kwargs = {}
     if lineage_parent := run.parent_id:
         kwargs["parent_id"] = lineage_parent
@@ -156,11 +155,9 @@ def publish(run: TaskRun, celery_name: str, options: LaunchOptions) -> None:
         eta=options.eta,
         expires=options.expires,
         retry=True,
-        retry_policy={
-            "max_retries": 1,
-            "interval_start": 0,
-            "interval_step": timeout / 2,
-            "interval_max": timeout / 2,
-        },
+        # One retry: enough to replace a pooled connection the broker has closed,
+        # short enough to answer 503 quickly when the broker is really gone.
+        retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1,
+                      "interval_max": 0.1},
         **kwargs,
     )

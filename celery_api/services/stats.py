@@ -36,7 +36,7 @@ def known_queues() -> list[str]:
 def queue_lengths(celery_app, queues: list[str]) -> dict[str, int]:
     lengths: dict[str, int] = {}
     with celery_app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=current_app.config["PUBLISH_TIMEOUT"])
+        conn.ensure_connection(max_retries=1, timeout=current_app.config["BROKER_TIMEOUT"])
         channel = conn.default_channel
         for name in queues:
             try:
