@@ -29,13 +29,17 @@ run: install
 serve: install
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
+INSTANCE := $${INSTANCE_PATH:-instance}
+
 worker: install
+	mkdir -p $(INSTANCE)
 	$(BIN)/celery -A wsgi:celery_app worker --loglevel $${LOG_LEVEL:-INFO} \
-		--statedb $${CELERY_API_WORKER_STATE_DB:-instance/worker-%n.state}
+		--statedb $${CELERY_API_WORKER_STATE_DB:-$(INSTANCE)/worker-%n.state}
 
 beat: install
+	mkdir -p $(INSTANCE)
 	$(BIN)/celery -A wsgi:celery_app beat --loglevel $${LOG_LEVEL:-INFO} \
-		--schedule $${CELERY_API_BEAT_SCHEDULE:-instance/celerybeat-schedule}
+		--schedule $${CELERY_API_BEAT_SCHEDULE:-$(INSTANCE)/celerybeat-schedule}
 
 migrate: install
 	$(BIN)/flask --app wsgi db upgrade
@@ -47,8 +51,9 @@ test: install-test
 lint: install-test
 	$(BIN)/ruff check celery_api tests wsgi.py gunicorn.conf.py
 
+# For now: the embedded-broker comparison; the API vs Flower vs raw Celery suite is next.
 bench: install-test
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/embedded_broker.py
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

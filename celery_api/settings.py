@@ -133,7 +133,6 @@ def celery_config(broker_url: str, result_backend: str, broker_timeout: float) -
         "task_acks_late": False,
         "worker_prefetch_multiplier": env_int("CELERY_API_PREFETCH_MULTIPLIER", 1),
         "worker_hijack_root_logger": False,
-        "worker_state_db": env_str("CELERY_API_WORKER_STATE_DB"),
         "broker_channel_error_retry": False,
         "timezone": "UTC",
         "enable_utc": True,

@@ -56,7 +56,7 @@ class TaskLaunchRequestSchema(LaunchOptionsMixin):
     params = ma.fields.Dict(
         load_default=dict,
         metadata={"description": "Parameters, validated by the task type's schema",
-                  "example": {"company_id": "0b9ad5a2-4f4f-5a8e-8e1b-3f0c8c3f7a10", "months": 1}})
+                  "example": {"company_id": "94d8658c-c8bf-58e5-aaca-c14fac456724", "months": 1}})
 
 
 class TaskLaunchResponseSchema(ma.Schema):
