@@ -76,6 +76,7 @@ def _tune_sqlite(app: Flask) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=15000")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     with app.app_context():
@@ -83,11 +84,12 @@ def _tune_sqlite(app: Flask) -> None:
 
 
 def _register_blueprints(app: Flask, api) -> None:
+    from celery_api.resources.history.routes import blp as history_blp
     from celery_api.resources.stats.routes import blp as stats_blp
     from celery_api.resources.status.routes import blp as status_blp
     from celery_api.resources.tasks.routes import blp as tasks_blp
 
-    for blp in (tasks_blp, status_blp, stats_blp):
+    for blp in (tasks_blp, status_blp, history_blp, stats_blp):
         api.register_blueprint(blp)
     app.register_blueprint(
         get_swaggerui_blueprint("/api/docs", "/api/openapi.json",

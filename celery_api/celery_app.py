@@ -45,6 +45,14 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app.flask_app = app  # for worker signal handlers, which run outside any task
     app.extensions["celery"] = celery_app
 
+    # Task types safe to repeat are acknowledged after they run, and requeued if their
+    # worker process dies, so a lost worker means a second attempt, not a lost run.
+    catalog = app.extensions["celery_api.catalog"]
+    annotations = {d.celery_name: {"acks_late": True, "reject_on_worker_lost": True}
+                   for d in catalog if d.safe_to_repeat}
+    celery_app.conf.task_annotations = [annotations]
+
+    import celery_api.tasks.maintenance  # noqa: F401 - registers the periodic tasks
     from celery_api.services import recorder
 
     recorder.connect_signals()

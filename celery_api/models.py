@@ -60,6 +60,8 @@ class TaskRun(db.Model):
     expires: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     worker: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
     retries: Mapped[int] = mapped_column(sa.Integer, default=0)
+    # Deliveries to a worker: 2 or more after a redelivery (worker lost, safe to repeat).
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     launched_by: Mapped[str | None] = mapped_column(sa.String(200), nullable=True)
     company_id: Mapped[str | None] = mapped_column(sa.String(36), nullable=True)
     parent_id: Mapped[str | None] = mapped_column(sa.String(155), nullable=True)
@@ -72,16 +74,21 @@ class TaskRun(db.Model):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     runtime: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
 
+    # The history is read newest first, (created_at, id) being the cursor: every index
+    # that serves a filter ends with created_at so rows come out already in order.
     __table_args__ = (
-        sa.Index("ix_task_runs_created_at", "created_at"),
+        sa.Index("ix_task_runs_created_at_id", "created_at", "id"),
         sa.Index("ix_task_runs_task_type_created_at", "task_type", "created_at"),
         sa.Index("ix_task_runs_status_created_at", "status", "created_at"),
+        sa.Index("ix_task_runs_task_type_status_created_at", "task_type", "status",
+                 "created_at"),
+        sa.Index("ix_task_runs_finished_at", "finished_at"),
+        sa.Index("ix_task_runs_company_id_created_at", "company_id", "created_at"),
         sa.Index("ix_task_runs_parent_id", "parent_id"),
         sa.Index("ix_task_runs_root_id", "root_id"),
         sa.Index("ix_task_runs_retry_of", "retry_of"),
         sa.Index("ix_task_runs_batch_id", "batch_id"),
         sa.Index("ix_task_runs_schedule_id", "schedule_id"),
-        sa.Index("ix_task_runs_company_id", "company_id"),
     )
 
     @property
@@ -90,3 +97,15 @@ class TaskRun(db.Model):
 
     def __repr__(self) -> str:
         return f"<TaskRun {self.id} {self.task_type} {self.status}>"
+
+
+class TaskRunTag(db.Model):
+    """One tag of one run: the history's ``tag`` filter reads this table."""
+
+    __tablename__ = "task_run_tags"
+
+    run_id: Mapped[str] = mapped_column(
+        sa.String(155), sa.ForeignKey("task_runs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+
+    __table_args__ = (sa.Index("ix_task_run_tags_tag", "tag", "run_id"),)

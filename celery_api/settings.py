@@ -93,6 +93,8 @@ def from_environment(instance_path: Path) -> dict:
         "SII_RETRY_BACKOFF_SECONDS": env_float("SII_RETRY_BACKOFF_SECONDS", 2.0),
         "SII_MAX_RETRIES": env_int("SII_MAX_RETRIES", 5),
         "MAX_CONTENT_LENGTH": env_int("CELERY_API_MAX_BODY_BYTES", 1024 * 1024),
+        "HISTORY_RETENTION_DAYS": env_float("CELERY_API_HISTORY_RETENTION_DAYS", 90.0),
+        "RECONCILE_GRACE_SECONDS": env_float("CELERY_API_RECONCILE_GRACE_SECONDS", 30.0),
         "CELERY": celery_config(broker_url, result_backend, broker_timeout),
     }
 
@@ -136,5 +138,15 @@ def celery_config(broker_url: str, result_backend: str, broker_timeout: float) -
         "broker_channel_error_retry": False,
         "timezone": "UTC",
         "enable_utc": True,
+        "beat_schedule": {
+            "celery-api-reconcile-runs": {
+                "task": "celery_api.reconcile_runs",
+                "schedule": env_float("CELERY_API_RECONCILE_INTERVAL", 60.0),
+            },
+            "celery-api-purge-history": {
+                "task": "celery_api.purge_history",
+                "schedule": env_float("CELERY_API_PURGE_INTERVAL", 3600.0),
+            },
+        },
     }
 

@@ -9,13 +9,14 @@ from datetime import datetime
 
 import marshmallow as ma
 import redis.exceptions
+import sqlalchemy as sa
 from flask import current_app
 from kombu.exceptions import OperationalError
 from sqlalchemy.exc import SQLAlchemyError
 
 from celery_api.catalog import get_catalog
 from celery_api.extensions import db
-from celery_api.models import TaskRun, utcnow
+from celery_api.models import TaskRun, TaskRunTag, utcnow
 from celery_api.services.errors import InvalidParams, Unavailable, UnknownTaskType
 from celery_api.services.stats import known_queues
 
@@ -105,6 +106,7 @@ def launch(
     )
     try:
         db.session.add(run)
+        db.session.add_all(TaskRunTag(run_id=task_id, tag=tag) for tag in sorted(set(run.tags)))
         db.session.commit()
     except SQLAlchemyError as exc:
         db.session.rollback()
@@ -131,6 +133,7 @@ def launch(
 def _forget(run: TaskRun) -> None:
     """Remove the record of a run that was never published."""
     try:
+        db.session.execute(sa.delete(TaskRunTag).where(TaskRunTag.run_id == run.id))
         db.session.delete(run)
         db.session.commit()
     except SQLAlchemyError:

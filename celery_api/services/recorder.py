@@ -14,7 +14,9 @@ import traceback as tb
 from datetime import timedelta
 
 import sqlalchemy as sa
+from billiard.exceptions import WorkerLostError
 from celery import signals
+from celery.exceptions import TimeLimitExceeded
 from celery.worker import state as worker_state
 
 from celery_api.catalog import get_catalog
@@ -46,13 +48,16 @@ def _flask_app(task):
     return getattr(celery_app, "flask_app", None)
 
 
+INTERNAL_PREFIX = "celery_api."  # the service's own housekeeping tasks: not history
+
+
 def _guarded(handler):
     """Run a signal handler in the Flask app context; log, never raise."""
 
     def wrapper(sender=None, **kwargs):
         task = kwargs.pop("task", None) or sender
         app = _flask_app(task)
-        if app is None:
+        if app is None or getattr(task, "name", "").startswith(INTERNAL_PREFIX):
             return
         with app.app_context():
             try:
@@ -85,6 +90,7 @@ def on_prerun(task, task_id=None, args=None, kwargs=None, **_):
         started_at=sa.func.coalesce(TaskRun.started_at, now),
         worker=request.hostname,
         retries=request.retries or 0,
+        attempts=TaskRun.attempts + 1,
     )
     if updated:
         log.info("▶️ started %s on %s", task_id, request.hostname)
@@ -108,6 +114,7 @@ def on_prerun(task, task_id=None, args=None, kwargs=None, **_):
             priority=delivery.get("priority"),
             worker=request.hostname,
             retries=request.retries or 0,
+            attempts=1,
             parent_id=request.parent_id,
             root_id=request.root_id or task_id,
             company_id=_company_id(params),
@@ -173,6 +180,22 @@ def on_revoked(task, request=None, terminated=False, signum=None, expired=False,
     _maybe_finish_parent(task, task_id)
 
 
+@_guarded
+def on_failure(task, task_id=None, exception=None, **_):
+    """A worker process lost mid-task, or killed at its hard time limit: no postrun then."""
+    if isinstance(exception, WorkerLostError):
+        reason = f"worker lost: {exception}"
+    elif isinstance(exception, TimeLimitExceeded):
+        reason = f"hard time limit exceeded: {exception}"
+    else:
+        return  # ordinary failures are recorded by on_postrun, with their traceback
+    now = utcnow()
+    _update(task_id, TaskRun.status.not_in(FINISHED_STATES), status="FAILURE",
+            error=reason, **_finish_values(task_id, now))
+    log.error("❌ %s failed: %s", task_id, reason)
+    _maybe_finish_parent(task, task_id)
+
+
 def on_worker_ready(sender=None, **_):
     """Load runs revoked while this worker was away, so Celery discards them on receipt."""
     celery_app = getattr(sender, "app", None)
@@ -218,5 +241,6 @@ def connect_signals() -> None:
     signals.task_prerun.connect(on_prerun, weak=False)
     signals.task_postrun.connect(on_postrun, weak=False)
     signals.task_revoked.connect(on_revoked, weak=False)
+    signals.task_failure.connect(on_failure, weak=False)
     signals.worker_ready.connect(on_worker_ready, weak=False)
     _connected = True

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from datetime import UTC
+
+import marshmallow as ma
+
+from celery_api.services.history import MAX_LIMIT
+
+STATES = ("PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY", "SUCCESS", "FAILURE",
+          "REVOKED")
+ID = ma.fields.String(validate=ma.validate.Length(1, 155))
+
+
+class HistoryArgsSchema(ma.Schema):
+    task_type = ma.fields.List(
+        ma.fields.String(validate=ma.validate.Length(1, 200)),
+        validate=ma.validate.Length(max=50),
+        metadata={"description": "Repeatable: any of these task types"})
+    status = ma.fields.List(
+        ma.fields.String(validate=ma.validate.OneOf(STATES)),
+        validate=ma.validate.Length(max=len(STATES)),
+        metadata={"description": "Repeatable: any of these statuses"})
+    tag = ma.fields.String(validate=ma.validate.Length(1, 64))
+    company_id = ma.fields.UUID(metadata={"description": "SII tasks: the company"})
+    parent_id = ID
+    root_id = ID
+    retry_of = ID
+    batch_id = ID
+    schedule_id = ID
+    created_after = ma.fields.AwareDateTime(default_timezone=UTC,
+                                            metadata={"description": "Inclusive"})
+    created_before = ma.fields.AwareDateTime(default_timezone=UTC,
+                                             metadata={"description": "Exclusive"})
+    finished_after = ma.fields.AwareDateTime(default_timezone=UTC,
+                                             metadata={"description": "Inclusive"})
+    finished_before = ma.fields.AwareDateTime(default_timezone=UTC,
+                                              metadata={"description": "Exclusive"})
+    limit = ma.fields.Integer(load_default=50, validate=ma.validate.Range(1, MAX_LIMIT),
+                              metadata={"description": f"Rows per page, 1 to {MAX_LIMIT}"})
+    cursor = ma.fields.String(
+        validate=ma.validate.Length(1, 400),
+        metadata={"description": "The `next_cursor` of the previous page"})
+
+
+class HistoryRowSchema(ma.Schema):
+    task_id = ma.fields.String(required=True, attribute="id")
+    task_type = ma.fields.String(required=True)
+    status = ma.fields.String(required=True)
+    params = ma.fields.Dict()
+    result = ma.fields.Raw(allow_none=True)
+    error = ma.fields.String(allow_none=True)
+    queue = ma.fields.String(allow_none=True)
+    priority = ma.fields.Integer(allow_none=True)
+    tags = ma.fields.List(ma.fields.String())
+    worker = ma.fields.String(allow_none=True)
+    retries = ma.fields.Integer()
+    attempts = ma.fields.Integer(metadata={"description": "Deliveries to a worker"})
+    launched_by = ma.fields.String(allow_none=True)
+    company_id = ma.fields.String(allow_none=True)
+    parent_id = ma.fields.String(allow_none=True)
+    root_id = ma.fields.String(allow_none=True)
+    retry_of = ma.fields.String(allow_none=True)
+    batch_id = ma.fields.String(allow_none=True)
+    schedule_id = ma.fields.String(allow_none=True)
+    created_at = ma.fields.DateTime(required=True)
+    started_at = ma.fields.DateTime(allow_none=True)
+    finished_at = ma.fields.DateTime(allow_none=True)
+    runtime = ma.fields.Float(allow_none=True)
+
+
+class HistoryPageSchema(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(HistoryRowSchema), required=True)
+    next_cursor = ma.fields.String(
+        allow_none=True, required=True,
+        metadata={"description": "Pass as `cursor` for the next page; null on the last"})
+    limit = ma.fields.Integer(required=True)

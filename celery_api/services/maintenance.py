@@ -1,0 +1,99 @@
+"""Keeping the history true: reconcile runs whose worker was lost, purge old runs.
+
+Both run periodically under beat (``celery_api.reconcile_runs``,
+``celery_api.purge_history``) and on demand (``flask history reconcile|purge``).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import sqlalchemy as sa
+from flask import current_app
+
+from celery_api.catalog import get_catalog
+from celery_api.extensions import db
+from celery_api.models import FINISHED_STATES, TaskRun, TaskRunTag, utcnow
+from celery_api.services import fanout
+
+log = logging.getLogger("celery_api.maintenance")
+RUNNING_STATES = ("STARTED", "PROGRESS")
+
+
+def reconcile(*, grace_seconds: float | None = None) -> dict:
+    """Mark FAILURE ("worker lost") the runs recorded as running that no worker runs.
+
+    A run counts as lost when it started more than ``grace_seconds`` ago and no live
+    worker lists it among its active tasks (its worker is gone, or restarted and
+    forgot it). Runs of task types declared safe to repeat are left alone until the
+    broker's visibility timeout has passed too: the broker redelivers those.
+    Fan-out parents waiting on their children are not running anywhere by design.
+    """
+    config = current_app.config
+    grace = config["RECONCILE_GRACE_SECONDS"] if grace_seconds is None else grace_seconds
+    now = utcnow()
+    candidates = list(db.session.execute(
+        sa.select(TaskRun).where(TaskRun.status.in_(RUNNING_STATES),
+                                 TaskRun.started_at < now - timedelta(seconds=grace))
+    ).scalars())
+    candidates = [r for r in candidates
+                  if not (isinstance(r.meta, dict) and "fanout" in r.meta)]
+    if not candidates:
+        return {"checked": 0, "lost": 0}
+    celery_app = current_app.extensions["celery"]
+    replies = celery_app.control.inspect(timeout=config["INSPECT_TIMEOUT"]).active() or {}
+    active = {task["id"] for tasks in replies.values() for task in tasks or []}
+    visibility = config["CELERY"]["broker_transport_options"].get("visibility_timeout", 3600)
+    catalog = get_catalog()
+    lost: list[TaskRun] = []
+    for run in candidates:
+        if run.id in active:
+            continue
+        definition = catalog.by_celery_name(run.task_name)
+        if definition and definition.safe_to_repeat and \
+                run.started_at > now - timedelta(seconds=visibility + grace):
+            continue
+        alive = "alive" if run.worker in replies else "gone"
+        changed = db.session.execute(
+            sa.update(TaskRun)
+            .where(TaskRun.id == run.id, TaskRun.status.in_(RUNNING_STATES))
+            .values(status="FAILURE", finished_at=now,
+                    runtime=(now - run.started_at).total_seconds(),
+                    error=f"worker lost: {run.worker or 'unknown worker'} ({alive}) no "
+                          "longer runs this task")
+        ).rowcount
+        db.session.commit()
+        if changed:
+            lost.append(run)
+            celery_app.backend.mark_as_failure(
+                run.id, RuntimeError(f"worker lost: {run.worker}"))
+            log.error("❌ %s failed: worker lost (%s)", run.id, run.worker)
+    for run in lost:
+        if run.parent_id:
+            fanout.finish_if_complete(run.parent_id, celery_app)
+    return {"checked": len(candidates), "lost": len(lost),
+            "lost_ids": [r.id for r in lost]}
+
+
+def purge(*, older_than_days: float | None = None, batch_size: int = 5000) -> int:
+    """Delete finished runs that finished more than ``older_than_days`` ago."""
+    days = current_app.config["HISTORY_RETENTION_DAYS"] if older_than_days is None \
+        else older_than_days
+    cutoff = utcnow() - timedelta(days=days)
+    removed = 0
+    while True:
+        ids = list(db.session.execute(
+            sa.select(TaskRun.id)
+            .where(TaskRun.finished_at < cutoff, TaskRun.status.in_(FINISHED_STATES))
+            .limit(batch_size)
+        ).scalars())
+        if not ids:
+            break
+        db.session.execute(sa.delete(TaskRunTag).where(TaskRunTag.run_id.in_(ids)))
+        db.session.execute(sa.delete(TaskRun).where(TaskRun.id.in_(ids)))
+        db.session.commit()
+        removed += len(ids)
+    if removed:
+        log.info("purged %d run(s) finished before %s", removed, cutoff.isoformat())
+    return removed
