@@ -43,6 +43,8 @@ def create_app(config: dict | None = None) -> Flask:
     celery_overrides = config.pop("CELERY", {})
     app.config.update(config)
     app.config["CELERY"] = {**app.config["CELERY"], **celery_overrides}
+    app.config["SQLALCHEMY_DATABASE_URI"] = settings.normalize_database_url(
+        app.config["SQLALCHEMY_DATABASE_URI"])
 
     configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     db.init_app(app)

@@ -51,8 +51,13 @@ class EmbeddedRedis:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.socket.exists():
             if self._ping():
-                raise RuntimeError(f"a Redis already serves {self.socket}; stop it first")
-            self.socket.unlink()
+                # Left running by an earlier run that was killed: ours, so stop it
+                # (SHUTDOWN writes its append-only file) and start afresh.
+                try:
+                    redis.Redis(unix_socket_path=str(self.socket)).shutdown()
+                except (redis.RedisError, OSError):
+                    pass
+            self.socket.unlink(missing_ok=True)
         args = [
             redis_server_binary(), "--port", "0", "--bind", "127.0.0.1",
             "--unixsocket", str(self.socket), "--unixsocketperm", "700",
@@ -61,8 +66,11 @@ class EmbeddedRedis:
             "--appendfilename", "embedded-redis.aof",
             "--logfile", str(self.folder / "embedded-redis.log"),
         ]
+        # Its own session: Ctrl-C in the terminal must not stop the broker before the
+        # worker has handed back the messages it holds; whoever started it stops it last.
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

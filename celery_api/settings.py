@@ -64,6 +64,15 @@ def embedded_redis_url(instance_path: Path) -> str:
     return f"redis+socket://{instance_path / EMBEDDED_SOCKET_NAME}"
 
 
+def normalize_database_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` mean psycopg 3 (the driver installed)."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
 def from_environment(instance_path: Path) -> dict:
     """Build the Flask config mapping from the environment."""
     embedded = embedded_redis_url(instance_path)
@@ -72,11 +81,8 @@ def from_environment(instance_path: Path) -> dict:
     if result_backend is None:
         # Same server as the broker when it is Redis; otherwise the embedded one.
         result_backend = broker_url if broker_url.startswith(("redis", "rediss")) else embedded
-    database_url = env_str("DATABASE_URL") or f"sqlite:///{instance_path / 'celery_api.db'}"
-    if database_url.startswith("postgres://"):
-        database_url = "postgresql://" + database_url[len("postgres://") :]
-    if database_url.startswith("postgresql://"):
-        database_url = "postgresql+psycopg://" + database_url[len("postgresql://") :]
+    database_url = normalize_database_url(
+        env_str("DATABASE_URL") or f"sqlite:///{instance_path / 'celery_api.db'}")
     broker_timeout = env_float("CELERY_API_BROKER_TIMEOUT", 0.5)
     return {
         "SQLALCHEMY_DATABASE_URI": database_url,

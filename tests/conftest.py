@@ -16,12 +16,23 @@ sys.path.insert(0, str(PLUGINS))
 from celery_api import create_app  # noqa: E402
 from celery_api.embedded import EmbeddedRedis  # noqa: E402
 
+PG_ADMIN_URL = os.environ.get("CELERY_API_TEST_POSTGRES",
+                              "postgresql://postgres@127.0.0.1:5432/postgres")
 
-def make_config(folder: Path, broker_url: str, **extra) -> dict:
+
+def optional_component(name: str, reason: str):
+    """Skip a test of an optional real component, except under CI where it must run."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is required under CI=true but unavailable: {reason}")
+    pytest.skip(f"{name} unavailable: {reason}")
+
+
+def make_config(folder: Path, broker_url: str, database_url: str | None = None,
+                **extra) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "INSTANCE_PATH": folder,
-        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{folder / 'test.db'}",
+        "SQLALCHEMY_DATABASE_URI": database_url or f"sqlite:///{folder / 'test.db'}",
         "TASK_MODULES": ["acme_tasks"],
         "QUEUES": ["celery", "parked"],
         "INSPECT_TIMEOUT": 0.5,
@@ -58,6 +69,60 @@ def embedded_broker(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def postgres_admin():
+    """A reachable PostgreSQL server, on which the tests create their own databases."""
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        optional_component("PostgreSQL", f"{PG_ADMIN_URL}: {exc}")
+    return PG_ADMIN_URL
+
+
+class Databases:
+    """Creates throw-away PostgreSQL databases and drops them at the end."""
+
+    def __init__(self, admin_url: str):
+        self.admin_url = admin_url
+        self.created: list[str] = []
+
+    def create(self) -> str:
+        import uuid
+
+        import psycopg
+
+        name = f"celery_api_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        base = self.admin_url.rsplit("/", 1)[0]
+        return f"{base}/{name}"
+
+    def drop_all(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            for name in self.created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_databases(postgres_admin):
+    databases = Databases(postgres_admin)
+    yield databases
+    databases.drop_all()
+
+
+def database_url(request, kind: str) -> str | None:
+    """None for SQLite (the config's default file), else a fresh PostgreSQL database."""
+    if kind == "sqlite":
+        return None
+    return request.getfixturevalue("pg_databases").create()
+
+
+@pytest.fixture(scope="session")
 def app(tmp_path_factory, redis_server):
     """An app on the private Redis with no worker: for the HTTP contract tests."""
     return build_app(make_config(tmp_path_factory.mktemp("app"), redis_server.url))
@@ -68,11 +133,27 @@ def client(app):
     return app.test_client()
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def history_app(request, tmp_path_factory, redis_server):
+    """An app on SQLite, then on PostgreSQL, for the history and migration tests."""
+    folder = tmp_path_factory.mktemp(f"history-{request.param}")
+    config = make_config(folder, redis_server.url, database_url(request, request.param))
+    app = build_app(config)
+    app.config["TEST_DATABASE"] = request.param
+    yield app
+    with app.app_context():
+        from celery_api.extensions import db
+
+        db.session.remove()
+        db.engine.dispose()
+
+
 class Stack:
     """An app (test client) and a real worker sharing one broker and one database."""
 
-    def __init__(self, kind, app, config, worker, folder):
+    def __init__(self, kind, app, config, worker, folder, database):
         self.kind = kind
+        self.database = database
         self.app = app
         self.config = config
         self.worker = worker
@@ -84,16 +165,19 @@ class Stack:
         return service_env(self.config)
 
 
-@pytest.fixture(scope="session", params=["redis", "embedded"])
+@pytest.fixture(scope="session", params=[("redis", "sqlite"), ("embedded", "sqlite"),
+                                        ("redis", "postgres")],
+                ids=["redis-sqlite", "embedded-sqlite", "redis-postgres"])
 def stack(request, tmp_path_factory):
-    kind = request.param
+    kind, database = request.param
     broker = request.getfixturevalue("redis_server" if kind == "redis" else "embedded_broker")
-    folder = tmp_path_factory.mktemp(f"stack-{kind}")
-    url = broker.url.replace("/0", "/1") if kind == "redis" else broker.url
-    config = make_config(folder, url)
+    folder = tmp_path_factory.mktemp(f"stack-{kind}-{database}")
+    db_number = {"sqlite": 1, "postgres": 2}[database]
+    url = broker.url.replace("/0", f"/{db_number}") if kind == "redis" else broker.url
+    config = make_config(folder, url, database_url(request, database))
     app = build_app(config)
-    worker = Worker(service_env(config), f"w1-{kind}@{os.uname().nodename}",
+    worker = Worker(service_env(config), f"w1-{kind}-{database}@{os.uname().nodename}",
                     folder / "worker.log", statedb=folder / "worker.state")
     worker.start(app.extensions["celery"])
-    yield Stack(kind, app, config, worker, folder)
+    yield Stack(kind, app, config, worker, folder, database)
     worker.stop()

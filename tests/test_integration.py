@@ -112,7 +112,8 @@ def test_external_task_module(stack):
 
 
 def test_fan_out_reports_summary_and_children(stack):
-    task_id = launch(stack, "sii.sync_documents_all_companies", {"months": 1})
+    task_id = launch(stack, "sii.sync_documents_all_companies", {"months": 1},
+                     tags=["month-end"], priority=2)
     body = wait_status(stack, task_id, "SUCCESS", timeout=90)
     assert body["result"] == {"total_companies": 5, "synced": 4, "failed": 0, "skipped": 1}
     assert len(body["children"]) == 4
@@ -121,6 +122,7 @@ def test_fan_out_reports_summary_and_children(stack):
         assert child["status"] == "SUCCESS"
         assert child["parent_id"] == task_id and child["root_id"] == task_id
         assert child["task_type"] == "sii.sync_documents"
+        assert child["tags"] == ["month-end"] and child["priority"] == 2
     f29 = wait_status(stack, launch(stack, "sii.sync_f29_all_companies", {}), "SUCCESS",
                       timeout=90)
     assert f29["result"]["synced"] == 4
@@ -137,7 +139,7 @@ def test_revoke_running_needs_terminate_and_stops_it(stack):
     body = wait_status(stack, task_id, "REVOKED", timeout=30)
     assert body["result"] is None
     run = record(stack, task_id)
-    assert run.status == "REVOKED" and "terminated" in run.error
+    assert run.status == "REVOKED" and "terminated" in run.error and ": test" in run.error
     again = stack.client.delete(f"/api/celery/tasks/{task_id}")
     assert again.status_code == 409
 
@@ -150,7 +152,7 @@ def test_revoked_queued_run_never_runs_even_on_a_late_worker(stack):
     assert response.get_json() == {"task_id": parked, "status": "REVOKED", "terminate": False,
                                    "message": f"Task {parked} revoked before it ran."}
     marker = launch(stack, "acme.add", {"a": 1, "b": 1}, queue="parked")
-    late = Worker(stack.env(), f"late-{stack.kind}@{os.uname().nodename}",
+    late = Worker(stack.env(), f"late-{stack.kind}-{stack.database}@{os.uname().nodename}",
                   stack.folder / "late-worker.log", queues="parked", concurrency=1)
     late.start(stack.celery)
     try:

@@ -13,6 +13,7 @@ from celery_api.extensions import db
 from celery_api.models import FINISHED_STATES, TaskRun, utcnow
 from celery_api.services import launch as launch_service
 from celery_api.services.errors import Conflict, Unavailable
+from celery_api.services.recorder import TERMINATE_REQUESTED
 from celery_api.services.runs import describe
 
 log = logging.getLogger("celery_api.control")
@@ -58,6 +59,13 @@ def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
         log.info("🚫 revoked queued task %s%s", task_id, note)
         return RevokeOutcome(task_id, "REVOKED", terminate,
                              f"Task {task_id} revoked before it ran{note}.", accepted=False)
+    # Kept so the worker's confirmation can say why the run was stopped.
+    db.session.execute(
+        sa.update(TaskRun)
+        .where(TaskRun.id == task_id, TaskRun.status.not_in(FINISHED_STATES))
+        .values(error=f"{TERMINATE_REQUESTED}{note}")
+    )
+    db.session.commit()
     log.info("🚫 terminating running task %s with %s%s", task_id, signal, note)
     return RevokeOutcome(
         task_id, status, terminate,

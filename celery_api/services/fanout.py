@@ -35,9 +35,15 @@ def fan_out(task, child_type: str, children: list[dict], *, total: int, skipped:
     )
     db.session.commit()
     root_id = task.request.root_id or parent_id
+    parent = db.session.get(TaskRun, parent_id)
+    # Children run like their parent: same queue, priority and tags.
+    options = launch_service.LaunchOptions(
+        priority=parent.priority if parent else None,
+        queue=parent.queue if parent else None,
+        tags=list(parent.tags or []) if parent else [])
     for params in children:
         launch_service.launch(
-            child_type, params,
+            child_type, params, options,
             lineage=launch_service.Lineage(parent_id=parent_id, root_id=root_id))
     task.update_state(state="PROGRESS", meta={**plan["fanout"], "launched": len(children)})
     log.info("📤 %s fanned out %d %s run(s)", parent_id, len(children), child_type)

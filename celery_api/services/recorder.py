@@ -23,6 +23,8 @@ from celery_api.catalog import get_catalog
 from celery_api.extensions import db
 from celery_api.models import FINISHED_STATES, TaskRun, utcnow
 
+TERMINATE_REQUESTED = "terminate requested"  # written by services.control
+
 log = logging.getLogger("celery_api.worker")
 _connected = False
 
@@ -171,7 +173,9 @@ def on_revoked(task, request=None, terminated=False, signum=None, expired=False,
     if expired:
         reason = "expired before it started"
     elif terminated:
-        reason = f"terminated with signal {signum}"
+        requested = db.session.execute(
+            sa.select(TaskRun.error).where(TaskRun.id == task_id)).scalar_one_or_none()
+        reason = termination_reason(f"terminated with signal {signum}", requested)
     else:
         reason = "revoked"
     _update(task_id, TaskRun.status.not_in(("SUCCESS", "FAILURE")), status="REVOKED",
@@ -194,6 +198,15 @@ def on_failure(task, task_id=None, exception=None, **_):
             error=reason, **_finish_values(task_id, now))
     log.error("❌ %s failed: %s", task_id, reason)
     _maybe_finish_parent(task, task_id)
+
+
+def termination_reason(base: str, recorded: str | None) -> str:
+    """``base``, plus the caller's reason if the revoke request recorded one."""
+    if recorded and recorded.startswith(TERMINATE_REQUESTED):
+        return base + recorded[len(TERMINATE_REQUESTED):]
+    if recorded and recorded.startswith("terminated"):
+        return recorded  # the worker's confirmation already wrote it
+    return base
 
 
 def on_worker_ready(sender=None, **_):

@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from celery_api.extensions import db
 from celery_api.models import FINISHED_STATES, TaskRun, utcnow
 from celery_api.services.errors import NotFound, Unavailable
+from celery_api.services.recorder import termination_reason
 
 log = logging.getLogger("celery_api.status")
 
@@ -124,6 +125,9 @@ def _reconcile(run: TaskRun, state: str, result, trace, date_done) -> None:
         values["runtime"] = max(0.0, (finished - run.started_at).total_seconds())
     if state == "SUCCESS":
         values["result"] = result
+    elif state == "REVOKED":
+        values["error"] = (termination_reason("terminated", run.error)
+                           if run.error else _error_text(result))
     else:
         values["error"] = _error_text(result)
         values["traceback"] = trace
