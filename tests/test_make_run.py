@@ -25,17 +25,14 @@ from tests.support import ROOT, free_port, wait_for
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def devstack():
-    folder = Path(tempfile.mkdtemp(prefix="ca-run-"))  # short: holds a Unix socket
-    port = free_port()
+def start_devstack(folder: Path, port: int, log_name: str):
     env = {k: v for k, v in os.environ.items()
            if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DATABASE_URL",
                         "REDIS_URL", "CELERY_API_TASK_MODULES")}
     env.update({"PORT": str(port), "INSTANCE_PATH": str(folder), "LOG_FORMAT": "text",
                 "SII_SANDBOX_STEP_SECONDS": "0.1", "SII_RETRY_BACKOFF_SECONDS": "0.2",
                 "WORKER_CONCURRENCY": "2"})
-    log_path = folder / "devstack.log"
+    log_path = folder / log_name
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "celery_api.devstack"], cwd=ROOT,
                                    env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -52,9 +49,24 @@ def devstack():
             return None
 
     wait_for(up, timeout=90, interval=0.3, message="make run to serve with a worker online")
-    yield process, root, folder, log_path
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
+    return process, root, log_path
+
+
+@pytest.fixture(scope="module")
+def devstack():
+    folder = Path(tempfile.mkdtemp(prefix="ca-run-"))  # short: holds a Unix socket
+    port = free_port()
+    started = []
+
+    def start(log_name="devstack.log"):
+        process, root, log_path = start_devstack(folder, port, log_name)
+        started.append(process)
+        return process, root, folder, log_path
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def get_until(url, statuses, timeout=60):
@@ -65,8 +77,8 @@ def get_until(url, statuses, timeout=60):
     return wait_for(reached, timeout=timeout, interval=0.2, message=f"{url} in {statuses}")
 
 
-def test_quick_start_walkthrough_then_ctrl_c(devstack):
-    process, root, folder, log_path = devstack
+def test_quick_start_walkthrough_then_ctrl_c_and_restart(devstack):
+    process, root, folder, log_path = devstack()
     base = f"{root}/api/celery"
     catalog = requests.get(f"{base}/tasks", timeout=5).json()
     assert "sii.sync_documents" in {t["task_type"] for t in catalog}
@@ -97,6 +109,14 @@ def test_quick_start_walkthrough_then_ctrl_c(devstack):
 
     assert requests.get(f"{root}/api/docs/", timeout=5).status_code == 200
 
+    # A run held by the worker for its countdown must survive Ctrl-C and a restart.
+    held = requests.post(f"{base}/tasks/launch", timeout=5, json={
+        "task_type": "sii.sync_f29", "params": {"company_id": SANDBOX_COMPANIES[2]},
+        "countdown": 4}).json()["task_id"]
+    wait_for(lambda: held in json.dumps(requests.get(f"{base}/stats", timeout=5).json()
+                                        ["scheduled_tasks"]),
+             timeout=30, message="the worker to hold the countdown run")
+
     # Ctrl-C: SIGINT to the foreground process group stops everything.
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=60) == 0
@@ -110,6 +130,14 @@ def test_quick_start_walkthrough_then_ctrl_c(devstack):
     assert not (folder / "embedded-redis.sock").exists() or not _redis_answers(folder)
     leftovers = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", f"processes left running: {leftovers.stdout}"
+
+    process, root, _, _ = devstack("devstack-2.log")
+    after = get_until(f"{root}/api/celery/tasks/{held}", {"SUCCESS"}, timeout=60)
+    assert after["result"]["f29"]["year"]
+    assert get_until(f"{root}/api/celery/tasks/{task_id}", {"SUCCESS"})["result"] == \
+        done["result"]
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 0
 
 
 def _redis_answers(folder: Path) -> bool:
