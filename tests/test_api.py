@@ -286,3 +286,10 @@ def test_docs_page_needs_no_cdn(client):
     assert "https://" not in html and "http://" not in html.replace("http://localhost", "")
     asset = client.get("/api/docs/swagger-ui-bundle.js")
     assert asset.status_code == 200 and len(asset.data) > 100_000
+
+
+def test_unknown_query_parameter_is_422(client, app):
+    task_id = _stored_run(app, "PENDING")
+    problem = assert_problem(client.delete(f"/api/celery/tasks/{task_id}?terminat=true"), 422,
+                             "terminat")
+    assert "terminat" in problem["errors"]["query"]

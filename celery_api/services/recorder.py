@@ -247,6 +247,20 @@ def _maybe_finish_parent(task, task_id: str) -> None:
     fanout.finish_if_complete(parent_id, task.app)
 
 
+def on_worker_process_init(**_):
+    """A pool process starts as a fork of the worker, which may hold database
+    connections: drop the inherited ones (without closing the parent's) so the two
+    processes never share a socket."""
+    from celery import current_app as current_celery
+
+    app = getattr(current_celery, "flask_app", None)
+    if app is None:
+        return
+    with app.app_context():
+        for engine in db.engines.values():
+            engine.dispose(close=False)
+
+
 def connect_signals() -> None:
     global _connected
     if _connected:
@@ -256,4 +270,5 @@ def connect_signals() -> None:
     signals.task_revoked.connect(on_revoked, weak=False)
     signals.task_failure.connect(on_failure, weak=False)
     signals.worker_ready.connect(on_worker_ready, weak=False)
+    signals.worker_process_init.connect(on_worker_process_init, weak=False)
     _connected = True

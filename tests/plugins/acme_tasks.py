@@ -3,6 +3,8 @@
 Loaded with CELERY_API_TASK_MODULES=acme_tasks (tests put this folder on PYTHONPATH).
 """
 
+import time
+
 import marshmallow as ma
 from celery import shared_task
 
@@ -26,8 +28,37 @@ class NoParamsSchema(ma.Schema):
     pass
 
 
+class SleepParamsSchema(ma.Schema):
+    seconds = ma.fields.Float(required=True, validate=ma.validate.Range(0, 600))
+
+
+def _sleep(task, seconds: float) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        task.report_progress(0, 1, "sleeping")
+        time.sleep(0.05)
+    return {"slept": seconds}
+
+
+@shared_task(bind=True, name="acme.sleep")
+def sleep(self, seconds: float) -> dict:
+    """Not safe to repeat: a lost worker means a failed run."""
+    return _sleep(self, seconds)
+
+
+@shared_task(bind=True, name="acme.sleep_safely")
+def sleep_safely(self, seconds: float) -> dict:
+    """Safe to repeat: redelivered when its worker process is lost."""
+    return _sleep(self, seconds)
+
+
 def register(catalog):
     catalog.add("acme.add", celery_name="acme.add", params_schema=AddParamsSchema,
                 name="Add two numbers", description="Adds a and b (b >= 0).")
     catalog.add("acme.boom", celery_name="acme.boom", params_schema=NoParamsSchema,
                 name="Always fails", description="Raises RuntimeError.")
+    catalog.add("acme.sleep", celery_name="acme.sleep", params_schema=SleepParamsSchema,
+                name="Sleep", description="Sleeps; not safe to repeat.")
+    catalog.add("acme.sleep_safely", celery_name="acme.sleep_safely",
+                params_schema=SleepParamsSchema, name="Sleep, safe to repeat",
+                description="Sleeps; redelivered if its worker is lost.", safe_to_repeat=True)

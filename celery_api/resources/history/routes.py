@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import marshmallow as ma
 from flask import request, url_for
 from flask.views import MethodView
 
@@ -14,7 +15,7 @@ blp = Blueprint("history", __name__, url_prefix="/api/celery", description="Hist
 
 @blp.route("/history")
 class History(MethodView):
-    @blp.arguments(HistoryArgsSchema, location="query")
+    @blp.arguments(HistoryArgsSchema, location="query", unknown=ma.RAISE)
     @blp.response(200, HistoryPageSchema, headers={
         "Link": {"description": 'The next page, as `<url>; rel="next"`',
                  "schema": {"type": "string"}}})

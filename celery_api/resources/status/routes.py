@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import marshmallow as ma
 from flask import url_for
 from flask.views import MethodView
 
@@ -44,7 +45,7 @@ class TaskRunItem(MethodView):
             "retried_as": view.retries_of_this,
         }
 
-    @blp.arguments(RevokeArgsSchema, location="query")
+    @blp.arguments(RevokeArgsSchema, location="query", unknown=ma.RAISE)
     @blp.response(200, RevokeResponseSchema)
     @blp.alt_response(202, schema=RevokeResponseSchema,
                       description="Running run: the stop signal was sent")
