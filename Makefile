@@ -45,15 +45,15 @@ migrate: install
 	$(BIN)/flask --app wsgi db upgrade
 
 test: install-test
-	$(BIN)/ruff check celery_api tests wsgi.py gunicorn.conf.py
+	$(BIN)/ruff check celery_api tests bench wsgi.py gunicorn.conf.py
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install-test
-	$(BIN)/ruff check celery_api tests wsgi.py gunicorn.conf.py
+	$(BIN)/ruff check celery_api tests bench wsgi.py gunicorn.conf.py
 
-# For now: the embedded-broker comparison; the API vs Flower vs raw Celery suite is next.
 bench: install-test
 	$(BIN)/python bench/embedded_broker.py
+	$(BIN)/python bench/history.py --write
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

@@ -331,7 +331,7 @@ class Run:
                 raise RuntimeError('worker exited early, see ' + self.log)
             return os.path.exists(self.env['BENCH_READYFILE'])
         if not wait_until(ready, timeout):
-            raise RuntimeError('worker not ready in %ss, see %s' % (timeout, self.log))
+            raise RuntimeError(f'worker not ready in {timeout}s, see {self.log}')
         return time.monotonic() - t0
 
     def sigterm_worker(self):
@@ -378,7 +378,7 @@ class Run:
             finally:
                 con.close()
         except Exception as e:
-            return 'err: %s' % e
+            return f'err: {e}'
 
     def log_errors(self):
         try:
@@ -407,7 +407,7 @@ def publisher_main(root, env, n_tasks, first_id, n_threads, ready_q, start_evt, 
         with app.producer_pool.acquire(block=True, timeout=10):
             pass
     except Exception as e:
-        res['first_error'] = 'warmup: %r' % e
+        res['first_error'] = f'warmup: {e!r}'
     ready_q.put(os.getpid())
     if not start_evt.wait(60):
         out_q.put(dict(res, t0=None, t1=None, error='start event timeout'))
@@ -489,7 +489,7 @@ def load_run(broker, root, label, n_tasks, n_procs=4, n_threads=8):
                 status = 'deadline'
                 break
             if run.worker.poll() is not None:
-                status = 'worker died rc=%s' % run.worker.returncode
+                status = f'worker died rc={run.worker.returncode}'
                 break
             time.sleep(POLL_S)
 
@@ -593,7 +593,7 @@ def shutdown_run(broker, root, label, busy):
             try:
                 st = app.AsyncResult(r.id).state
             except Exception as e:
-                st = 'err %r' % e
+                st = f'err {e!r}'
             res['sleep_task_state'] = st
         app.close()
         res.update(extra)
@@ -641,7 +641,7 @@ def main():
                 R['load'].append(r)
                 print('[%s] load %d: %s' % (bname, i, json.dumps(r)), flush=True)
             R['latency'] = latency_run(b, broot, 'latency')
-            print('[%s] latency: %s' % (bname, R['latency']), flush=True)
+            print('[{}] latency: {}'.format(bname, R['latency']), flush=True)
             for i in range(args.shutdown_reps):
                 r = shutdown_run(b, broot, 'sd_idle%d' % i, busy=False)
                 R['shutdown_idle'].append(r)
@@ -671,7 +671,7 @@ def main():
     print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for bname, R in results.items():
         for r in R['load']:
-            print('| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |' % (
+            print('| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |'.format(
                 bname, r['label'], fmt(r.get('publish_per_s')), fmt(r.get('publish_s')),
                 fmt(r.get('all_executed_s')), fmt(r.get('max_progress_gap_s')),
                 r.get('status'), fmt(r.get('executed')), fmt(r.get('db_success')),
@@ -687,7 +687,7 @@ def main():
         stalls = sum(1 for r in L if r.get('status') != 'ok')
         lat = R.get('latency') or {}
         idle = ', '.join(str(r['exit_s']) for r in R['shutdown_idle'])
-        busy = ', '.join('%s (%s)' % (r['exit_s'], r.get('sleep_task_state'))
+        busy = ', '.join('{} ({})'.format(r['exit_s'], r.get('sleep_task_state'))
                          for r in R['shutdown_busy'])
         print('| %s | %s | %s | %d/%d | %s (%s) | %s | %s |' % (
             bname, round(statistics.mean(pubs)) if pubs else '-',

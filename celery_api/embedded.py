@@ -89,14 +89,19 @@ class EmbeddedRedis:
             return False
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
         self.process = None
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL."""
+    if process and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def child_env(**extra: str) -> dict[str, str]:

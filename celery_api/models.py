@@ -39,6 +39,12 @@ class UTCDateTime(sa.types.TypeDecorator):
         return value
 
 
+def _sparse_index(name: str, column: str, *more: str) -> sa.Index:
+    """An index of the rows where ``column`` is set: most runs have no parent, batch..."""
+    where = sa.text(f"{column} IS NOT NULL")
+    return sa.Index(name, column, *more, postgresql_where=where, sqlite_where=where)
+
+
 class TaskRun(db.Model):
     """One run of a task: launched here, by a fan-out, a retry, a schedule, or seen by a worker."""
 
@@ -83,12 +89,12 @@ class TaskRun(db.Model):
         sa.Index("ix_task_runs_task_type_status_created_at", "task_type", "status",
                  "created_at"),
         sa.Index("ix_task_runs_finished_at", "finished_at"),
-        sa.Index("ix_task_runs_company_id_created_at", "company_id", "created_at"),
-        sa.Index("ix_task_runs_parent_id", "parent_id"),
+        _sparse_index("ix_task_runs_company_id_created_at", "company_id", "created_at"),
+        _sparse_index("ix_task_runs_parent_id", "parent_id"),
         sa.Index("ix_task_runs_root_id", "root_id"),
-        sa.Index("ix_task_runs_retry_of", "retry_of"),
-        sa.Index("ix_task_runs_batch_id", "batch_id"),
-        sa.Index("ix_task_runs_schedule_id", "schedule_id"),
+        _sparse_index("ix_task_runs_retry_of", "retry_of"),
+        _sparse_index("ix_task_runs_batch_id", "batch_id"),
+        _sparse_index("ix_task_runs_schedule_id", "schedule_id"),
     )
 
     @property

@@ -18,24 +18,22 @@ def env_str(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
-def env_int(name: str, default: int) -> int:
+def _env_number(name: str, default, cast, kind: str):
     value = env_str(name)
     if value is None:
         return default
     try:
-        return int(value)
+        return cast(value)
     except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from exc
+        raise ValueError(f"{name} must be {kind}, got {value!r}") from exc
+
+
+def env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int, "an integer")
 
 
 def env_float(name: str, default: float) -> float:
-    value = env_str(name)
-    if value is None:
-        return default
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {value!r}") from exc
+    return _env_number(name, default, float, "a number")
 
 
 def env_bool(name: str, default: bool) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import flask_migrate
@@ -148,18 +149,20 @@ def history_app(request, tmp_path_factory, redis_server):
         db.engine.dispose()
 
 
+@dataclass
 class Stack:
     """An app (test client) and a real worker sharing one broker and one database."""
 
-    def __init__(self, kind, app, config, worker, folder, database):
-        self.kind = kind
-        self.database = database
-        self.app = app
-        self.config = config
-        self.worker = worker
-        self.folder = folder
-        self.client = app.test_client()
-        self.celery = app.extensions["celery"]
+    kind: str
+    app: object
+    config: dict
+    worker: Worker
+    folder: Path
+    database: str
+
+    def __post_init__(self):
+        self.client = self.app.test_client()
+        self.celery = self.app.extensions["celery"]
 
     def env(self) -> dict:
         return service_env(self.config)

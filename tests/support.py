@@ -13,6 +13,8 @@ from pathlib import Path
 
 import redis
 
+from celery_api.embedded import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 BIN = Path(sys.executable).parent
@@ -75,9 +77,7 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        stop_process(self.process, 10)
         self.process = None
 
 
@@ -133,13 +133,7 @@ class Worker:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
         if self.process:
             self._log.close()
         self.process = None

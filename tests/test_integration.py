@@ -210,3 +210,12 @@ def test_history_rows_match_the_runs(stack):
             sa.select(TaskRun.status, sa.func.count()).group_by(TaskRun.status)).all())
     assert not set(statuses) - {"SUCCESS", "FAILURE", "REVOKED", "PENDING", "STARTED",
                                 "PROGRESS", "RETRY"}
+
+
+def test_expired_backend_result_does_not_make_history_lie(stack):
+    task_id = launch(stack, "acme.add", {"a": 20, "b": 22})
+    wait_status(stack, task_id, "SUCCESS")
+    stack.celery.backend.forget(task_id)  # what result_expires does after a week
+    assert stack.celery.backend.get_task_meta(task_id)["status"] == "PENDING"
+    body = status(stack, task_id)
+    assert body["status"] == "SUCCESS" and body["result"] == {"sum": 42}

@@ -73,7 +73,7 @@ def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
         "once the worker confirms.", accepted=True)
 
 
-def retry(task_id: str) -> TaskRun:
+def retry(task_id: str) -> launch_service.Launched:
     view = describe(task_id)
     if view.status not in RETRYABLE_STATES:
         raise Conflict(f"Task {task_id} is {view.status}; only FAILURE or REVOKED runs "

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from celery_api.extensions import db
-from celery_api.models import TaskRun, TaskRunTag
+from celery_api.models import TaskRun, TaskRunTag, UTCDateTime
 from celery_api.services.errors import ServiceError, Unavailable
 
 MAX_LIMIT = 500
@@ -94,8 +94,9 @@ def build_statement(query: HistoryQuery) -> sa.Select:
         conditions.append(TaskRun.finished_at < query.finished_before)
     if query.cursor:
         created, run_id = decode_cursor(query.cursor)
-        conditions.append(sa.or_(TaskRun.created_at < created,
-                                 sa.and_(TaskRun.created_at == created, TaskRun.id < run_id)))
+        # A row-value comparison: the index on (created_at, id) serves it as a range.
+        conditions.append(sa.tuple_(TaskRun.created_at, TaskRun.id) <
+                          sa.tuple_(sa.literal(created, UTCDateTime), sa.literal(run_id)))
     return (stmt.where(*conditions)
             .order_by(TaskRun.created_at.desc(), TaskRun.id.desc())
             .limit(min(query.limit, MAX_LIMIT) + 1))

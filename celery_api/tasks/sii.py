@@ -13,16 +13,6 @@ from celery_api.services.fanout import fan_out
 from celery_api.tasks.sii_client import BOOKS, SIIClient, SIIUnavailable, load_client
 
 
-class SyncDocumentsParamsSchema(ma.Schema):
-    company_id = ma.fields.UUID(required=True, metadata={"description": "Company to sync"})
-    months = ma.fields.Integer(
-        load_default=1, validate=ma.validate.Range(1, 12),
-        metadata={"description": "How many months to sync, 1 to 12"})
-    month_offset = ma.fields.Integer(
-        load_default=0, validate=ma.validate.Range(min=0, max=240),
-        metadata={"description": "Months back from the current one to start at (0 = this month)"})
-
-
 class SyncDocumentsAllParamsSchema(ma.Schema):
     months = ma.fields.Integer(
         load_default=1, validate=ma.validate.Range(1, 12),
@@ -30,6 +20,10 @@ class SyncDocumentsAllParamsSchema(ma.Schema):
     month_offset = ma.fields.Integer(
         load_default=0, validate=ma.validate.Range(min=0, max=240),
         metadata={"description": "Months back from the current one to start at (0 = this month)"})
+
+
+class SyncDocumentsParamsSchema(SyncDocumentsAllParamsSchema):
+    company_id = ma.fields.UUID(required=True, metadata={"description": "Company to sync"})
 
 
 def _current_year() -> str:
@@ -43,19 +37,15 @@ def _validate_year(value: str) -> None:
         raise ma.ValidationError(f"Must be between 2000 and {date.today().year}.")
 
 
-class SyncF29ParamsSchema(ma.Schema):
-    company_id = ma.fields.UUID(required=True, metadata={"description": "Company to sync"})
-    year = ma.fields.String(
-        load_default=_current_year, validate=_validate_year,
-        metadata={"description": "Year as YYYY; defaults to the current year",
-                  "pattern": r"^\d{4}$"})
-
-
 class SyncF29AllParamsSchema(ma.Schema):
     year = ma.fields.String(
         load_default=_current_year, validate=_validate_year,
-        metadata={"description": "Year as YYYY; defaults to the current year",
-                  "pattern": r"^\d{4}$"})
+        metadata={"description": "Year as YYYY, from 2000 to the current one; defaults to "
+                                 "the current year", "pattern": r"^\d{4}$"})
+
+
+class SyncF29ParamsSchema(SyncF29AllParamsSchema):
+    company_id = ma.fields.UUID(required=True, metadata={"description": "Company to sync"})
 
 
 def client() -> SIIClient:
