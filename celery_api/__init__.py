@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from pathlib import Path
 
-from flask import Flask, request
+from flask import Flask, g, request
 from flask_swagger_ui import get_swaggerui_blueprint
 from sqlalchemy import event
 
@@ -20,6 +22,8 @@ from celery_api.smorest import problem_response
 __version__ = "0.1.0"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# A caller's X-Request-ID is kept when it is short and plain; otherwise we make one.
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -86,12 +90,13 @@ def _tune_sqlite(app: Flask) -> None:
 
 
 def _register_blueprints(app: Flask, api) -> None:
+    from celery_api.resources.health.routes import blp as health_blp
     from celery_api.resources.history.routes import blp as history_blp
     from celery_api.resources.stats.routes import blp as stats_blp
     from celery_api.resources.status.routes import blp as status_blp
     from celery_api.resources.tasks.routes import blp as tasks_blp
 
-    for blp in (tasks_blp, status_blp, history_blp, stats_blp):
+    for blp in (tasks_blp, status_blp, history_blp, stats_blp, health_blp):
         api.register_blueprint(blp)
     app.register_blueprint(
         get_swaggerui_blueprint("/api/docs", "/api/openapi.json",
@@ -108,6 +113,17 @@ def _register_params_components(app: Flask, api) -> None:
 
 
 def _register_request_checks(app: Flask) -> None:
+    @app.before_request
+    def assign_request_id():
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+
+    @app.after_request
+    def echo_request_id(response):
+        if "request_id" in g:
+            response.headers["X-Request-ID"] = g.request_id
+        return response
+
     @app.before_request
     def require_json_body():
         if request.method in BODY_METHODS and (

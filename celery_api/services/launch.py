@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from celery_api.catalog import get_catalog
 from celery_api.extensions import db
+from celery_api.logging import current_request_id
 from celery_api.models import TaskRun, TaskRunTag, utcnow
 from celery_api.services.errors import InvalidParams, Unavailable, UnknownTaskType
 from celery_api.services.stats import known_queues
@@ -166,6 +167,9 @@ def publish(record: dict, celery_name: str, options: LaunchOptions) -> None:
         kwargs["parent_id"] = record["parent_id"]
     if record.get("root_id") and record["root_id"] != record["id"]:
         kwargs["root_id"] = record["root_id"]
+    request_id = current_request_id()
+    if request_id:
+        kwargs["headers"] = {"request_id": request_id}  # the worker logs it with the run
     celery_app.send_task(
         celery_name,
         kwargs=record["params"],

@@ -17,6 +17,7 @@ from flask import current_app
 
 from celery_api.catalog import get_catalog
 from celery_api.services.errors import Unavailable
+from celery_api.services.health import ensure_broker
 
 log = logging.getLogger("celery_api.stats")
 _lock = threading.Lock()
@@ -36,7 +37,7 @@ def known_queues() -> list[str]:
 def queue_lengths(celery_app, queues: list[str]) -> dict[str, int]:
     lengths: dict[str, int] = {}
     with celery_app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=current_app.config["BROKER_TIMEOUT"])
+        ensure_broker(conn, current_app.config["BROKER_TIMEOUT"])
         channel = conn.default_channel
         for name in queues:
             try:

@@ -1,0 +1,51 @@
+"""Operations endpoints at the root: /healthz, /readyz (and /metrics, see metrics.py)."""
+
+from __future__ import annotations
+
+import marshmallow as ma
+from flask.views import MethodView
+
+from celery_api.services import health
+from celery_api.smorest import Blueprint
+
+blp = Blueprint("health", __name__, url_prefix="", description="Operations")
+
+
+class LiveSchema(ma.Schema):
+    status = ma.fields.String(required=True, metadata={"example": "alive"})
+
+
+class CheckSchema(ma.Schema):
+    status = ma.fields.String(required=True, metadata={"description": "up or down"})
+    latency_ms = ma.fields.Float(required=True)
+    detail = ma.fields.String()
+    error = ma.fields.String(metadata={"description": "Why it is down"})
+
+
+class ReadySchema(ma.Schema):
+    status = ma.fields.String(required=True, metadata={"description": "ready or unavailable"})
+    checks = ma.fields.Dict(keys=ma.fields.String(), values=ma.fields.Nested(CheckSchema),
+                            required=True)
+
+
+@blp.route("/healthz")
+class Healthz(MethodView):
+    @blp.response(200, LiveSchema)
+    @blp.doc(operationId="getHealth")
+    def get(self):
+        """Liveness: the process answers (checks nothing else)"""
+        return {"status": "alive"}
+
+
+@blp.route("/readyz")
+class Readyz(MethodView):
+    @blp.response(200, ReadySchema)
+    @blp.alt_response(503, schema=ReadySchema, description="A dependency is down")
+    @blp.doc(operationId="getReadiness")
+    def get(self):
+        """Readiness: database, broker and result backend reachable
+
+        Each dependency with its status and latency; 503 when one is down.
+        """
+        ready, body = health.readiness()
+        return body, 200 if ready else 503

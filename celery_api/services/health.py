@@ -1,0 +1,66 @@
+"""Liveness and readiness: is the process up; can it reach broker, backend, database."""
+
+from __future__ import annotations
+
+import time
+
+import sqlalchemy as sa
+from flask import current_app
+
+from celery_api.extensions import db
+
+
+def _timed(check) -> dict:
+    started = time.perf_counter()
+    try:
+        detail = check()
+        outcome = {"status": "up"}
+        if detail:
+            outcome["detail"] = detail
+    except Exception as exc:  # noqa: BLE001 - any failure means "down", with the reason
+        outcome = {"status": "down", "error": f"{type(exc).__name__}: {exc}"[:300]}
+    outcome["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    return outcome
+
+
+def _database():
+    db.session.execute(sa.text("SELECT 1"))
+    db.session.rollback()
+    return db.engine.dialect.name
+
+
+def _broker():
+    celery_app = current_app.extensions["celery"]
+    timeout = current_app.config["BROKER_TIMEOUT"]
+    with celery_app.connection_for_write() as conn:
+        ensure_broker(conn, timeout)
+        # A connection can open on a broker that then fails commands: ask it something.
+        try:
+            conn.default_channel.queue_declare(
+                queue=current_app.config["CELERY"]["task_default_queue"], passive=True)
+        except conn.channel_errors:
+            pass  # "no such queue yet" is an answer: the broker is up
+        return conn.transport.driver_type
+
+
+def _backend():
+    backend = current_app.extensions["celery"].backend
+    client = getattr(backend, "client", None)
+    if client is not None and hasattr(client, "ping"):
+        client.ping()
+        return type(backend).__name__
+    backend.get_task_meta("celery-api-readiness-probe")
+    return type(backend).__name__
+
+
+def ensure_broker(conn, timeout: float) -> None:
+    """Connect, retrying once at once: a dead broker fails in about ``timeout``."""
+    conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1,
+                           interval_max=0.1, timeout=timeout)
+
+
+def readiness() -> tuple[bool, dict]:
+    checks = {"database": _timed(_database), "broker": _timed(_broker),
+              "result_backend": _timed(_backend)}
+    ready = all(c["status"] == "up" for c in checks.values())
+    return ready, {"status": "ready" if ready else "unavailable", "checks": checks}
