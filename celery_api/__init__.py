@@ -7,8 +7,8 @@ import uuid
 from pathlib import Path
 
 from flask import Flask, g, request
-from flask_swagger_ui import get_swaggerui_blueprint
 from sqlalchemy import event
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from celery_api import settings
 from celery_api.catalog import load_catalog
@@ -51,6 +51,13 @@ def create_app(config: dict | None = None) -> Flask:
         app.config["SQLALCHEMY_DATABASE_URI"])
 
     configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
+    if app.config["TRUSTED_PROXIES"]:
+        hops = app.config["TRUSTED_PROXIES"]
+        # Behind nginx: client address, scheme, host and path prefix come from the
+        # X-Forwarded-* headers the proxy sets, so Location headers, the OpenAPI
+        # servers entry and the docs page use the public URL.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops,
+                                x_port=hops, x_prefix=hops)
     db.init_app(app)
     _tune_sqlite(app)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
@@ -98,11 +105,9 @@ def _register_blueprints(app: Flask, api) -> None:
 
     for blp in (tasks_blp, status_blp, history_blp, stats_blp, health_blp):
         api.register_blueprint(blp)
-    app.register_blueprint(
-        get_swaggerui_blueprint("/api/docs", "/api/openapi.json",
-                                config={"app_name": "celery-api"}),
-        url_prefix="/api/docs",
-    )
+    from celery_api import docs
+
+    app.register_blueprint(docs.blp)
 
 
 def _register_params_components(app: Flask, api) -> None:

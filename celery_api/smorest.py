@@ -77,7 +77,7 @@ def problem_response(status: int, detail: str, *, errors=None, headers=None, typ
         "title": http.HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
-        "instance": request.path if request else None,
+        "instance": (request.script_root + request.path) if request else None,
     }
     if errors is not None:
         payload["errors"] = errors
@@ -101,6 +101,13 @@ class Api(BaseApi):
         response = {"description": "Default error response", "schema": self.ERROR_SCHEMA}
         prepare_response(response, self.spec, PROBLEM_JSON)
         self.spec.components.response("DEFAULT_ERROR", response, lazy=True)
+
+    def _openapi_json(self):
+        """The document, with ``servers`` naming the public path prefix of this request."""
+        spec = self.spec.to_dict()
+        spec["servers"] = [{"url": request.script_root or "/",
+                            "description": "This service, as this request reached it"}]
+        return Response(json.dumps(spec, indent=2), mimetype="application/json")
 
     def _register_error_handlers(self):
         self._app.register_error_handler(HTTPException, self.handle_http_exception)

@@ -140,3 +140,42 @@ class Worker:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class LiveServer:
+    """The API under gunicorn with the production config file, on a free port."""
+
+    def __init__(self, env: dict, log_path: Path, **extra_env: str):
+        self.port = free_port()
+        self.env = dict(env, PORT=str(self.port), **extra_env)
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> LiveServer:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], env=self.env,
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+
+        def up():
+            if self.process.poll() is not None:
+                raise AssertionError(f"gunicorn exited: see {self.log_path}")
+            try:
+                import requests
+
+                return requests.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            except OSError:
+                return False
+
+        wait_for(up, timeout=timeout, interval=0.2, message="gunicorn to serve")
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.process, 30)
+        if self.process:
+            self._log.close()
+        self.process = None

@@ -1,0 +1,114 @@
+"""deploy/nginx.conf in front of gunicorn (gunicorn.conf.py), under the /tasks-api/ prefix."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import requests
+
+from celery_api.tasks.sii_client import SANDBOX_COMPANIES
+from tests.conftest import build_app, make_config, optional_component
+from tests.support import ROOT, LiveServer, free_port, service_env, stop_process, wait_for
+
+
+@pytest.fixture(scope="module")
+def nginx_binary():
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
+                                      else None)
+    if not found:
+        optional_component("nginx", "no nginx binary (apt-get install nginx)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def behind_nginx(tmp_path_factory, redis_server, nginx_binary):
+    folder = tmp_path_factory.mktemp("nginx")
+    config = make_config(folder / "app", redis_server.url.replace("/0", "/5"))
+    build_app(config)  # migrates the database gunicorn will use
+    api = LiveServer(service_env(config), folder / "gunicorn.log",
+                     CELERY_API_TRUSTED_PROXIES="1", WEB_CONCURRENCY="2").start()
+    port = free_port()
+    site = (ROOT / "deploy" / "nginx.conf").read_text()
+    site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{api.port};")
+    site = site.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port};")
+    (folder / "site.conf").write_text(site)
+    user = "user root;" if os.geteuid() == 0 else ""
+    temp = "\n".join(f"{kind}_temp_path {folder}/{kind};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (folder / "nginx.conf").write_text(f"""
+{user}
+worker_processes 1;
+daemon off;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {folder}/access.log;
+    {temp}
+    include {folder}/site.conf;
+}}
+""")
+    check = subprocess.run([nginx_binary, "-t", "-c", str(folder / "nginx.conf"),
+                            "-p", str(folder)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    nginx = subprocess.Popen([nginx_binary, "-c", str(folder / "nginx.conf"),
+                              "-p", str(folder)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return requests.get(f"{base}/tasks-api/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for(up, timeout=30, message="nginx to proxy")
+    yield base
+    stop_process(nginx, 10)
+    api.stop()
+
+
+def test_api_is_served_under_the_prefix(behind_nginx):
+    base = f"{behind_nginx}/tasks-api"
+    catalog = requests.get(f"{base}/api/celery/tasks", timeout=5)
+    assert catalog.status_code == 200 and catalog.json()
+    launched = requests.post(f"{base}/api/celery/tasks/launch", timeout=5, json={
+        "task_type": "sii.sync_documents", "params": {"company_id": SANDBOX_COMPANIES[0]}})
+    assert launched.status_code == 202
+    task_id = launched.json()["task_id"]
+    assert launched.headers["Location"] == f"/tasks-api/api/celery/tasks/{task_id}"
+    assert launched.json()["status_url"] == launched.headers["Location"]
+    followed = requests.get(f"{behind_nginx}{launched.headers['Location']}", timeout=5)
+    assert followed.status_code == 200 and followed.json()["task_id"] == task_id
+
+
+def test_openapi_servers_and_docs_use_the_public_prefix(behind_nginx):
+    base = f"{behind_nginx}/tasks-api"
+    spec = requests.get(f"{base}/api/openapi.json", timeout=5).json()
+    assert spec["servers"][0]["url"] == "/tasks-api"
+    page = requests.get(f"{base}/api/docs/", timeout=5)
+    assert page.status_code == 200
+    assert '"/tasks-api/api/openapi.json"' in page.text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and all(a.startswith("/tasks-api/api/docs/") for a in assets)
+    for asset in assets:
+        assert requests.get(f"{behind_nginx}{asset}", timeout=5).status_code == 200
+
+
+def test_errors_and_request_ids_pass_through(behind_nginx):
+    base = f"{behind_nginx}/tasks-api"
+    unknown = "00000000-0000-4000-8000-000000000000"
+    missing = requests.get(f"{base}/api/celery/tasks/{unknown}", timeout=5,
+                           headers={"X-Request-ID": "via-nginx-1"})
+    assert missing.status_code == 404
+    assert missing.headers["Content-Type"] == "application/problem+json"
+    assert missing.json()["instance"] == f"/tasks-api/api/celery/tasks/{unknown}"
+    assert missing.headers["X-Request-ID"] == "via-nginx-1"
+    made = requests.get(f"{base}/healthz", timeout=5)
+    assert re.fullmatch(r"[0-9a-f]{32}", made.headers["X-Request-ID"])  # nginx's $request_id
+    assert requests.get(f"{behind_nginx}/tasks-api", timeout=5,
+                        allow_redirects=False).status_code == 308
