@@ -10,7 +10,7 @@ from flask import Flask, g, request
 from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from celery_api import settings
+from celery_api import metrics, settings
 from celery_api.catalog import load_catalog
 from celery_api.celery_app import celery_init_app
 from celery_api.extensions import db, make_api, migrate
@@ -72,6 +72,7 @@ def create_app(config: dict | None = None) -> Flask:
     _register_blueprints(app, api)
     _register_params_components(app, api)
     _register_request_checks(app)
+    metrics.init_app(app)
 
     from celery_api.cli import register_cli
 

@@ -90,6 +90,7 @@ def from_environment(instance_path: Path) -> dict:
         "TASK_MODULES": env_list("CELERY_API_TASK_MODULES"),
         "QUEUES": env_list("CELERY_API_QUEUES"),
         "TRUSTED_PROXIES": env_int("CELERY_API_TRUSTED_PROXIES", 0),
+        "METRICS_WINDOW_SECONDS": env_float("CELERY_API_METRICS_WINDOW_SECONDS", 3600.0),
         "BROKER_TIMEOUT": broker_timeout,
         "INSPECT_TIMEOUT": env_float("CELERY_API_INSPECT_TIMEOUT", 1.0),
         "STATS_CACHE_SECONDS": env_float("CELERY_API_STATS_CACHE_SECONDS", 2.0),

@@ -77,3 +77,62 @@ def test_request_id_reaches_the_worker_json_logs(stack):
         assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
     finally:
         worker.stop()
+
+
+def metric_samples(text: str, name: str) -> dict[str, float]:
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line.rpartition(" ")
+            samples[labels] = float(value)
+    return samples
+
+
+@pytest.mark.integration
+def test_metrics_cover_requests_launches_queues_workers_and_runs(stack):
+    task_id = stack.client.post("/api/celery/tasks/launch", json={
+        "task_type": "acme.add", "params": {"a": 3, "b": 4}}).get_json()["task_id"]
+    wait_status(stack, task_id, "SUCCESS")
+    stack.client.post("/api/celery/tasks/launch", json={"task_type": "acme.add", "params": {}})
+    response = stack.client.get("/metrics")
+    assert response.status_code == 200 and response.content_type.startswith("text/plain")
+    text = response.get_data(as_text=True)
+    launches = metric_samples(text, "celery_api_task_launches_total")
+    assert launches['celery_api_task_launches_total{outcome="accepted",task_type="acme.add"}'] >= 1
+    assert launches['celery_api_task_launches_total{outcome="invalid",task_type="acme.add"}'] >= 1
+    requests_total = metric_samples(text, "celery_api_http_requests_total")
+    assert any('endpoint="/api/celery/tasks/launch"' in k and 'status="202"' in k
+               for k in requests_total)
+    assert any('endpoint="/api/celery/tasks/<task_id:task_id>"' in k for k in requests_total)
+    assert metric_samples(text, "celery_api_workers_online")["celery_api_workers_online"] >= 1
+    assert 'celery_api_queue_depth{queue="celery"}' in metric_samples(
+        text, "celery_api_queue_depth")
+    runs = metric_samples(text, "celery_api_run_duration_seconds_gcount")
+    key = 'celery_api_run_duration_seconds_gcount{status="SUCCESS",task_type="acme.add"}'
+    assert runs[key] >= 1
+
+
+def test_metrics_sum_every_gunicorn_worker(tmp_path, redis_server):
+    import requests
+
+    from tests.support import LiveServer, service_env
+
+    config = make_config(tmp_path / "app", redis_server.url.replace("/0", "/6"))
+    build_app(config)
+    api = LiveServer(service_env(config), tmp_path / "gunicorn.log", WEB_CONCURRENCY="3",
+                     PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics")).start()
+    def healthz_count():
+        text = requests.get(f"{api.url}/metrics", timeout=10,
+                            headers={"Connection": "close"}).text
+        served = metric_samples(text, "celery_api_http_requests_total")
+        return sum(v for k, v in served.items() if 'endpoint="/healthz"' in k)
+
+    try:
+        before = healthz_count()
+        for _ in range(60):
+            requests.get(f"{api.url}/healthz", timeout=5, headers={"Connection": "close"})
+        # Whichever worker answers the scrape, it reports every worker's requests.
+        assert [healthz_count() - before for _ in range(5)] == [60] * 5
+        assert len(list((tmp_path / "metrics").glob("counter_*.db"))) >= 2
+    finally:
+        api.stop()

@@ -32,6 +32,8 @@ class Conflict(ServiceError):
 class Unavailable(ServiceError):
     status = 503
 
-    def __init__(self, detail: str, *, retry_after: int = 5, **kwargs):
+    def __init__(self, detail: str, *, retry_after: int = 5, outcome: str = "unavailable",
+                 **kwargs):
         super().__init__(detail, **kwargs)
+        self.outcome = outcome
         self.headers.setdefault("Retry-After", str(retry_after))

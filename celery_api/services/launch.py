@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from celery_api.catalog import get_catalog
 from celery_api.extensions import db
 from celery_api.logging import current_request_id
+from celery_api.metrics import record_launch
 from celery_api.models import TaskRun, TaskRunTag, utcnow
 from celery_api.services.errors import InvalidParams, Unavailable, UnknownTaskType
 from celery_api.services.stats import known_queues
@@ -85,8 +86,22 @@ def launch(
     lineage: Lineage | None = None,
 ) -> Launched:
     """Validate, record (PENDING) and publish one run; undo the record if publishing fails."""
-    options = options or LaunchOptions()
-    lineage = lineage or Lineage()
+    try:
+        launched = _launch(task_type, params, options or LaunchOptions(), lineage or Lineage())
+    except UnknownTaskType:
+        record_launch("unknown", "unknown_task_type")
+        raise
+    except InvalidParams:
+        record_launch(task_type, "invalid")
+        raise
+    except Unavailable as exc:
+        record_launch(task_type, exc.outcome)
+        raise
+    record_launch(task_type, "accepted")
+    return launched
+
+
+def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Launched:
     definition, clean = validate(task_type, params)
     task_id = str(uuid.uuid4())
     queue = options.queue or definition.queue or current_app.config["CELERY"]["task_default_queue"]
@@ -130,7 +145,8 @@ def launch(
         db.session.rollback()
         log.error("❌ could not record launch of %s: %s", task_type, exc)
         raise Unavailable(
-            "The database is unreachable; nothing was launched. Retry later.") from exc
+            "The database is unreachable; nothing was launched. Retry later.",
+            outcome="database_unavailable") from exc
 
     log.info("📤 launching %s as %s on queue %s", task_type, task_id, queue)
     try:
@@ -139,8 +155,8 @@ def launch(
         log.error("❌ could not publish %s (%s): %s", task_id, task_type, exc)
         _forget(task_id)
         raise Unavailable(
-            "The task broker is unreachable; the task was not launched. Retry later."
-        ) from exc
+            "The task broker is unreachable; the task was not launched. Retry later.",
+            outcome="broker_unavailable") from exc
     except BaseException:
         log.exception("❌ could not publish %s (%s)", task_id, task_type)
         _forget(task_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import marshmallow as ma
 from flask.views import MethodView
 
+from celery_api import metrics
 from celery_api.services import health
 from celery_api.smorest import Blueprint
 
@@ -49,3 +50,17 @@ class Readyz(MethodView):
         """
         ready, body = health.readiness()
         return body, 200 if ready else 503
+
+
+@blp.route("/metrics")
+class Metrics(MethodView):
+    @blp.doc(operationId="getMetrics", responses={"200": {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    def get(self):
+        """Prometheus metrics
+
+        Requests and latencies per endpoint, launches per task type and outcome, queue
+        depth per queue, workers online, and run durations per task type (history).
+        """
+        return metrics.exposition()
