@@ -112,10 +112,15 @@ def _register_blueprints(app: Flask, api) -> None:
 
 
 def _register_params_components(app: Flask, api) -> None:
-    """Each task type's params schema appears as its own OpenAPI component."""
-    for definition in app.extensions["celery_api.catalog"]:
+    """Each task type's params schema is its own OpenAPI component, and the launch
+    request is a oneOf of the task types (generated clients build typed params)."""
+    from celery_api.resources.tasks.routes import register_launch_request
+
+    catalog = app.extensions["celery_api.catalog"]
+    for definition in catalog:
         if definition.schema_name not in api.spec.components.schemas:
             api.spec.components.schema(definition.schema_name, schema=definition.params_schema)
+    register_launch_request(api, catalog)
 
 
 def _register_request_checks(app: Flask) -> None:

@@ -276,6 +276,26 @@ def test_openapi_document(client):
     assert {"202", "400", "422", "503"} <= launch_op["responses"].keys()
     assert "SyncDocumentsParams" in spec["components"]["schemas"]
     assert "AddParams" in spec["components"]["schemas"]
+    request = spec["components"]["schemas"]["TaskLaunchRequest"]
+    assert request["discriminator"]["propertyName"] == "task_type"
+    assert request["discriminator"]["mapping"]["sii.sync_documents"] == \
+        "#/components/schemas/LaunchSiiSyncDocuments"
+    variant = spec["components"]["schemas"]["LaunchSiiSyncDocuments"]
+    assert variant["properties"]["params"] == {"$ref": "#/components/schemas/SyncDocumentsParams"}
+    assert variant["required"] == ["task_type", "params"]
+    assert launch_op["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TaskLaunchRequest"}
+    for path in spec["paths"].values():
+        for op in path.values():
+            if isinstance(op, dict) and "responses" in op:
+                for code, response in op["responses"].items():
+                    if code.startswith(("4", "5")) and "$ref" in response:
+                        name = response["$ref"].rsplit("/", 1)[1]
+                        content = spec["components"]["responses"][name]["content"]
+                        assert "application/problem+json" in content
+    from openapi_spec_validator import validate
+
+    validate(spec)
 
 
 def test_docs_page_needs_no_cdn(client):

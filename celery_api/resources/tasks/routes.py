@@ -8,13 +8,20 @@ from flask.views import MethodView
 from celery_api.catalog import get_catalog
 from celery_api.resources.tasks.schemas import (
     AvailableTaskSchema,
-    TaskLaunchRequestSchema,
+    LaunchEnvelopeSchema,
+    LaunchOptionsSchema,
     TaskLaunchResponseSchema,
 )
 from celery_api.services import launch as launch_service
 from celery_api.smorest import Blueprint, error_responses
 
 blp = Blueprint("tasks", __name__, url_prefix="/api/celery", description="Catalog and launch")
+
+LAUNCH_REQUEST_BODY = {
+    "required": True,
+    "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/TaskLaunchRequest"}}},
+}
 
 
 def params_json_schema(definition) -> dict:
@@ -41,11 +48,11 @@ class TaskCatalog(MethodView):
 
 @blp.route("/tasks/launch")
 class TaskLaunch(MethodView):
-    @blp.arguments(TaskLaunchRequestSchema)
+    @blp.arguments(LaunchEnvelopeSchema)
     @blp.response(202, TaskLaunchResponseSchema, headers={
         "Location": {"description": "URL of the run's status", "schema": {"type": "string"}}})
     @error_responses(blp, 400, 413, 415, 503)
-    @blp.doc(operationId="launchTask")
+    @blp.doc(operationId="launchTask", requestBody=LAUNCH_REQUEST_BODY)
     def post(self, body):
         """Launch a task
 
@@ -59,6 +66,42 @@ class TaskLaunch(MethodView):
         run = launch_service.launch(body["task_type"], body["params"], options)
         location = url_for("status.TaskRunItem", task_id=run.id)
         return launch_response(run, location), 202, {"Location": location}
+
+
+def register_launch_request(api, catalog) -> None:
+    """``TaskLaunchRequest``: one variant per task type, told apart by ``task_type``.
+
+    The wire format is the original's ``{task_type, params, ...options}``; a generated
+    client gets a typed ``params`` model for each task type.
+    """
+    components = api.spec.components
+    if "TaskLaunchRequest" in components.schemas:
+        return
+    if "LaunchOptions" not in components.schemas:
+        components.schema("LaunchOptions", schema=LaunchOptionsSchema)
+    options = api.ma_plugin.converter.schema2jsonschema(LaunchOptionsSchema())
+    mapping = {}
+    for definition in catalog:
+        name = "Launch" + "".join(part.title() for part in
+                                  definition.task_type.replace(".", "_").split("_"))
+        params_required = any(f.required for f in definition.params_schema().fields.values())
+        components.schema(name, component={
+            "type": "object",
+            "description": f"Launch {definition.task_type}: {definition.name}",
+            "required": ["task_type", "params"] if params_required else ["task_type"],
+            "properties": {
+                "task_type": {"type": "string", "enum": [definition.task_type]},
+                "params": {"$ref": f"#/components/schemas/{definition.schema_name}"},
+                **options["properties"],
+            },
+            "additionalProperties": False,
+        })
+        mapping[definition.task_type] = f"#/components/schemas/{name}"
+    components.schema("TaskLaunchRequest", component={
+        "description": "A task type of the catalog, its params, and launch options",
+        "oneOf": [{"$ref": ref} for ref in mapping.values()],
+        "discriminator": {"propertyName": "task_type", "mapping": mapping},
+    })
 
 
 def launch_response(run, location: str) -> dict:

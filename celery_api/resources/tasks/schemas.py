@@ -22,7 +22,7 @@ class AvailableTaskSchema(ma.Schema):
         metadata={"description": "Whether a run may be redelivered after its worker is lost"})
 
 
-class LaunchOptionsMixin(ma.Schema):
+class LaunchOptionsSchema(ma.Schema):
     priority = ma.fields.Integer(
         validate=ma.validate.Range(0, 9),
         metadata={"description": "0 (highest) to 9 (lowest), as Celery's Redis transport orders"
@@ -48,7 +48,10 @@ class LaunchOptionsMixin(ma.Schema):
             raise ma.ValidationError("Give either countdown or eta, not both.", "eta")
 
 
-class TaskLaunchRequestSchema(LaunchOptionsMixin):
+class LaunchEnvelopeSchema(LaunchOptionsSchema):
+    """What the launch endpoint validates; the OpenAPI document shows the typed variants
+    of ``TaskLaunchRequest`` instead (one per task type, see ``launch_request_component``)."""
+
     task_type = ma.fields.String(
         required=True, validate=ma.validate.Length(1, 200),
         metadata={"description": "One of the task types listed by GET /tasks",

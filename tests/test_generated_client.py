@@ -1,0 +1,102 @@
+"""A Python client generated from /api/openapi.json (openapi-python-client) drives a live
+server: catalog, launch with typed params, status, revoke, retry, and parsed errors."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import uuid
+
+import pytest
+import requests
+from openapi_spec_validator import validate
+
+from celery_api.tasks.sii_client import SANDBOX_COMPANIES
+from tests.support import BIN, LiveServer, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, stack):
+    folder = tmp_path_factory.mktemp("client")
+    api = LiveServer(stack.env(), folder / "gunicorn.log").start()
+    spec = requests.get(f"{api.url}/api/openapi.json", timeout=5).json()
+    validate(spec)  # a valid OpenAPI 3 document, or this raises
+    (folder / "spec.json").write_text(requests.get(f"{api.url}/api/openapi.json").text)
+    (folder / "config.yml").write_text(
+        "post_hooks: []\nproject_name_override: celery_api_client\n"
+        "package_name_override: celery_api_client\n")
+    result = subprocess.run(
+        [str(BIN / "openapi-python-client"), "generate", "--path", str(folder / "spec.json"),
+         "--config", str(folder / "config.yml"), "--meta", "none", "--output-path",
+         str(folder / "celery_api_client")], capture_output=True, text=True, cwd=folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Warning" not in result.stdout + result.stderr, result.stdout + result.stderr
+    sys.path.insert(0, str(folder))
+    try:
+        package = importlib.import_module("celery_api_client")
+        yield package, api.url, stack
+    finally:
+        sys.path.remove(str(folder))
+        for name in [m for m in sys.modules if m.startswith("celery_api_client")]:
+            del sys.modules[name]
+        api.stop()
+
+
+def module(name):
+    return importlib.import_module(f"celery_api_client.{name}")
+
+
+@pytest.mark.parametrize("stack", [("redis", "sqlite")], indirect=True, ids=["redis-sqlite"])
+def test_generated_client_runs_the_whole_flow(stack, generated):
+    package, url, _ = generated
+    client = package.Client(base_url=url, raise_on_unexpected_status=True)
+    models = module("models")
+    list_tasks = module("api.tasks.list_tasks")
+    launch_task = module("api.tasks.launch_task")
+    get_status = module("api.status.get_task_status")
+    revoke_task = module("api.status.revoke_task")
+    retry_task = module("api.status.retry_task")
+
+    catalog = list_tasks.sync(client=client)
+    assert "sii.sync_documents" in {entry.task_type for entry in catalog}
+
+    body = models.LaunchSiiSyncDocuments(
+        task_type=models.LaunchSiiSyncDocumentsTaskType("sii.sync_documents"),
+        params=models.SyncDocumentsParams(company_id=uuid.UUID(SANDBOX_COMPANIES[0]), months=2),
+        tags=["generated-client"])
+    launched = launch_task.sync(client=client, body=body)
+    assert isinstance(launched, models.TaskLaunchResponse) and launched.status == "PENDING"
+
+    def finished():
+        status = get_status.sync(uuid.UUID(launched.task_id), client=client)
+        return status if status.status == "SUCCESS" else None
+
+    done = wait_for(finished, timeout=60, interval=0.2, message="SUCCESS via the client")
+    assert done.result["compras"]["total"] >= 0 and done.task_type == "sii.sync_documents"
+
+    later = launch_task.sync(client=client, body=models.LaunchSiiSyncF29(
+        task_type=models.LaunchSiiSyncF29TaskType("sii.sync_f29"),
+        params=models.SyncF29Params(company_id=uuid.UUID(SANDBOX_COMPANIES[1])),
+        countdown=600))
+    revoked = revoke_task.sync(uuid.UUID(later.task_id), client=client, reason="not needed")
+    assert isinstance(revoked, models.RevokeResponse) and revoked.status == "REVOKED"
+
+    boom = launch_task.sync(client=client, body=models.LaunchAcmeBoom(
+        task_type=models.LaunchAcmeBoomTaskType("acme.boom")))
+    wait_for(lambda: get_status.sync(uuid.UUID(boom.task_id), client=client).status
+             == "FAILURE", timeout=60, message="FAILURE via the client")
+    retried = retry_task.sync(uuid.UUID(boom.task_id), client=client)
+    assert isinstance(retried, models.TaskLaunchResponse) and retried.task_id != boom.task_id
+
+    problem = get_status.sync(uuid.uuid4(), client=client)
+    assert isinstance(problem, models.Problem) and problem.status == 404 and problem.detail
+    conflict = retry_task.sync(uuid.UUID(launched.task_id), client=client)
+    assert isinstance(conflict, models.Problem) and conflict.status == 409
+    invalid = launch_task.sync(client=client, body=models.LaunchSiiSyncDocuments.from_dict(
+        {"task_type": "sii.sync_documents", "params": {"company_id": SANDBOX_COMPANIES[0],
+                                                        "months": 13}}))
+    assert isinstance(invalid, models.Problem) and invalid.status == 422
+    assert "months" in invalid.detail
