@@ -46,7 +46,14 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.update(settings.from_environment(instance_path))
     celery_overrides = config.pop("CELERY", {})
     app.config.update(config)
-    app.config["CELERY"] = {**app.config["CELERY"], **celery_overrides}
+    base = app.config["CELERY"]
+    if {"broker_url", "result_backend"} & celery_overrides.keys():
+        # Transport options follow the broker: rebuild them for the one given.
+        base = settings.celery_config(
+            celery_overrides.get("broker_url", base["broker_url"]),
+            celery_overrides.get("result_backend", base["result_backend"]),
+            app.config["BROKER_TIMEOUT"])
+    app.config["CELERY"] = {**base, **celery_overrides}
     app.config["SQLALCHEMY_DATABASE_URI"] = settings.normalize_database_url(
         app.config["SQLALCHEMY_DATABASE_URI"])
 

@@ -122,6 +122,10 @@ def celery_config(broker_url: str, result_backend: str, broker_timeout: float) -
             "queue_order_strategy": "priority",
             "visibility_timeout": env_int("CELERY_API_VISIBILITY_TIMEOUT", 3600),
         }
+    amqp = broker_url.startswith(("amqp", "pyamqp", "amqps"))
+    if amqp:
+        # The broker confirms each publish before a launch answers 202.
+        transport_options = {"confirm_publish": True}
     return {
         "broker_url": broker_url,
         "result_backend": result_backend,
@@ -142,6 +146,8 @@ def celery_config(broker_url: str, result_backend: str, broker_timeout: float) -
         "worker_prefetch_multiplier": env_int("CELERY_API_PREFETCH_MULTIPLIER", 1),
         "worker_hijack_root_logger": False,
         "broker_channel_error_retry": False,
+        # RabbitMQ honours priorities only on queues declared with x-max-priority.
+        "task_queue_max_priority": 10 if amqp else None,
         "timezone": "UTC",
         "enable_utc": True,
         "beat_schedule": {

@@ -116,6 +116,35 @@ def pg_databases(postgres_admin):
     databases.drop_all()
 
 
+RABBITMQ_URL = os.environ.get("CELERY_API_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_vhost():
+    """A private vhost on the local RabbitMQ (rabbitmqctl), deleted at the end."""
+    import shutil
+    import subprocess
+    import uuid
+
+    import kombu
+
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    try:
+        with kombu.Connection(f"{RABBITMQ_URL}//", connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001
+        optional_component("RabbitMQ", f"{RABBITMQ_URL}: {exc}")
+    if not os.path.exists(ctl):
+        optional_component("RabbitMQ", "rabbitmqctl is needed to create a private vhost")
+    vhost = f"celery_api_test_{uuid.uuid4().hex[:8]}"
+    for args in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*",
+                                        ".*"]):
+        done = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    yield f"{RABBITMQ_URL}/{vhost}"
+    subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
 def database_url(request, kind: str) -> str | None:
     """None for SQLite (the config's default file), else a fresh PostgreSQL database."""
     if kind == "sqlite":
@@ -169,15 +198,23 @@ class Stack:
 
 
 @pytest.fixture(scope="session", params=[("redis", "sqlite"), ("embedded", "sqlite"),
-                                        ("redis", "postgres")],
-                ids=["redis-sqlite", "embedded-sqlite", "redis-postgres"])
+                                        ("redis", "postgres"), ("rabbitmq", "sqlite")],
+                ids=["redis-sqlite", "embedded-sqlite", "redis-postgres", "rabbitmq-sqlite"])
 def stack(request, tmp_path_factory):
     kind, database = request.param
-    broker = request.getfixturevalue("redis_server" if kind == "redis" else "embedded_broker")
     folder = tmp_path_factory.mktemp(f"stack-{kind}-{database}")
-    db_number = {"sqlite": 1, "postgres": 2}[database]
-    url = broker.url.replace("/0", f"/{db_number}") if kind == "redis" else broker.url
+    if kind == "rabbitmq":
+        # RabbitMQ carries the messages; results go to the private Redis.
+        url = request.getfixturevalue("rabbitmq_vhost")
+        backend = request.getfixturevalue("redis_server").url.replace("/0", "/3")
+    elif kind == "redis":
+        db_number = {"sqlite": 1, "postgres": 2}[database]
+        url = backend = request.getfixturevalue("redis_server").url.replace(
+            "/0", f"/{db_number}")
+    else:
+        url = backend = request.getfixturevalue("embedded_broker").url
     config = make_config(folder, url, database_url(request, database))
+    config["CELERY"]["result_backend"] = backend
     app = build_app(config)
     worker = Worker(service_env(config), f"w1-{kind}-{database}@{os.uname().nodename}",
                     folder / "worker.log", statedb=folder / "worker.state")

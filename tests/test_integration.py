@@ -219,3 +219,15 @@ def test_expired_backend_result_does_not_make_history_lie(stack):
     assert stack.celery.backend.get_task_meta(task_id)["status"] == "PENDING"
     body = status(stack, task_id)
     assert body["status"] == "SUCCESS" and body["result"] == {"sum": 42}
+
+
+def test_stats_count_messages_waiting_in_a_queue(stack):
+    def depth():
+        return stack.client.get("/api/celery/stats").get_json()["queues"]["parked"]
+
+    launch(stack, "acme.add", {"a": 0, "b": 0}, queue="parked")  # the queue exists now
+    before = depth()
+    waiting = [launch(stack, "acme.add", {"a": i, "b": 1}, queue="parked") for i in range(3)]
+    assert depth() == before + 3
+    for task_id in waiting:
+        assert stack.client.delete(f"/api/celery/tasks/{task_id}").status_code == 200

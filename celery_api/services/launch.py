@@ -175,6 +175,19 @@ def _forget(task_id: str) -> None:
         log.exception("❌ could not remove the record of unpublished run %s", task_id)
 
 
+def broker_priority(celery_app, priority: int | None) -> int | None:
+    """The API's 0 (highest) to 9 (lowest), as the broker orders them.
+
+    Redis pops its priority lists lowest number first; RabbitMQ delivers the highest
+    number first, so the scale is turned over there.
+    """
+    if priority is None:
+        return None
+    if celery_app.conf.broker_url.startswith(("amqp", "pyamqp", "amqps")):
+        return 9 - priority
+    return priority
+
+
 def publish(record: dict, celery_name: str, options: LaunchOptions) -> None:
     """Send the run's message; ``record`` holds its id, params, queue and lineage."""
     celery_app = current_app.extensions["celery"]
@@ -191,7 +204,7 @@ def publish(record: dict, celery_name: str, options: LaunchOptions) -> None:
         kwargs=record["params"],
         task_id=record["id"],
         queue=record["queue"],
-        priority=options.priority,
+        priority=broker_priority(celery_app, options.priority),
         countdown=options.countdown,
         eta=options.eta,
         expires=options.expires,
