@@ -34,6 +34,7 @@ INSTANCE := $${INSTANCE_PATH:-instance}
 worker: install
 	mkdir -p $(INSTANCE)
 	$(BIN)/celery -A wsgi:celery_app worker --loglevel $${LOG_LEVEL:-INFO} \
+		--hostname $${WORKER_HOSTNAME:-celery@%h} \
 		--statedb $${CELERY_API_WORKER_STATE_DB:-$(INSTANCE)/worker-%n.state}
 
 beat: install
