@@ -35,7 +35,8 @@ worker: install
 	mkdir -p $(INSTANCE)
 	$(BIN)/celery -A wsgi:celery_app worker --loglevel $${LOG_LEVEL:-INFO} \
 		--hostname $${WORKER_HOSTNAME:-celery@%h} \
-		--statedb $${CELERY_API_WORKER_STATE_DB:-$(INSTANCE)/worker-%n.state}
+		$${WORKER_CONCURRENCY:+--concurrency $$WORKER_CONCURRENCY} \
+		--statedb $${CELERY_API_WORKER_STATE_DB:-$(INSTANCE)/worker-%p.state}
 
 beat: install
 	mkdir -p $(INSTANCE)

@@ -48,7 +48,7 @@ def main() -> int:
         "worker": [_tool("celery"), "-A", "wsgi:celery_app", "worker", "--loglevel",
                    env.get("LOG_LEVEL", "INFO"), "--concurrency",
                    env.get("WORKER_CONCURRENCY", "2"), "--hostname", "worker@%h",
-                   "--statedb", str(instance / "worker-%n.state")],
+                   "--statedb", str(instance / "worker-%p.state")],
         "beat": [_tool("celery"), "-A", "wsgi:celery_app", "beat", "--loglevel",
                  env.get("LOG_LEVEL", "INFO"), "--schedule",
                  str(instance / "celerybeat-schedule")],

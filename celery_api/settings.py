@@ -116,9 +116,10 @@ def celery_config(broker_url: str, result_backend: str, broker_timeout: float) -
         transport_options = {
             "socket_connect_timeout": broker_timeout,
             "socket_timeout": broker_timeout,
-            # Priorities 0-9 are honoured on Redis with these steps (0 = highest).
+            # Priorities 0-9 are honoured on Redis with these steps (0 = highest). The key
+            # separator stays kombu's default so plain Celery clients (and Flower) see the
+            # same queues and broadcast bindings as this service.
             "priority_steps": list(range(10)),
-            "sep": ":",
             "queue_order_strategy": "priority",
             "visibility_timeout": env_int("CELERY_API_VISIBILITY_TIMEOUT", 3600),
         }

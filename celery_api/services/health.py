@@ -44,13 +44,14 @@ def _broker():
 
 
 def _backend():
-    backend = current_app.extensions["celery"].backend
+    celery_app = current_app.extensions["celery"]
+    backend = celery_app.backend
     client = getattr(backend, "client", None)
     if client is not None and hasattr(client, "ping"):
         client.ping()
-        return type(backend).__name__
-    backend.get_task_meta("celery-api-readiness-probe")
-    return type(backend).__name__
+    else:
+        backend.get_task_meta("celery-api-readiness-probe")
+    return str(celery_app.conf.result_backend).split(":", 1)[0].split("+", 1)[0]
 
 
 def ensure_broker(conn, timeout: float) -> None:
