@@ -13,6 +13,7 @@ import importlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import marshmallow as ma
@@ -39,11 +40,15 @@ class TaskDefinition:
     safe_to_repeat: bool = False
     tags: tuple[str, ...] = field(default_factory=tuple)
 
+    @cached_property
+    def _schema(self) -> ma.Schema:
+        # One instance per task type: loading and dumping do not change a schema.
+        return self.params_schema()
+
     def validate(self, params: Any) -> dict:
         """Load ``params`` (raises ``ma.ValidationError``) and return them JSON-ready."""
-        schema = self.params_schema()
-        loaded = schema.load(params if params is not None else {})
-        return schema.dump(loaded)
+        loaded = self._schema.load(params if params is not None else {})
+        return self._schema.dump(loaded)
 
     @property
     def schema_name(self) -> str:

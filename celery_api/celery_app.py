@@ -17,14 +17,12 @@ def celery_init_app(app: Flask) -> Celery:
     class FlaskTask(Task):
         def __call__(self, *args, **kwargs):
             with app.app_context():
-                if not self.request.called_directly and self.request.id:
-                    from celery_api.services import recorder
-
-                    if recorder.is_revoked(self.request.id):
-                        self.backend.mark_as_revoked(
-                            self.request.id, "revoked before it started", request=self.request
-                        )
-                        raise Ignore()
+                # The prerun handler found this run revoked in the history (revoked
+                # while no worker was listening): record it as such and do not run it.
+                if getattr(self.request, "celery_api_revoked", False):
+                    self.backend.mark_as_revoked(
+                        self.request.id, "revoked before it started", request=self.request)
+                    raise Ignore()
                 return self.run(*args, **kwargs)
 
         def report_progress(self, current: int, total: int, message: str = "") -> None:

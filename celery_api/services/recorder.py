@@ -29,14 +29,6 @@ log = logging.getLogger("celery_api.worker")
 _connected = False
 
 
-def is_revoked(task_id: str) -> bool:
-    status = db.session.execute(
-        sa.select(TaskRun.status).where(TaskRun.id == task_id)
-    ).scalar_one_or_none()
-    db.session.rollback()
-    return status == "REVOKED"
-
-
 def _json_safe(value):
     try:
         json.dumps(value)
@@ -85,6 +77,7 @@ def _update(task_id: str, *conditions, **values) -> int:
 def on_prerun(task, task_id=None, args=None, kwargs=None, **_):
     request = task.request
     now = utcnow()
+    request.celery_api_started = now  # for the runtime at postrun, without a query
     updated = _update(
         task_id,
         TaskRun.status.not_in(FINISHED_STATES),
@@ -97,7 +90,11 @@ def on_prerun(task, task_id=None, args=None, kwargs=None, **_):
     if updated:
         log.info("▶️ started %s on %s", task_id, request.hostname)
         return
-    if db.session.get(TaskRun, task_id) is not None:
+    existing = db.session.execute(
+        sa.select(TaskRun.status).where(TaskRun.id == task_id)).scalar_one_or_none()
+    if existing is not None:
+        # Already finished: revoked while no worker was listening, most likely.
+        request.celery_api_revoked = existing == "REVOKED"
         return
     # A task this API did not launch: record it now.
     definition = get_catalog().by_celery_name(task.name)
@@ -134,10 +131,16 @@ def _company_id(params) -> str | None:
     return str(value)[:36] if value else None
 
 
-def _finish_values(task_id: str, now) -> dict:
-    started = db.session.execute(
-        sa.select(TaskRun.started_at).where(TaskRun.id == task_id)
-    ).scalar_one_or_none()
+def _finish_values(task_id: str, now, request=None) -> dict:
+    # The first start of this attempt is known to the process that ran it; the record
+    # keeps the first start of all attempts, read only when it is not known here.
+    started = getattr(request, "celery_api_started", None) if request is not None else None
+    first_attempt = request is not None and not request.retries and not (
+        request.delivery_info or {}).get("redelivered")
+    if started is None or not first_attempt:
+        started = db.session.execute(
+            sa.select(TaskRun.started_at).where(TaskRun.id == task_id)
+        ).scalar_one_or_none() or started
     runtime = (now - started).total_seconds() if started else None
     return {"finished_at": now, "runtime": runtime}
 
@@ -147,13 +150,13 @@ def on_postrun(task, task_id=None, retval=None, state=None, **_):
     now = utcnow()
     if state == "SUCCESS":
         _update(task_id, TaskRun.status != "REVOKED", status="SUCCESS", result=_json_safe(retval),
-                error=None, traceback=None, **_finish_values(task_id, now))
+                error=None, traceback=None, **_finish_values(task_id, now, task.request))
         log.info("✅ %s succeeded", task_id)
     elif state == "FAILURE":
         error = f"{type(retval).__name__}: {retval}"
         trace = "".join(tb.format_exception(retval)) if isinstance(retval, BaseException) else None
         _update(task_id, TaskRun.status != "REVOKED", status="FAILURE", error=error,
-                traceback=trace, **_finish_values(task_id, now))
+                traceback=trace, **_finish_values(task_id, now, task.request))
         log.error("❌ %s failed: %s", task_id, error)
     elif state == "RETRY":
         reason = getattr(retval, "exc", None) or retval
@@ -163,7 +166,7 @@ def on_postrun(task, task_id=None, retval=None, state=None, **_):
         return
     else:
         return
-    _maybe_finish_parent(task, task_id)
+    _maybe_finish_parent(task, task_id, task.request.parent_id)
 
 
 @_guarded
@@ -181,7 +184,7 @@ def on_revoked(task, request=None, terminated=False, signum=None, expired=False,
     _update(task_id, TaskRun.status.not_in(("SUCCESS", "FAILURE")), status="REVOKED",
             error=reason, **_finish_values(task_id, now))
     log.info("🚫 %s revoked (%s)", task_id, reason)
-    _maybe_finish_parent(task, task_id)
+    _maybe_finish_parent(task, task_id, getattr(request, "parent_id", None))
 
 
 @_guarded
@@ -197,7 +200,7 @@ def on_failure(task, task_id=None, exception=None, **_):
     _update(task_id, TaskRun.status.not_in(FINISHED_STATES), status="FAILURE",
             error=reason, **_finish_values(task_id, now))
     log.error("❌ %s failed: %s", task_id, reason)
-    _maybe_finish_parent(task, task_id)
+    _maybe_finish_parent(task, task_id, getattr(task.request, "parent_id", None))
 
 
 def termination_reason(base: str, recorded: str | None) -> str:
@@ -234,11 +237,8 @@ def on_worker_ready(sender=None, **_):
             db.session.remove()
 
 
-def _maybe_finish_parent(task, task_id: str) -> None:
+def _maybe_finish_parent(task, task_id: str, parent_id: str | None) -> None:
     """Close a fan-out parent once each of its children has finished."""
-    parent_id = db.session.execute(
-        sa.select(TaskRun.parent_id).where(TaskRun.id == task_id)
-    ).scalar_one_or_none()
     if not parent_id:
         return
     db.session.commit()  # our own final state first, so the last child sees every sibling
