@@ -53,9 +53,11 @@ test: install-test
 lint: install-test
 	$(BIN)/ruff check celery_api tests bench wsgi.py gunicorn.conf.py
 
+# About 15 minutes: writes docs/BENCHMARKS.md. wrk (Debian) is used when installed.
 bench: install-test
-	$(BIN)/python bench/embedded_broker.py
+	$(BIN)/python bench/compare.py --write
 	$(BIN)/python bench/history.py --write
+	$(BIN)/python bench/embedded_broker.py
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

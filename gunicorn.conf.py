@@ -17,6 +17,11 @@ threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "10"))
 keepalive = 5
+# Long query strings (history filters, revoke reasons) reach the app, which answers a
+# too-long value with a 422 problem naming the field, instead of gunicorn's bare 414
+# HTML page. Request size is bounded in front of it: nginx's 8 KB header buffers
+# (deploy/nginx.conf) and CELERY_API_MAX_BODY_BYTES for bodies.
+limit_request_line = 0
 accesslog = "-" if os.environ.get("GUNICORN_ACCESS_LOG", "0") in ("1", "true") else None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()

@@ -127,7 +127,10 @@ def _register_params_components(app: Flask, api) -> None:
     for definition in catalog:
         if definition.schema_name not in api.spec.components.schemas:
             api.spec.components.schema(definition.schema_name, schema=definition.params_schema)
-    register_launch_request(api, catalog)
+    conf = app.config
+    queues = sorted({conf["CELERY"]["task_default_queue"], *conf["QUEUES"],
+                     *(d.queue for d in catalog if d.queue)})
+    register_launch_request(api, catalog, queues)
 
 
 def _register_request_checks(app: Flask) -> None:

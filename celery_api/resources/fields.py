@@ -12,9 +12,10 @@ from celery_api.services.errors import ServiceError
 
 
 class TaskIdConverter(BaseConverter):
-    """Matches any path segment; the view checks it is a UUID and says so if not."""
+    """Matches any path segment but the fixed ones beside it (``/tasks/launch``,
+    ``/tasks/batch``); the view checks it is a UUID and says so if not."""
 
-    regex = r"[^/]+"
+    regex = r"(?!(?:launch|batch)$)[^/]+"
 
 
 class InvalidTaskId(ServiceError):

@@ -30,6 +30,16 @@ def _current_year() -> str:
     return str(date.today().year)
 
 
+def _year_pattern(last: int) -> str:
+    """A regex of the years 2000 to ``last`` (documents the range in the JSON Schema)."""
+    decade, unit = divmod(last - 2000, 10)
+    parts = [f"{d}[0-9]" for d in range(decade)] + [f"{decade}[0-{unit}]"]
+    return "^20(" + "|".join(parts) + ")$"
+
+
+YEAR_PATTERN = _year_pattern(date.today().year)
+
+
 def _validate_year(value: str) -> None:
     if not (len(value) == 4 and value.isdigit()):
         raise ma.ValidationError("Must be a year written as YYYY, e.g. '2025'.")
@@ -41,7 +51,7 @@ class SyncF29AllParamsSchema(ma.Schema):
     year = ma.fields.String(
         load_default=_current_year, validate=_validate_year,
         metadata={"description": "Year as YYYY, from 2000 to the current one; defaults to "
-                                 "the current year", "pattern": r"^\d{4}$"})
+                                 "the current year", "pattern": YEAR_PATTERN})
 
 
 class SyncF29ParamsSchema(SyncF29AllParamsSchema):

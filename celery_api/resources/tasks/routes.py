@@ -68,7 +68,7 @@ class TaskLaunch(MethodView):
         return launch_response(run, location), 202, {"Location": location}
 
 
-def register_launch_request(api, catalog) -> None:
+def register_launch_request(api, catalog, queues: list[str]) -> None:
     """``TaskLaunchRequest``: one variant per task type, told apart by ``task_type``.
 
     The wire format is the original's ``{task_type, params, ...options}``; a generated
@@ -80,6 +80,8 @@ def register_launch_request(api, catalog) -> None:
     if "LaunchOptions" not in components.schemas:
         components.schema("LaunchOptions", schema=LaunchOptionsSchema)
     options = api.ma_plugin.converter.schema2jsonschema(LaunchOptionsSchema())
+    # The queues this deployment consumes: any other is refused with a 422.
+    options["properties"]["queue"] = {**options["properties"]["queue"], "enum": queues}
     mapping = {}
     for definition in catalog:
         name = "Launch" + "".join(part.title() for part in
