@@ -14,7 +14,9 @@ import marshmallow as ma
 from flask import Response, json, request
 from flask_smorest import Api as BaseApi
 from flask_smorest import Blueprint as BaseBlueprint
+from flask_smorest import abort
 from flask_smorest.utils import prepare_response
+from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import HTTPException
 
 PROBLEM_JSON = "application/problem+json"
@@ -144,8 +146,20 @@ def _is_invalid_json(errors) -> bool:
     return isinstance(errors, dict) and errors.get("json") == ["Invalid JSON body."]
 
 
+class Parser(FlaskParser):
+    """webargs' parser, with JSON nested past Python's recursion limit answered as a 400."""
+
+    def _raw_load_json(self, req):
+        try:
+            return super()._raw_load_json(req)
+        except RecursionError:
+            abort(400, message="The JSON body is nested too deeply to be read; flatten it.")
+
+
 class Blueprint(BaseBlueprint):
     """flask-smorest's Blueprint; errors are documented with ``ProblemSchema``."""
+
+    ARGUMENTS_PARSER = Parser()
 
 
 def error_responses(blp: BaseBlueprint, *codes: int):

@@ -313,3 +313,25 @@ def test_unknown_query_parameter_is_422(client, app):
     problem = assert_problem(client.delete(f"/api/celery/tasks/{task_id}?terminat=true"), 422,
                              "terminat")
     assert "terminat" in problem["errors"]["query"]
+
+
+def test_deeply_nested_json_is_400(client):
+    nested = b'{"task_type": "sii.sync_documents", "params": ' + b"[" * 100_000 + \
+        b"]" * 100_000 + b"}"
+    assert_problem(client.post("/api/celery/tasks/launch", data=nested,
+                               content_type="application/json"), 400, "nested too deeply")
+
+
+def test_huge_string_in_params_is_422_without_echoing_it(client):
+    response = launch(client, params={"company_id": "x" * 900_000})
+    assert_problem(response, 422, "params.company_id")
+    assert len(response.get_data()) < 2000
+
+
+@pytest.mark.parametrize("path", [
+    "/api/celery/tasks/'%20OR%201=1--", "/api/celery/tasks/%00", "/api/celery/tasks/..",
+])
+def test_hostile_task_ids_are_4xx(client, path):
+    response = client.get(path)
+    assert 400 <= response.status_code < 500
+    assert response.mimetype == PROBLEM
