@@ -33,6 +33,17 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: f
     raise AssertionError(f"timed out after {timeout} s waiting for {message} (last: {last!r})")
 
 
+def get_until(url: str, statuses, timeout: float = 60) -> dict:
+    """GET a run's status URL over HTTP until its status is one of ``statuses``."""
+    import requests
+
+    def reached():
+        body = requests.get(url, timeout=5).json()
+        return body if body["status"] in statuses else None
+
+    return wait_for(reached, timeout=timeout, interval=0.2, message=f"{url} in {statuses}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
-from tests.support import ROOT, free_port, wait_for
+from tests.support import ROOT, free_port, get_until, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -68,13 +68,6 @@ def devstack():
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
 
-
-def get_until(url, statuses, timeout=60):
-    def reached():
-        body = requests.get(url, timeout=5).json()
-        return body if body["status"] in statuses else None
-
-    return wait_for(reached, timeout=timeout, interval=0.2, message=f"{url} in {statuses}")
 
 
 def test_quick_start_walkthrough_then_ctrl_c_and_restart(devstack):

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.conftest import build_app, database_url, make_config
-from tests.support import LiveServer, Worker, service_env, wait_for
+from tests.support import LiveServer, Worker, get_until, service_env
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +29,6 @@ def two_of_each(request, tmp_path_factory, redis_server):
     for process in (*apis, *workers):
         process.stop()
 
-
-def get_until(url, wanted, timeout=60):
-    def reached():
-        body = requests.get(url, timeout=5).json()
-        return body if body["status"] in wanted else None
-
-    return wait_for(reached, timeout=timeout, interval=0.2, message=f"{url} in {wanted}")
 
 
 def test_instances_share_runs_revokes_retries_and_workers(two_of_each):

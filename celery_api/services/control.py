@@ -34,7 +34,7 @@ class RevokeOutcome:
 
 def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
            reason: str | None = None) -> RevokeOutcome:
-    view = describe(task_id)
+    view = describe(task_id, lineage=False)
     status = view.status
     if status in FINISHED_STATES:
         raise Conflict(f"Task {task_id} already finished with status {status}; "
@@ -74,7 +74,7 @@ def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
 
 
 def retry(task_id: str) -> launch_service.Launched:
-    view = describe(task_id)
+    view = describe(task_id, lineage=False)
     if view.status not in RETRYABLE_STATES:
         raise Conflict(f"Task {task_id} is {view.status}; only FAILURE or REVOKED runs "
                        "can be retried.")

@@ -34,9 +34,20 @@ class RunView:
     live: bool = True
 
 
-def get_run(task_id: str) -> TaskRun:
+def get_run(task_id: str, *, lineage: bool = False) -> tuple[TaskRun, list[str], list[str]]:
+    """The run, and with ``lineage`` the ids of its children and of its retries."""
     try:
         run = db.session.get(TaskRun, task_id)
+        children: list[str] = []
+        retries: list[str] = []
+        if run is not None and lineage:
+            # Both columns are indexed; one query for the two lists.
+            for run_id, parent_id in db.session.execute(
+                sa.select(TaskRun.id, TaskRun.parent_id)
+                .where(sa.or_(TaskRun.parent_id == task_id, TaskRun.retry_of == task_id))
+                .order_by(TaskRun.created_at)
+            ):
+                (children if parent_id == task_id else retries).append(run_id)
     except SQLAlchemyError as exc:
         db.session.rollback()
         raise Unavailable("The database is unreachable; try again shortly.") from exc
@@ -45,7 +56,7 @@ def get_run(task_id: str) -> TaskRun:
             f"No task with id {task_id} was launched through this service "
             "(or its record has been purged)."
         )
-    return run
+    return run, children, retries
 
 
 def _parse_date(value) -> datetime | None:
@@ -72,22 +83,16 @@ def _error_text(result) -> str | None:
     return str(result)
 
 
-def describe(task_id: str) -> RunView:
+def describe(task_id: str, *, lineage: bool = True) -> RunView:
     """The run's record, refreshed from the result backend while it is not finished."""
-    run = get_run(task_id)
+    run, children, retries = get_run(task_id, lineage=lineage)
     view = RunView(run=run, status=run.status, result=run.result, error=run.error,
-                   traceback=run.traceback, meta=run.meta)
+                   traceback=run.traceback, meta=run.meta, children=children,
+                   retries_of_this=retries)
     if not run.finished:
         _merge_live_state(view)
     if isinstance(view.meta, dict) and {"current", "total"} <= view.meta.keys():
         view.progress = {k: view.meta.get(k) for k in ("current", "total", "percent", "message")}
-    # Children and retries of this run, in one query (both columns are indexed).
-    for run_id, parent_id, _ in db.session.execute(
-        sa.select(TaskRun.id, TaskRun.parent_id, TaskRun.retry_of)
-        .where(sa.or_(TaskRun.parent_id == task_id, TaskRun.retry_of == task_id))
-        .order_by(TaskRun.created_at)
-    ):
-        (view.children if parent_id == task_id else view.retries_of_this).append(run_id)
     log.info("📊 status of %s: %s", task_id, view.status)
     return view
 
