@@ -32,6 +32,18 @@ class SleepParamsSchema(ma.Schema):
     seconds = ma.fields.Float(required=True, validate=ma.validate.Range(0, 600))
 
 
+class CountParamsSchema(ma.Schema):
+    key = ma.fields.String(required=True, validate=ma.validate.Length(1, 64))
+
+
+@shared_task(bind=True, name="acme.count")
+def count(self, key: str) -> int:
+    """Counts its executions in the result backend's Redis: one INCR, one SADD of its id."""
+    client = self.app.backend.client
+    client.sadd(f"acme:runs:{key}", self.request.id)
+    return client.incr(f"acme:count:{key}")
+
+
 def _sleep(task, seconds: float) -> dict:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -57,6 +69,8 @@ def register(catalog):
                 name="Add two numbers", description="Adds a and b (b >= 0).")
     catalog.add("acme.boom", celery_name="acme.boom", params_schema=NoParamsSchema,
                 name="Always fails", description="Raises RuntimeError.")
+    catalog.add("acme.count", celery_name="acme.count", params_schema=CountParamsSchema,
+                name="Count", description="Counts its executions (load tests).")
     catalog.add("acme.sleep", celery_name="acme.sleep", params_schema=SleepParamsSchema,
                 name="Sleep", description="Sleeps; not safe to repeat.")
     catalog.add("acme.sleep_safely", celery_name="acme.sleep_safely",
