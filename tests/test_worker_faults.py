@@ -116,3 +116,17 @@ def test_history_tells_the_truth_about_a_mixed_day(stack):
     assert all(tagged[c]["worker"] == stack.worker.name for c in children)
     with stack.app.app_context():
         assert db.session.get(TaskRun, ok).runtime is not None
+
+
+def test_worker_stopped_gracefully_finishes_its_run_first(stack):
+    worker = Worker(stack.env(), f"graceful-{stack.kind}-{stack.database}@{os.uname().nodename}",
+                    stack.folder / "graceful-worker.log", queues="parked", concurrency=1)
+    worker.start(stack.celery)
+    task_id = launch(stack, "acme.sleep", {"seconds": 2}, queue="parked")
+    wait_status(stack, task_id, "PROGRESS")
+    worker.process.send_signal(signal.SIGTERM)  # warm shutdown: finish, then exit
+    assert worker.process.wait(60) == 0
+    worker.stop()
+    body = status(stack, task_id)
+    assert body["status"] == "SUCCESS" and body["result"] == {"slept": 2}
+    assert record(stack, task_id).status == "SUCCESS"
