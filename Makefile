@@ -47,11 +47,11 @@ migrate: install
 	$(BIN)/flask --app wsgi db upgrade
 
 test: install-test
-	$(BIN)/ruff check celery_api tests bench wsgi.py gunicorn.conf.py
+	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install-test
-	$(BIN)/ruff check celery_api tests bench wsgi.py gunicorn.conf.py
+	$(BIN)/ruff check .
 
 # About 15 minutes: writes docs/BENCHMARKS.md. wrk (Debian) is used when installed.
 bench: install-test
