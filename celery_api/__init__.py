@@ -69,6 +69,9 @@ def create_app(config: dict | None = None) -> Flask:
     _tune_sqlite(app)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
     app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
+    from celery_api.services.stats import queues_of
+
+    app.extensions["celery_api.queues"] = queues_of(app)
     celery_init_app(app)
 
     app.url_map.converters["task_id"] = TaskIdConverter
@@ -127,10 +130,7 @@ def _register_params_components(app: Flask, api) -> None:
     for definition in catalog:
         if definition.schema_name not in api.spec.components.schemas:
             api.spec.components.schema(definition.schema_name, schema=definition.params_schema)
-    conf = app.config
-    queues = sorted({conf["CELERY"]["task_default_queue"], *conf["QUEUES"],
-                     *(d.queue for d in catalog if d.queue)})
-    register_launch_request(api, catalog, queues)
+    register_launch_request(api, catalog, app.extensions["celery_api.queues"])
 
 
 def _register_request_checks(app: Flask) -> None:

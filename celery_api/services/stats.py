@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flask import current_app
 
-from celery_api.catalog import get_catalog
 from celery_api.services.errors import Unavailable
 from celery_api.services.health import ensure_broker
 
@@ -26,12 +25,16 @@ _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="inspect")
 COMMANDS = ("stats", "active", "scheduled", "registered")
 
 
-def known_queues() -> list[str]:
+def queues_of(app) -> list[str]:
     """The queues a launch may name: ``CELERY_API_QUEUES``, the default one, the catalog's."""
-    conf = current_app.config["CELERY"]
-    queues = {conf["task_default_queue"], *current_app.config["QUEUES"]}
-    queues.update(d.queue for d in get_catalog() if d.queue)
-    return sorted(queues)
+    catalog = app.extensions["celery_api.catalog"]
+    return sorted({app.config["CELERY"]["task_default_queue"], *app.config["QUEUES"],
+                   *(d.queue for d in catalog if d.queue)})
+
+
+def known_queues() -> list[str]:
+    """The current app's queues, worked out once when it was created."""
+    return current_app.extensions["celery_api.queues"]
 
 
 def queue_lengths(celery_app, queues: list[str]) -> dict[str, int]:
