@@ -56,10 +56,13 @@ FLOWER_BODY = json.dumps({"kwargs": {"n": 1}})
 
 # -- load generation -----------------------------------------------------------------
 
+USE_WRK = bool(shutil.which("wrk"))
+
+
 def wrk(url: str, seconds: float, *, method="GET", body=None, paths=None, threads=2,
         connections=16, folder: Path) -> dict:
     """Run wrk (or the Python generator) and return rps, p50, p99 and errors."""
-    if not shutil.which("wrk"):
+    if not USE_WRK:
         total = max(200, int(seconds * 300))
         return loadgen(url, total, method=method, body=body, paths=paths,
                        connections=connections)
@@ -363,7 +366,7 @@ def report(results: dict, system: System, args) -> tuple[str, bool]:
          ">= 3x raw loop", None),
     ]
     db = "PostgreSQL" if system.database else "SQLite"
-    load = "wrk -t2 -c16" if shutil.which("wrk") else "bench/loadgen.py, 16 connections"
+    load = "wrk -t2 -c16" if USE_WRK else "bench/loadgen.py, 16 connections"
     lines = [
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.rounds} round(s) "
         f"of {args.seconds:.0f} s per load phase, {load}; private redis-server (broker and "
@@ -399,7 +402,14 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="every phase, briefly, no targets: the harness works")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                        help="auto: wrk when installed, else bench/loadgen.py")
     args = parser.parse_args()
+    global USE_WRK
+    if args.loadgen == "python":
+        USE_WRK = False
+    elif args.loadgen == "wrk" and not USE_WRK:
+        parser.error("wrk is not installed (apt-get install wrk)")
     if args.smoke:
         args.rounds, args.seconds, args.memory_launches = 1, 1, 300
     folder = Path(tempfile.mkdtemp(prefix="bench-compare-"))

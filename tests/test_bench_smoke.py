@@ -13,8 +13,10 @@ from tests.support import ROOT
 pytestmark = pytest.mark.integration
 
 
-def test_compare_bench_smoke_run():
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--smoke"],
+@pytest.mark.parametrize("loadgen", ["auto", "python"])
+def test_compare_bench_smoke_run(loadgen):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--smoke",
+                           "--loadgen", loadgen],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for row in ("launch vs Flower", "launch vs raw send_task loop", "status vs Flower",

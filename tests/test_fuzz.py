@@ -31,7 +31,10 @@ def test_schemathesis_finds_nothing(live):
          "run", f"{api.url}/api/openapi.json",
          "--checks", "all", "--exclude-checks", "use_after_free,positive_data_acceptance",
          "--max-examples", "60", "--seed", "20261129",
-         "--generation-deterministic", "--request-timeout", "10", "--workers", "2",
+         "--generation-deterministic", "--request-timeout", "10",
+         # One worker: concurrent ast.parse in Hypothesis trips a CPython 3.11 bug
+         # ("AST constructor recursion depth mismatch") under threads.
+         "--workers", "1",
          "--suppress-health-check", "all"],
         capture_output=True, text=True, timeout=900, cwd=folder)
     report.write_text(done.stdout + done.stderr)

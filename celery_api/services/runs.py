@@ -73,6 +73,8 @@ def _parse_date(value) -> datetime | None:
 
 
 def _error_text(result) -> str | None:
+    if isinstance(result, BaseException):  # the backend decodes stored exceptions
+        return f"{type(result).__name__}: {result}"
     if isinstance(result, dict) and "exc_type" in result:
         message = result.get("exc_message")
         if isinstance(message, list | tuple):
