@@ -74,6 +74,8 @@ def _parse_date(value) -> datetime | None:
 
 def _error_text(result) -> str | None:
     if isinstance(result, BaseException):  # the backend decodes stored exceptions
+        if type(result).__name__ == "WorkerLostError":
+            return f"worker lost: {result}"  # as the worker's own record says it
         return f"{type(result).__name__}: {result}"
     if isinstance(result, dict) and "exc_type" in result:
         message = result.get("exc_message")
