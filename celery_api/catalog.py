@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -38,7 +38,6 @@ class TaskDefinition:
     # True when running the task twice is harmless: it may then be redelivered
     # after a worker is lost instead of being recorded as failed.
     safe_to_repeat: bool = False
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
     @cached_property
     def _schema(self) -> ma.Schema:

@@ -8,7 +8,6 @@ restart. See the README for why this beat kombu's filesystem transport.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -103,8 +102,3 @@ def stop_process(process: subprocess.Popen | None, timeout: float) -> None:
             process.kill()
             process.wait()
 
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(extra)
-    return env

@@ -10,8 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from celery_api.extensions import db
 
-READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
-FINISHED_STATES = READY_STATES
+FINISHED_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 
 def utcnow() -> datetime:

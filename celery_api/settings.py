@@ -36,18 +36,6 @@ def env_float(name: str, default: float) -> float:
     return _env_number(name, default, float, "a number")
 
 
-def env_bool(name: str, default: bool) -> bool:
-    value = env_str(name)
-    if value is None:
-        return default
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
 def env_list(name: str) -> list[str]:
     value = env_str(name, "") or ""
     return [item.strip() for item in value.split(",") if item.strip()]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal as signal_module
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -88,6 +87,3 @@ def retry(task_id: str) -> launch_service.Launched:
     log.info("🔁 retry of %s launched as %s", task_id, run.id)
     return run
 
-
-def signal_names() -> tuple[str, ...]:
-    return tuple(s for s in SIGNALS if hasattr(signal_module, s))

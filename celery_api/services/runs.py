@@ -31,7 +31,6 @@ class RunView:
     progress: dict | None = None
     children: list[str] = field(default_factory=list)
     retries_of_this: list[str] = field(default_factory=list)
-    live: bool = True
 
 
 def get_run(task_id: str, *, lineage: bool = False) -> tuple[TaskRun, list[str], list[str]]:
@@ -107,7 +106,6 @@ def _merge_live_state(view: RunView) -> None:
         meta = celery_app.backend.get_task_meta(view.run.id)
     except Exception as exc:  # noqa: BLE001 - the record still answers
         log.warning("result backend unreachable while reading %s: %s", view.run.id, exc)
-        view.live = False
         return
     state = meta.get("status") or "PENDING"
     result = meta.get("result")
