@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flask import Flask, g, request
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from celery_api import metrics, settings
@@ -56,6 +57,11 @@ def create_app(config: dict | None = None) -> Flask:
     app.config["CELERY"] = {**base, **celery_overrides}
     app.config["SQLALCHEMY_DATABASE_URI"] = settings.normalize_database_url(
         app.config["SQLALCHEMY_DATABASE_URI"])
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
+        # A database that does not answer must not hold a request (libpq's minimum is 2 s).
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
+            **app.config["SQLALCHEMY_ENGINE_OPTIONS"],
+            "connect_args": {"connect_timeout": app.config["DATABASE_CONNECT_TIMEOUT"]}}
 
     configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     if app.config["TRUSTED_PROXIES"]:
@@ -159,3 +165,18 @@ def _register_request_checks(app: Flask) -> None:
     @app.errorhandler(ServiceError)
     def service_error(exc: ServiceError):
         return problem_response(exc.status, exc.detail, errors=exc.errors, headers=exc.headers)
+
+    @app.errorhandler(sa_exc.OperationalError)
+    @app.errorhandler(sa_exc.InterfaceError)
+    @app.errorhandler(sa_exc.TimeoutError)
+    def database_unavailable(exc: Exception):
+        # Connection refused or lost, pool exhausted, SQLite locked past its busy
+        # timeout: the database cannot answer now, which is not the client's fault.
+        try:
+            db.session.rollback()
+        except sa_exc.SQLAlchemyError:
+            pass  # the connection is gone already; the pool replaces it
+        app.logger.error("❌ database unavailable during %s %s: %s", request.method,
+                         request.path, exc)
+        return problem_response(503, "The database is unreachable; nothing was changed. "
+                                     "Retry shortly.", headers={"Retry-After": "5"})

@@ -7,10 +7,14 @@ still never runs.
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery, Task
 from celery._state import _set_task_join_will_block
 from celery.exceptions import Ignore
 from flask import Flask
+
+log = logging.getLogger("celery_api.worker")
 
 
 def celery_init_app(app: Flask) -> Celery:
@@ -28,10 +32,17 @@ def celery_init_app(app: Flask) -> Celery:
         def report_progress(self, current: int, total: int, message: str = "") -> None:
             """Publish PROGRESS with ``{current, total, percent, message}`` as meta."""
             percent = round(100.0 * current / total, 1) if total else 0.0
-            self.update_state(
-                state="PROGRESS",
-                meta={"current": current, "total": total, "percent": percent, "message": message},
-            )
+            try:
+                self.update_state(
+                    state="PROGRESS",
+                    meta={"current": current, "total": total, "percent": percent,
+                          "message": message},
+                )
+            except Exception as exc:  # noqa: BLE001 - progress is advisory
+                # The result backend is down: the task goes on, the history records it.
+                if not getattr(self.request, "celery_api_progress_lost", False):
+                    self.request.celery_api_progress_lost = True  # once per run
+                    log.warning("progress of %s not published: %s", self.request.id, exc)
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(app.config["CELERY"])

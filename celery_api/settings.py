@@ -80,6 +80,7 @@ def from_environment(instance_path: Path) -> dict:
         "TRUSTED_PROXIES": env_int("CELERY_API_TRUSTED_PROXIES", 0),
         "METRICS_WINDOW_SECONDS": env_float("CELERY_API_METRICS_WINDOW_SECONDS", 3600.0),
         "BROKER_TIMEOUT": broker_timeout,
+        "DATABASE_CONNECT_TIMEOUT": env_int("CELERY_API_DATABASE_CONNECT_TIMEOUT", 2),
         "INSPECT_TIMEOUT": env_float("CELERY_API_INSPECT_TIMEOUT", 1.0),
         "STATS_CACHE_SECONDS": env_float("CELERY_API_STATS_CACHE_SECONDS", 2.0),
         "SII_CLIENT": env_str("SII_CLIENT", "celery_api.tasks.sii_client:SandboxSIIClient"),
@@ -125,7 +126,10 @@ def celery_config(broker_url: str, result_backend: str, broker_timeout: float) -
         "redis_socket_timeout": max(broker_timeout, 2.0),
         "result_extended": True,
         "result_expires": env_int("CELERY_API_RESULT_EXPIRES", 7 * 24 * 3600),
-        "task_track_started": True,
+        # The worker records STARTED in the history itself (services.recorder): a
+        # second write to the result backend before the task body would only add a
+        # round trip, and a failure point that drops the run when the backend is down.
+        "task_track_started": False,
         "task_send_sent_event": False,
         "task_serializer": "json",
         "result_serializer": "json",

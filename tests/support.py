@@ -63,9 +63,10 @@ def redis_binary() -> str:
 class RedisServer:
     """A private redis-server on a free 127.0.0.1 port, stoppable and restartable."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, persistent: bool = False):
         self.folder = folder
         self.port = free_port()
+        self.persistent = persistent  # an append-only file, synced on every write
         self.process: subprocess.Popen | None = None
 
     @property
@@ -76,7 +77,9 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
+             "--save", "", "--dir", str(self.folder),
+             *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+               else ["--appendonly", "no"])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, timeout=15, message=f"redis on port {self.port}")
         return self
@@ -190,3 +193,71 @@ class LiveServer:
         if self.process:
             self._log.close()
         self.process = None
+
+
+def postgres_binaries() -> Path | None:
+    """The folder of Debian's PostgreSQL server binaries (initdb, pg_ctl), newest first."""
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (folder / "initdb").exists() and (folder / "pg_ctl").exists():
+            return folder
+    return None
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster on a free 127.0.0.1 port: stoppable and restartable.
+
+    Its own data folder, created with initdb, so a test can take the database away
+    without touching the machine's server. Run as the ``postgres`` user when the
+    tests run as root (the server refuses root).
+    """
+
+    def __init__(self, folder: Path, binaries: Path):
+        self.folder = folder
+        self.binaries = binaries
+        self.port = free_port()
+        self.data = folder / "data"
+        self.sockets = folder / "sockets"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        command = [str(self.binaries / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+
+    def init(self) -> PostgresServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.sockets.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+            shutil.chown(self.sockets, "postgres", "postgres")
+            # The test folders above it must be passable by the postgres user.
+            for parent in self.folder.parents:
+                if parent == Path("/"):
+                    break
+                parent.chmod(parent.stat().st_mode | 0o011)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                  "--no-sync", "-E", "UTF8")
+        return self
+
+    def start(self) -> PostgresServer:
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+                   f"-c unix_socket_directories={self.sockets} -c fsync=off")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l",
+                  str(self.folder / "server.log"), "-w", "-t", "60", "start")
+        return self
+
+    def stop(self, mode: str = "immediate") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url.rsplit("/", 1)[0] + f"/{name}"

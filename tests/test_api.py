@@ -41,7 +41,7 @@ def test_factory_applies_overrides(tmp_path, redis_server):
     assert app.config["INSPECT_TIMEOUT"] == 0.25
     assert app.config["CELERY"]["broker_url"] == redis_server.url
     # The other Celery keys survive a partial override.
-    assert app.config["CELERY"]["task_track_started"] is True
+    assert app.config["CELERY"]["result_extended"] is True
     assert app.extensions["celery"].conf.broker_url == redis_server.url
 
 

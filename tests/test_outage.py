@@ -1,27 +1,33 @@
-"""Broker down: launch answers 503 fast and records nothing; reads still answer."""
+"""Outages of the broker, the database and the result backend under a running API and
+worker: clear 503s, nothing lost or run that should not be, recovery without restarts."""
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
+from dataclasses import dataclass
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from celery_api.extensions import db
 from celery_api.models import TaskRun
+from celery_api.services import maintenance
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
-from tests.conftest import build_app, make_config
-from tests.support import RedisServer
+from tests.conftest import build_app, make_config, optional_component
+from tests.support import (
+    PostgresServer,
+    RedisServer,
+    Worker,
+    postgres_binaries,
+    service_env,
+    wait_for,
+)
+from tests.test_integration import launch, status, wait_status
 
 LAUNCH = {"task_type": "sii.sync_documents", "params": {"company_id": SANDBOX_COMPANIES[0]}}
-
-
-@pytest.fixture
-def fragile(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    app = build_app(make_config(tmp_path / "app", server.url, STATS_CACHE_SECONDS=0))
-    yield server, app
-    server.stop()
 
 
 def count_runs(app) -> int:
@@ -29,34 +35,70 @@ def count_runs(app) -> int:
         return db.session.execute(sa.select(sa.func.count()).select_from(TaskRun)).scalar_one()
 
 
-def test_launch_is_503_when_broker_is_down_and_nothing_is_recorded(fragile):
-    server, app = fragile
-    client = app.test_client()
-    accepted = client.post("/api/celery/tasks/launch", json=LAUNCH)
-    assert accepted.status_code == 202
-    task_id = accepted.get_json()["task_id"]
-    server.stop()
+def test_broker_outage_503_fast_then_recovers_and_loses_nothing(tmp_path):
+    """Redis (with its append-only file, as in production) stopped under an API and a
+    worker: 503s fast, reads answer, and after the restart the 202s all run, the 503s
+    never do, with neither API nor worker restarted."""
+    server = RedisServer(tmp_path / "redis", persistent=True).start()
+    stack = _start_stack(tmp_path, server.url, server.url, None, "broker-outage")
+    backend = redis.Redis(port=server.port)
+    key = f"broker-outage-{uuid.uuid4().hex[:8]}"
+    count = {"task_type": "acme.count", "params": {"key": key}}
+    try:
+        ran = launch(stack, "acme.count", {"key": key})
+        wait_status(stack, ran, "SUCCESS")
+        # Accepted while no worker consumes its queue: it waits in the broker.
+        waiting = launch(stack, "acme.count", {"key": key}, queue="parked")
 
-    started = time.monotonic()
-    response = client.post("/api/celery/tasks/launch", json=LAUNCH)
-    elapsed = time.monotonic() - started
+        server.stop()
+
+        response, elapsed = _timed(lambda: stack.client.post(
+            "/api/celery/tasks/launch", json=count))
+        _problem(response, 503, "broker is unreachable")
+        assert int(response.headers["Retry-After"]) > 0
+        assert elapsed < 2.0, f"503 took {elapsed:.2f} s; the contract is 2 s"
+        assert count_runs(stack.app) == 2  # only the two really published
+        # Reads still answer from the record; what needs the broker says so.
+        assert status(stack, ran)["status"] == "SUCCESS"
+        assert status(stack, waiting)["status"] == "PENDING"
+        assert stack.client.get("/api/celery/history").status_code == 200
+        _problem(stack.client.get("/api/celery/stats"), 503, "broker")
+        _problem(stack.client.delete(f"/api/celery/tasks/{waiting}"), 503, "broker")
+        assert status(stack, waiting)["status"] == "PENDING"  # the failed revoke undone
+        ready = stack.client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.get_json()["checks"]["broker"]["status"] == "down"
+
+        server.start()
+
+        # The same API and worker, reconnected.
+        after = wait_for(lambda: _accepted(stack.client.post(
+            "/api/celery/tasks/launch", json=count)), timeout=30,
+            message="launches to be accepted again")
+        wait_status(stack, after, "SUCCESS", timeout=60)
+        # The run accepted before the outage is still in the broker: a worker for its
+        # queue runs it.
+        late = Worker(stack.worker.env, f"parked@{os.uname().nodename}",
+                      tmp_path / "parked.log", queues="parked").start(
+                          stack.app.extensions["celery"])
+        try:
+            wait_status(stack, waiting, "SUCCESS", timeout=60)
+        finally:
+            late.stop()
+        executed = {member.decode() for member in backend.smembers(f"acme:runs:{key}")}
+        assert executed == {ran, waiting, after}  # the 503 launch never ran
+        assert int(backend.get(f"acme:count:{key}")) == 3
+        assert count_runs(stack.app) == 3
+    finally:
+        stack.worker.stop()
+        server.stop()
+
+
+def _accepted(response) -> str | None:
+    if response.status_code == 202:
+        return response.get_json()["task_id"]
     assert response.status_code == 503, response.get_data(as_text=True)
-    assert response.mimetype == "application/problem+json"
-    assert "broker is unreachable" in response.get_json()["detail"]
-    assert int(response.headers["Retry-After"]) > 0
-    assert elapsed < 2.0, f"503 took {elapsed:.2f} s; the contract is 2 s"
-    assert count_runs(app) == 1  # only the one that was really published
-
-    # Reads still answer from the record.
-    status = client.get(f"/api/celery/tasks/{task_id}")
-    assert status.status_code == 200 and status.get_json()["status"] == "PENDING"
-    stats = client.get("/api/celery/stats")
-    assert stats.status_code == 503 and stats.mimetype == "application/problem+json"
-
-    server.start()
-    recovered = client.post("/api/celery/tasks/launch", json=LAUNCH)
-    assert recovered.status_code == 202, recovered.get_data(as_text=True)
-    assert count_runs(app) == 2
+    return None
 
 
 def test_launch_is_503_fast_when_broker_accepts_but_never_answers(tmp_path):
@@ -90,3 +132,181 @@ def test_launch_is_503_fast_when_broker_accepts_but_never_answers(tmp_path):
         listener.close()
         for conn in held:
             conn.close()
+
+
+# --- Database outage: a private PostgreSQL server stopped under a running API and worker.
+
+
+@dataclass
+class OutageStack:
+    app: object
+    client: object
+    worker: Worker
+    redis: RedisServer
+
+
+@pytest.fixture
+def private_postgres(tmp_path):
+    binaries = postgres_binaries()
+    if binaries is None:
+        optional_component("PostgreSQL server", "no initdb/pg_ctl under /usr/lib/postgresql")
+    server = PostgresServer(tmp_path / "pg", binaries).init().start()
+    yield server
+    try:
+        server.stop()
+    except AssertionError:
+        pass  # already stopped by the test
+
+
+def _start_stack(tmp_path, broker_url: str, backend_url: str, database_url: str | None,
+                 name: str) -> OutageStack:
+    config = make_config(tmp_path / "app", broker_url, database_url, STATS_CACHE_SECONDS=0)
+    config["CELERY"]["result_backend"] = backend_url
+    app = build_app(config)
+    worker = Worker(service_env(config), f"{name}@{os.uname().nodename}",
+                    tmp_path / "worker.log").start(app.extensions["celery"])
+    return OutageStack(app, app.test_client(), worker, None)
+
+
+def _problem(response, status: int, words: str) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    body = response.get_json()
+    assert words in body["detail"], body
+    return body
+
+
+def _timed(call):
+    started = time.monotonic()
+    response = call()
+    return response, time.monotonic() - started
+
+
+def test_database_outage_answers_503_loses_nothing_and_recovers(tmp_path, private_postgres):
+    redis_server = RedisServer(tmp_path / "redis").start()
+    stack = _start_stack(tmp_path, redis_server.url, redis_server.url,
+                         private_postgres.create_database("outage"), "db-outage")
+    stack.redis = redis_server
+    backend = redis.Redis(port=redis_server.port)
+    key = f"db-outage-{uuid.uuid4().hex[:8]}"
+    try:
+        done = launch(stack, "acme.add", {"a": 1, "b": 2})
+        wait_status(stack, done, "SUCCESS")
+        slow = launch(stack, "acme.sleep", {"seconds": 3})
+        wait_status(stack, slow, {"STARTED", "PROGRESS"})
+        queued_revoke = launch(stack, "acme.add", {"a": 5, "b": 5}, queue="parked")
+
+        private_postgres.stop()
+
+        # Writes and reads that need the record: 503 problem+json, fast, nothing sent.
+        response, elapsed = _timed(lambda: stack.client.post(
+            "/api/celery/tasks/launch",
+            json={"task_type": "acme.count", "params": {"key": key}}))
+        _problem(response, 503, "database is unreachable")
+        assert int(response.headers["Retry-After"]) > 0
+        assert elapsed < 2.0, f"503 took {elapsed:.2f} s"
+        _problem(stack.client.get(f"/api/celery/tasks/{done}"), 503, "database")
+        _problem(stack.client.get("/api/celery/history"), 503, "database")
+        _problem(stack.client.delete(f"/api/celery/tasks/{queued_revoke}"), 503, "database")
+        _problem(stack.client.post(f"/api/celery/tasks/{done}/retry"), 503, "database")
+        ready = stack.client.get("/readyz")
+        assert ready.status_code == 503
+        checks = ready.get_json()["checks"]
+        assert checks["database"]["status"] == "down"
+        assert checks["broker"]["status"] == "up"
+        assert stack.client.get("/healthz").status_code == 200
+        assert stack.client.get("/api/celery/stats").status_code == 200  # broker only
+
+        # The running task finishes although its worker cannot write the record.
+        wait_for(lambda: backend.exists(f"celery-task-meta-{slow}") and
+                 stack.app.extensions["celery"].AsyncResult(slow).state == "SUCCESS",
+                 timeout=30, message="the slow run to finish during the outage")
+        wait_for(lambda: "could not record on_postrun" in stack.worker.log_text(),
+                 timeout=10, message="the worker to log the failed record")
+
+        private_postgres.start()
+
+        # Recovery with neither the API nor the worker restarted. Beat's reconcile
+        # takes the end the worker could not record from the result backend: the
+        # run is not mistaken for one whose worker was lost.
+        with stack.app.app_context():
+            outcome = maintenance.reconcile(grace_seconds=0)
+        assert outcome["settled"] == 1 and outcome["lost"] == 0, outcome
+        after = launch(stack, "acme.count", {"key": key})
+        assert wait_status(stack, after, "SUCCESS")["result"] == 1
+        slow_body = wait_status(stack, slow, "SUCCESS")  # reconciled from the backend
+        assert slow_body["result"] == {"slept": 3}
+        assert status(stack, done)["result"] == {"sum": 3}
+        revoked = stack.client.delete(f"/api/celery/tasks/{queued_revoke}")
+        assert revoked.status_code == 200, revoked.get_data(as_text=True)
+        # The 503 launch never ran: one execution for the key, the one after recovery.
+        assert int(backend.get(f"acme:count:{key}")) == 1
+        with stack.app.app_context():
+            rows = {run.id: run for run in db.session.scalars(sa.select(TaskRun))}
+            db.session.expunge_all()
+        assert set(rows) == {done, slow, queued_revoke, after}
+        assert rows[slow].status == "SUCCESS" and rows[slow].finished_at is not None
+        assert rows[queued_revoke].status == "REVOKED"
+    finally:
+        stack.worker.stop()
+        with stack.app.app_context():
+            db.engine.dispose()
+        redis_server.stop()
+
+
+def test_result_backend_outage_keeps_launching_and_recording(tmp_path):
+    """Results live in a Redis of their own; it goes away, the broker and database stay.
+
+    The history is the durable record: runs launched and finished during the outage
+    keep their results there, and the API answers from it.
+    """
+    broker = RedisServer(tmp_path / "broker").start()
+    results = RedisServer(tmp_path / "results").start()
+    stack = _start_stack(tmp_path, broker.url, results.url, None, "backend-outage")
+    celery_app = stack.app.extensions["celery"]
+    try:
+        before = launch(stack, "acme.add", {"a": 1, "b": 2})
+        wait_status(stack, before, "SUCCESS")
+
+        results.stop()
+
+        response, elapsed = _timed(lambda: stack.client.post(
+            "/api/celery/tasks/launch",
+            json={"task_type": "acme.add", "params": {"a": 20, "b": 22}}))
+        assert response.status_code == 202, response.get_data(as_text=True)
+        assert elapsed < 2.0, f"launch took {elapsed:.2f} s"
+        during = response.get_json()["task_id"]
+        reporting = launch(stack, "acme.sleep", {"seconds": 0.5})  # progress can't be sent
+        assert wait_status(stack, during, "SUCCESS", timeout=30)["result"] == {"sum": 42}
+        assert wait_status(stack, reporting, "SUCCESS", timeout=30)["result"] == {
+            "slept": 0.5}
+        assert status(stack, before)["result"] == {"sum": 3}
+        history = stack.client.get("/api/celery/history?task_type=acme.add")
+        assert history.status_code == 200
+        assert {row["task_id"]: row["status"] for row in history.get_json()["items"]} == {
+            before: "SUCCESS", during: "SUCCESS"}
+        ready = stack.client.get("/readyz")
+        assert ready.status_code == 503
+        checks = ready.get_json()["checks"]
+        assert checks["result_backend"]["status"] == "down"
+        assert checks["broker"]["status"] == "up" and checks["database"]["status"] == "up"
+        assert stack.client.get("/api/celery/stats").status_code == 200
+
+        results.start()
+
+        after = launch(stack, "acme.add", {"a": 2, "b": 2})
+        assert wait_status(stack, after, "SUCCESS")["result"] == {"sum": 4}
+        wait_for(lambda: celery_app.AsyncResult(after).state == "SUCCESS", timeout=10,
+                 message="the backend to hold results again")
+        assert stack.client.get("/readyz").status_code == 200
+        # Nothing corrupted: each run once, each with its own result.
+        with stack.app.app_context():
+            rows = {run.id: (run.status, run.result)
+                    for run in db.session.scalars(sa.select(TaskRun))}
+        assert rows == {before: ("SUCCESS", {"sum": 3}), during: ("SUCCESS", {"sum": 42}),
+                        reporting: ("SUCCESS", {"slept": 0.5}),
+                        after: ("SUCCESS", {"sum": 4})}
+    finally:
+        stack.worker.stop()
+        broker.stop()
+        results.stop()

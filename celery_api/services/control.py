@@ -42,34 +42,54 @@ def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
     if running and not terminate:
         raise Conflict(f"Task {task_id} is already running ({status}). Send terminate=true "
                        "to stop it with a signal.")
+    note = f": {reason}" if reason else ""
+    before = {"status": view.run.status, "finished_at": view.run.finished_at,
+              "error": view.run.error}
+    # The record first: if the database cannot take it, nothing has been sent.
+    if running:
+        # Kept so the worker's confirmation can say why the run was stopped.
+        values = {"error": f"{TERMINATE_REQUESTED}{note}"}
+    else:
+        values = {"status": "REVOKED", "finished_at": utcnow(), "error": f"revoked{note}"}
+    changed = db.session.execute(
+        sa.update(TaskRun)
+        .where(TaskRun.id == task_id, TaskRun.status.not_in(FINISHED_STATES))
+        .values(**values)
+    ).rowcount
+    db.session.commit()
+    if not changed:  # it finished between the read and the update
+        raise Conflict(f"Task {task_id} finished while it was being revoked; "
+                       "there is nothing to revoke.")
     celery_app = current_app.extensions["celery"]
     try:
         celery_app.control.revoke(task_id, terminate=terminate, signal=signal)
     except Exception as exc:  # noqa: BLE001
+        _undo_revoke(task_id, values["error"], before)
         raise Unavailable("The task broker is unreachable; the revoke was not sent.") from exc
-    note = f": {reason}" if reason else ""
     if not running:
-        db.session.execute(
-            sa.update(TaskRun)
-            .where(TaskRun.id == task_id, TaskRun.status.not_in(FINISHED_STATES))
-            .values(status="REVOKED", finished_at=utcnow(), error=f"revoked{note}")
-        )
-        db.session.commit()
         log.info("🚫 revoked queued task %s%s", task_id, note)
         return RevokeOutcome(task_id, "REVOKED", terminate,
                              f"Task {task_id} revoked before it ran{note}.", accepted=False)
-    # Kept so the worker's confirmation can say why the run was stopped.
-    db.session.execute(
-        sa.update(TaskRun)
-        .where(TaskRun.id == task_id, TaskRun.status.not_in(FINISHED_STATES))
-        .values(error=f"{TERMINATE_REQUESTED}{note}")
-    )
-    db.session.commit()
     log.info("🚫 terminating running task %s with %s%s", task_id, signal, note)
     return RevokeOutcome(
         task_id, status, terminate,
         f"{signal} sent to the worker running {task_id}{note}; its status becomes REVOKED "
         "once the worker confirms.", accepted=True)
+
+
+def _undo_revoke(task_id: str, written: str, before: dict) -> None:
+    """The broadcast failed: put back what the record said, unless a worker moved it on."""
+    try:
+        db.session.execute(
+            sa.update(TaskRun)
+            .where(TaskRun.id == task_id, TaskRun.error == written,
+                   TaskRun.status.in_(("REVOKED", before["status"])))
+            .values(**before)
+        )
+        db.session.commit()
+    except sa.exc.SQLAlchemyError:
+        db.session.rollback()
+        log.exception("❌ could not undo the revoke record of %s", task_id)
 
 
 def retry(task_id: str) -> launch_service.Launched:

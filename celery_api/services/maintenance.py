@@ -33,6 +33,8 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
     config = current_app.config
     grace = config["RECONCILE_GRACE_SECONDS"] if grace_seconds is None else grace_seconds
     now = utcnow()
+    celery_app = current_app.extensions["celery"]
+    settled = _settle_from_backend(celery_app, now - timedelta(seconds=grace))
     candidates = list(db.session.execute(
         sa.select(TaskRun).where(TaskRun.status.in_(RUNNING_STATES),
                                  TaskRun.started_at < now - timedelta(seconds=grace))
@@ -40,8 +42,7 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
     candidates = [r for r in candidates
                   if not (isinstance(r.meta, dict) and "fanout" in r.meta)]
     if not candidates:
-        return {"checked": 0, "lost": 0}
-    celery_app = current_app.extensions["celery"]
+        return {"checked": 0, "lost": 0, "settled": settled}
     replies = celery_app.control.inspect(timeout=config["INSPECT_TIMEOUT"]).active() or {}
     active = {task["id"] for tasks in replies.values() for task in tasks or []}
     visibility = config["CELERY"]["broker_transport_options"].get("visibility_timeout", 3600)
@@ -73,7 +74,35 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
         if run.parent_id:
             fanout.finish_if_complete(run.parent_id, celery_app)
     return {"checked": len(candidates), "lost": len(lost),
-            "lost_ids": [r.id for r in lost]}
+            "lost_ids": [r.id for r in lost], "settled": settled}
+
+
+def _settle_from_backend(celery_app, before, limit: int = 1000) -> int:
+    """Runs the record shows unfinished but the result backend saw finish.
+
+    The worker could not write their end (the database was down at that moment):
+    take it from the backend, as a status read would, before anything is called lost.
+    """
+    from celery_api.services.runs import reconcile_from_meta
+
+    runs = list(db.session.execute(
+        sa.select(TaskRun)
+        .where(TaskRun.status.not_in(FINISHED_STATES), TaskRun.created_at < before)
+        .order_by(TaskRun.created_at).limit(limit)
+    ).scalars())
+    settled = 0
+    for run in runs:
+        try:
+            meta = celery_app.backend.get_task_meta(run.id)
+        except Exception as exc:  # noqa: BLE001 - the backend is down: next pass
+            log.warning("result backend unreachable while reconciling: %s", exc)
+            break
+        if meta.get("status") in FINISHED_STATES and reconcile_from_meta(run, meta):
+            settled += 1
+            log.info("settled %s as %s from the result backend", run.id, run.status)
+            if run.parent_id:
+                fanout.finish_if_complete(run.parent_id, celery_app)
+    return settled
 
 
 def purge(*, older_than_days: float | None = None, batch_size: int = 5000) -> int:

@@ -113,7 +113,7 @@ def _merge_live_state(view: RunView) -> None:
         return  # the backend knows nothing yet: the record's state stands
     view.status = state
     if state in FINISHED_STATES:
-        _reconcile(view.run, state, result, meta.get("traceback"), meta.get("date_done"))
+        reconcile_from_meta(view.run, meta)
         view.status = view.run.status
         view.result, view.error, view.traceback = (
             view.run.result, view.run.error, view.run.traceback)
@@ -125,8 +125,13 @@ def _merge_live_state(view: RunView) -> None:
         view.error = _error_text(result)
 
 
-def _reconcile(run: TaskRun, state: str, result, trace, date_done) -> None:
-    """The backend saw an end before the worker recorded it (or could not): keep it."""
+def reconcile_from_meta(run: TaskRun, meta: dict) -> bool:
+    """The backend saw an end before the worker recorded it (or could not): keep it.
+
+    True when the record was changed (it was not finished yet).
+    """
+    state, result = meta.get("status"), meta.get("result")
+    trace, date_done = meta.get("traceback"), meta.get("date_done")
     finished = _parse_date(date_done) or utcnow()
     values: dict = {"status": state, "finished_at": finished}
     if run.started_at:
@@ -140,14 +145,16 @@ def _reconcile(run: TaskRun, state: str, result, trace, date_done) -> None:
         values["error"] = _error_text(result)
         values["traceback"] = trace
     try:
-        db.session.execute(
+        changed = db.session.execute(
             sa.update(TaskRun)
             .where(TaskRun.id == run.id, TaskRun.status.not_in(FINISHED_STATES))
             .values(**values)
-        )
+        ).rowcount
         db.session.commit()
         db.session.refresh(run)
     except SQLAlchemyError:
         db.session.rollback()
         for key, value in values.items():
             setattr(run, key, value)
+        return False
+    return bool(changed)
