@@ -114,13 +114,14 @@ def _tune_sqlite(app: Flask) -> None:
 
 
 def _register_blueprints(app: Flask, api) -> None:
+    from celery_api.resources.batches.routes import blp as batches_blp
     from celery_api.resources.health.routes import blp as health_blp
     from celery_api.resources.history.routes import blp as history_blp
     from celery_api.resources.stats.routes import blp as stats_blp
     from celery_api.resources.status.routes import blp as status_blp
     from celery_api.resources.tasks.routes import blp as tasks_blp
 
-    for blp in (tasks_blp, status_blp, history_blp, stats_blp, health_blp):
+    for blp in (tasks_blp, batches_blp, status_blp, history_blp, stats_blp, health_blp):
         api.register_blueprint(blp)
     from celery_api import docs
 

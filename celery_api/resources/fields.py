@@ -23,12 +23,18 @@ class InvalidTaskId(ServiceError):
 
 
 def parse_task_id(value: str) -> str:
+    return parse_uuid(value, "task_id")
+
+
+def parse_uuid(value: str, name: str) -> str:
+    """A path id in its canonical form, or a 422 naming the parameter."""
     try:
         return str(uuid.UUID(value))
     except ValueError as exc:
         raise InvalidTaskId(
-            f"task_id must be a UUID such as 550e8400-e29b-41d4-a716-446655440000, got {value!r}.",
-            errors={"path": {"task_id": ["Not a valid UUID."]}},
+            f"{name} must be a UUID such as 550e8400-e29b-41d4-a716-446655440000, got "
+            f"{value!r}.",
+            errors={"path": {name: ["Not a valid UUID."]}},
         ) from exc
 
 

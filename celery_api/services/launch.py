@@ -101,7 +101,18 @@ def launch(
     return launched
 
 
-def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Launched:
+@dataclass
+class Prepared:
+    """A validated launch, ready to record and publish."""
+
+    record: dict
+    tags: list[str]
+    celery_name: str
+    options: LaunchOptions
+
+
+def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Prepared:
+    """Validate and build the run's record; raise UnknownTaskType or InvalidParams."""
     definition, clean = validate(task_type, params)
     task_id = str(uuid.uuid4())
     queue = options.queue or definition.queue or current_app.config["CELERY"]["task_default_queue"]
@@ -112,7 +123,6 @@ def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
             f"Use one of: {', '.join(allowed)}.",
             errors={"json": {"queue": [f"Must be one of: {', '.join(allowed)}."]}})
     expires = options.expires
-    tags = sorted(set(options.tags))
     record = {
         "id": task_id,
         "task_type": definition.task_type,
@@ -135,44 +145,61 @@ def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
         "attempts": 0,
         "created_at": utcnow(),
     }
-    # Core statements, no ORM object: nothing to refresh from the database afterwards.
+    return Prepared(record, sorted(set(options.tags)), definition.celery_name, options)
+
+
+def record_runs(prepared: list[Prepared]) -> None:
+    """Insert the records (PENDING) in one transaction, or raise Unavailable."""
+    # Core statements, no ORM object: nothing to refresh from the database afterwards;
+    # a list is one executemany (multi-row INSERTs on PostgreSQL).
     try:
-        db.session.execute(RUNS_INSERT, record)
+        records = [p.record for p in prepared]
+        db.session.execute(RUNS_INSERT, records[0] if len(records) == 1 else records)
+        tags = [{"run_id": p.record["id"], "tag": tag} for p in prepared for tag in p.tags]
         if tags:
-            db.session.execute(TAGS_INSERT, [{"run_id": task_id, "tag": tag} for tag in tags])
+            db.session.execute(TAGS_INSERT, tags)
         db.session.commit()
     except SQLAlchemyError as exc:
         db.session.rollback()
-        log.error("❌ could not record launch of %s: %s", task_type, exc)
+        log.error("❌ could not record %d launch(es): %s", len(prepared), exc)
         raise Unavailable(
             "The database is unreachable; nothing was launched. Retry later.",
             outcome="database_unavailable") from exc
 
-    log.info("📤 launching %s as %s on queue %s", task_type, task_id, queue)
+
+def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Launched:
+    prepared = prepare(task_type, params, options, lineage)
+    record = prepared.record
+    task_id = record["id"]
+    record_runs([prepared])
+    log.info("📤 launching %s as %s on queue %s", task_type, task_id, record["queue"])
     try:
-        publish(record, definition.celery_name, options)
+        publish(record, prepared.celery_name, options)
     except BROKER_ERRORS as exc:
         log.error("❌ could not publish %s (%s): %s", task_id, task_type, exc)
-        _forget(task_id)
+        forget([task_id])
         raise Unavailable(
             "The task broker is unreachable; the task was not launched. Retry later.",
             outcome="broker_unavailable") from exc
     except BaseException:
         log.exception("❌ could not publish %s (%s)", task_id, task_type)
-        _forget(task_id)
+        forget([task_id])
         raise
-    return Launched(id=task_id, task_type=definition.task_type)
+    return Launched(id=task_id, task_type=record["task_type"])
 
 
-def _forget(task_id: str) -> None:
-    """Remove the record of a run that was never published."""
+def forget(task_ids: list[str]) -> None:
+    """Remove the records of runs that were never published."""
+    if not task_ids:
+        return
     try:
-        db.session.execute(sa.delete(TaskRunTag).where(TaskRunTag.run_id == task_id))
-        db.session.execute(sa.delete(TaskRun).where(TaskRun.id == task_id))
+        db.session.execute(sa.delete(TaskRunTag).where(TaskRunTag.run_id.in_(task_ids)))
+        db.session.execute(sa.delete(TaskRun).where(TaskRun.id.in_(task_ids)))
         db.session.commit()
     except SQLAlchemyError:
         db.session.rollback()
-        log.exception("❌ could not remove the record of unpublished run %s", task_id)
+        log.exception("❌ could not remove the records of %d unpublished run(s)",
+                      len(task_ids))
 
 
 def broker_priority(celery_app, priority: int | None) -> int | None:
@@ -188,8 +215,11 @@ def broker_priority(celery_app, priority: int | None) -> int | None:
     return priority
 
 
-def publish(record: dict, celery_name: str, options: LaunchOptions) -> None:
-    """Send the run's message; ``record`` holds its id, params, queue and lineage."""
+def publish(record: dict, celery_name: str, options: LaunchOptions, producer=None) -> None:
+    """Send the run's message; ``record`` holds its id, params, queue and lineage.
+
+    ``producer``: one shared by many publishes (a batch), instead of one from the pool.
+    """
     celery_app = current_app.extensions["celery"]
     kwargs = {}
     if record.get("parent_id"):
@@ -209,6 +239,7 @@ def publish(record: dict, celery_name: str, options: LaunchOptions) -> None:
         eta=options.eta,
         expires=options.expires,
         retry=True,
+        producer=producer,
         # One retry: enough to replace a pooled connection the broker has closed,
         # short enough to answer 503 quickly when the broker is really gone.
         retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1,

@@ -59,13 +59,16 @@ class TaskLaunch(MethodView):
         Validates `params` against the task type's schema, records the run and
         publishes it. Answers 202 with the status URL in `Location`.
         """
-        options = launch_service.LaunchOptions(
-            priority=body.get("priority"), countdown=body.get("countdown"),
-            eta=body.get("eta"), expires=body.get("expires"), queue=body.get("queue"),
-            tags=body.get("tags") or [])
-        run = launch_service.launch(body["task_type"], body["params"], options)
+        run = launch_service.launch(body["task_type"], body["params"], launch_options(body))
         location = url_for("status.TaskRunItem", task_id=run.id)
         return launch_response(run, location), 202, {"Location": location}
+
+
+def launch_options(body: dict) -> launch_service.LaunchOptions:
+    return launch_service.LaunchOptions(
+        priority=body.get("priority"), countdown=body.get("countdown"),
+        eta=body.get("eta"), expires=body.get("expires"), queue=body.get("queue"),
+        tags=body.get("tags") or [])
 
 
 def register_launch_request(api, catalog, queues: list[str]) -> None:
