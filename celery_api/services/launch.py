@@ -215,34 +215,59 @@ def broker_priority(celery_app, priority: int | None) -> int | None:
     return priority
 
 
+# One retry: enough to replace a pooled connection the broker has closed, short
+# enough to answer 503 quickly when the broker is really gone.
+RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1,
+                "interval_max": 0.1}
+REPR_LIMIT = 1024  # as Celery's kwargsrepr_maxsize
+
+
 def publish(record: dict, celery_name: str, options: LaunchOptions, producer=None) -> None:
     """Send the run's message; ``record`` holds its id, params, queue and lineage.
 
-    ``producer``: one shared by many publishes (a batch), instead of one from the pool.
+    Celery's own message (protocol 2) built by ``app.amqp`` and published by it, without
+    ``send_task``'s per-call routing, result object and repr of the arguments: the
+    queue, the ids and the lineage are already decided here. Each queue is declared
+    on its first publish by this process. ``producer``: one shared by many publishes
+    (a batch), instead of one from the pool.
     """
     celery_app = current_app.extensions["celery"]
-    kwargs = {}
-    if record.get("parent_id"):
-        kwargs["parent_id"] = record["parent_id"]
-    if record.get("root_id") and record["root_id"] != record["id"]:
-        kwargs["root_id"] = record["root_id"]
+    amqp = celery_app.amqp
+    params = record["params"]
+    kwargsrepr = repr(params)
+    if len(kwargsrepr) > REPR_LIMIT:
+        kwargsrepr = kwargsrepr[:REPR_LIMIT] + "..."
+    message = amqp.as_task_v2(
+        record["id"], celery_name, kwargs=params, countdown=options.countdown,
+        eta=options.eta, expires=options.expires, root_id=record.get("root_id"),
+        parent_id=record.get("parent_id"), origin=_origin(), argsrepr="()",
+        kwargsrepr=kwargsrepr)
+    extra = {}
+    if isinstance(options.expires, int | float):
+        extra["expiration"] = options.expires  # the broker drops it then, too
+    elif isinstance(options.expires, datetime):
+        extra["expiration"] = max(0.0, (options.expires - utcnow()).total_seconds())
     request_id = current_request_id()
-    if request_id:
-        kwargs["headers"] = {"request_id": request_id}  # the worker logs it with the run
-    celery_app.send_task(
-        celery_name,
-        kwargs=record["params"],
-        task_id=record["id"],
-        queue=record["queue"],
-        priority=broker_priority(celery_app, options.priority),
-        countdown=options.countdown,
-        eta=options.eta,
-        expires=options.expires,
-        retry=True,
-        producer=producer,
-        # One retry: enough to replace a pooled connection the broker has closed,
-        # short enough to answer 503 quickly when the broker is really gone.
-        retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1,
-                      "interval_max": 0.1},
-        **kwargs,
-    )
+    queue = record["queue"]
+    declared = celery_app.extensions_declared  # set in celery_init_app
+    with celery_app.producer_or_acquire(producer) as active:
+        with active.connection._reraise_as_library_errors():
+            amqp.send_task_message(
+                active, celery_name, message, queue=queue,
+                priority=broker_priority(celery_app, options.priority),
+                # The worker logs the caller's request id with the run.
+                headers={"request_id": request_id} if request_id else None,
+                declare=[] if queue in declared else None,
+                retry=True, retry_policy=RETRY_POLICY, **extra)
+    declared.add(queue)
+
+
+_ORIGIN: list[str] = []
+
+
+def _origin() -> str:
+    if not _ORIGIN:
+        from celery.utils.nodenames import anon_nodename
+
+        _ORIGIN.append(anon_nodename())
+    return _ORIGIN[0]
