@@ -79,6 +79,9 @@ def create_app(config: dict | None = None) -> Flask:
 
     app.extensions["celery_api.queues"] = queues_of(app)
     celery_init_app(app)
+    from celery_api.services import cache
+
+    cache.init_app(app)
 
     app.url_map.converters["task_id"] = TaskIdConverter
     api = make_api()

@@ -80,6 +80,8 @@ def from_environment(instance_path: Path) -> dict:
         "TRUSTED_PROXIES": env_int("CELERY_API_TRUSTED_PROXIES", 0),
         "METRICS_WINDOW_SECONDS": env_float("CELERY_API_METRICS_WINDOW_SECONDS", 3600.0),
         "BROKER_TIMEOUT": broker_timeout,
+        "CACHE_SECONDS": env_float("CELERY_API_CACHE_SECONDS", 300.0),
+        "CACHE_SIZE": env_int("CELERY_API_CACHE_SIZE", 10_000),
         "DATABASE_CONNECT_TIMEOUT": env_int("CELERY_API_DATABASE_CONNECT_TIMEOUT", 2),
         "INSPECT_TIMEOUT": env_float("CELERY_API_INSPECT_TIMEOUT", 1.0),
         "STATS_CACHE_SECONDS": env_float("CELERY_API_STATS_CACHE_SECONDS", 2.0),

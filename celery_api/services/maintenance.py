@@ -16,6 +16,7 @@ from celery_api.catalog import get_catalog
 from celery_api.extensions import db
 from celery_api.models import FINISHED_STATES, TaskRun, TaskRunTag, utcnow
 from celery_api.services import fanout
+from celery_api.services.cache import run_cache
 
 log = logging.getLogger("celery_api.maintenance")
 RUNNING_STATES = ("STARTED", "PROGRESS")
@@ -110,6 +111,7 @@ def purge(*, older_than_days: float | None = None, batch_size: int = 5000) -> in
     days = current_app.config["HISTORY_RETENTION_DAYS"] if older_than_days is None \
         else older_than_days
     cutoff = utcnow() - timedelta(days=days)
+    cache = run_cache()
     removed = 0
     while True:
         ids = list(db.session.execute(
@@ -122,6 +124,8 @@ def purge(*, older_than_days: float | None = None, batch_size: int = 5000) -> in
         db.session.execute(sa.delete(TaskRunTag).where(TaskRunTag.run_id.in_(ids)))
         db.session.execute(sa.delete(TaskRun).where(TaskRun.id.in_(ids)))
         db.session.commit()
+        if cache is not None:
+            cache.forget(*ids)
         removed += len(ids)
     if removed:
         log.info("purged %d run(s) finished before %s", removed, cutoff.isoformat())

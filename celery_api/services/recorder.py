@@ -181,7 +181,8 @@ def on_revoked(task, request=None, terminated=False, signum=None, expired=False,
         reason = termination_reason(f"terminated with signal {signum}", requested)
     else:
         reason = "revoked"
-    _update(task_id, TaskRun.status.not_in(("SUCCESS", "FAILURE")), status="REVOKED",
+    # A run the API already marked REVOKED keeps its record (and the caller's reason).
+    _update(task_id, TaskRun.status.not_in(FINISHED_STATES), status="REVOKED",
             error=reason, **_finish_values(task_id, now))
     log.info("🚫 %s revoked (%s)", task_id, reason)
     _maybe_finish_parent(task, task_id, getattr(request, "parent_id", None))

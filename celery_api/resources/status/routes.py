@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import marshmallow as ma
-from flask import url_for
+from flask import current_app, url_for
 from flask.views import MethodView
 
 from celery_api.resources.fields import parse_task_id
@@ -15,9 +15,34 @@ from celery_api.resources.status.schemas import (
 from celery_api.resources.tasks.routes import launch_response
 from celery_api.resources.tasks.schemas import TaskLaunchResponseSchema
 from celery_api.services import control, runs
+from celery_api.services.cache import run_cache
 from celery_api.smorest import Blueprint, error_responses
 
 blp = Blueprint("status", __name__, url_prefix="/api/celery", description="Status and control")
+
+
+STATUS_SCHEMA = TaskStatusResponseSchema()
+
+
+def _status_body(view: runs.RunView) -> dict:
+    run = view.run
+    return {
+        "task_id": run.id, "status": view.status, "result": view.result,
+        "error": view.error, "traceback": view.traceback, "meta": view.meta,
+        "task_type": run.task_type, "params": run.params, "progress": view.progress,
+        "queue": run.queue, "priority": run.priority, "tags": run.tags or [],
+        "worker": run.worker, "retries": run.retries, "created_at": run.created_at,
+        "started_at": run.started_at, "finished_at": run.finished_at,
+        "runtime": run.runtime, "parent_id": run.parent_id, "root_id": run.root_id,
+        "retry_of": run.retry_of, "batch_id": run.batch_id,
+        "schedule_id": run.schedule_id, "children": view.children,
+        "retried_as": view.retries_of_this,
+    }
+
+
+def _json_response(data: bytes):
+    """The serialized status body, as flask-smorest would send it (passed through)."""
+    return current_app.response_class(data, status=200, mimetype="application/json")
 
 
 @blp.route("/tasks/<task_id:task_id>")
@@ -30,20 +55,20 @@ class TaskRunItem(MethodView):
 
         404 for an id this service never saw (Celery alone would say PENDING).
         """
-        view = runs.describe(parse_task_id(task_id))
-        run = view.run
-        return {
-            "task_id": run.id, "status": view.status, "result": view.result,
-            "error": view.error, "traceback": view.traceback, "meta": view.meta,
-            "task_type": run.task_type, "params": run.params, "progress": view.progress,
-            "queue": run.queue, "priority": run.priority, "tags": run.tags or [],
-            "worker": run.worker, "retries": run.retries, "created_at": run.created_at,
-            "started_at": run.started_at, "finished_at": run.finished_at,
-            "runtime": run.runtime, "parent_id": run.parent_id, "root_id": run.root_id,
-            "retry_of": run.retry_of, "batch_id": run.batch_id,
-            "schedule_id": run.schedule_id, "children": view.children,
-            "retried_as": view.retries_of_this,
-        }
+        task_id = parse_task_id(task_id)
+        cache = run_cache()
+        if cache is not None:
+            cached = cache.get(task_id)
+            if cached is not None:
+                return _json_response(cached)
+        view = runs.describe(task_id)
+        body = _status_body(view)
+        if cache is not None and view.status == "SUCCESS" and view.run.finished:
+            # A successful run never changes again (only FAILURE/REVOKED can be retried).
+            data = current_app.json.dumps(STATUS_SCHEMA.dump(body)).encode()
+            cache.put(task_id, data)
+            return _json_response(data)
+        return body
 
     @blp.arguments(RevokeArgsSchema, location="query", unknown=ma.RAISE)
     @blp.response(200, RevokeResponseSchema)
