@@ -251,6 +251,7 @@ def publish(record: dict, celery_name: str, options: LaunchOptions, producer=Non
     queue = record["queue"]
     declared = celery_app.extensions_declared  # set in celery_init_app
     with celery_app.producer_or_acquire(producer) as active:
+        reuse_redis_client(active.channel)
         with active.connection._reraise_as_library_errors():
             amqp.send_task_message(
                 active, celery_name, message, queue=queue,
@@ -260,6 +261,33 @@ def publish(record: dict, celery_name: str, options: LaunchOptions, producer=Non
                 declare=[] if queue in declared else None,
                 retry=True, retry_policy=RETRY_POLICY, **extra)
     declared.add(queue)
+
+
+def reuse_redis_client(channel) -> None:
+    """Let kombu's Redis channel publish through one client instead of one per message.
+
+    kombu's Redis transport builds a new ``redis.Redis`` (over its connection pool) for
+    every publish: about a fifth of a publish's CPU here (see MEASURED.md and
+    docs/BENCHMARKS.md). A pooled channel serves one producer at a time and the client
+    is thread-safe, so the channel keeps the one it built, as long as its pool is the
+    same. Other transports are left as they are.
+    """
+    create = getattr(channel, "_create_client", None)
+    if create is None or getattr(channel, "_celery_api_reuses_client", False):
+        return
+    built: dict = {}
+
+    def create_client(asynchronous=False):
+        if asynchronous:
+            return create(asynchronous=True)
+        pool = channel.pool
+        client = built.get("client")
+        if client is None or client.connection_pool is not pool:
+            client = built["client"] = create()
+        return client
+
+    channel._create_client = create_client
+    channel._celery_api_reuses_client = True
 
 
 _ORIGIN: list[str] = []
