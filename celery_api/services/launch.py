@@ -152,15 +152,16 @@ def record_runs(prepared: list[Prepared]) -> None:
     """Insert the records (PENDING) in one transaction, or raise Unavailable."""
     # Core statements, no ORM object: nothing to refresh from the database afterwards;
     # a list is one executemany (multi-row INSERTs on PostgreSQL).
+    # A connection of its own, outside the request's ORM session: the insert needs no
+    # session state, and skipping it is a tenth of a launch's CPU.
     try:
         records = [p.record for p in prepared]
-        db.session.execute(RUNS_INSERT, records[0] if len(records) == 1 else records)
         tags = [{"run_id": p.record["id"], "tag": tag} for p in prepared for tag in p.tags]
-        if tags:
-            db.session.execute(TAGS_INSERT, tags)
-        db.session.commit()
+        with db.engine.begin() as connection:
+            connection.execute(RUNS_INSERT, records[0] if len(records) == 1 else records)
+            if tags:
+                connection.execute(TAGS_INSERT, tags)
     except SQLAlchemyError as exc:
-        db.session.rollback()
         log.error("❌ could not record %d launch(es): %s", len(prepared), exc)
         raise Unavailable(
             "The database is unreachable; nothing was launched. Retry later.",

@@ -36,7 +36,7 @@ BATCH_REQUEST_BODY = {
 
 @blp.route("/tasks/batch")
 class TaskBatch(MethodView):
-    @blp.arguments(BatchRequestSchema)
+    @blp.arguments(BatchRequestSchema())
     @blp.response(202, BatchResponseSchema, headers={
         "Location": {"description": "URL of the batch", "schema": {"type": "string"}}})
     @error_responses(blp, 413, 415, 503)
@@ -68,7 +68,7 @@ class Batch(MethodView):
         """Get a batch: counts per status and every run"""
         return batches.summary(parse_uuid(batch_id, "batch_id"))
 
-    @blp.arguments(BatchRevokeArgsSchema, location="query", unknown=ma.RAISE)
+    @blp.arguments(BatchRevokeArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, BatchRevokeResponseSchema)
     @error_responses(blp, 404, 409, 503)
     @blp.doc(operationId="revokeBatch")

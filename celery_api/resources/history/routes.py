@@ -15,7 +15,7 @@ blp = Blueprint("history", __name__, url_prefix="/api/celery", description="Hist
 
 @blp.route("/history")
 class History(MethodView):
-    @blp.arguments(HistoryArgsSchema, location="query", unknown=ma.RAISE)
+    @blp.arguments(HistoryArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, HistoryPageSchema, headers={
         "Link": {"description": 'The next page, as `<url>; rel="next"`',
                  "schema": {"type": "string"}}})

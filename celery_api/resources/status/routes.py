@@ -70,7 +70,7 @@ class TaskRunItem(MethodView):
             return _json_response(data)
         return body
 
-    @blp.arguments(RevokeArgsSchema, location="query", unknown=ma.RAISE)
+    @blp.arguments(RevokeArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, RevokeResponseSchema)
     @blp.alt_response(202, schema=RevokeResponseSchema,
                       description="Running run: the stop signal was sent")

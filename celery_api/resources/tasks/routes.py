@@ -48,7 +48,7 @@ class TaskCatalog(MethodView):
 
 @blp.route("/tasks/launch")
 class TaskLaunch(MethodView):
-    @blp.arguments(LaunchEnvelopeSchema)
+    @blp.arguments(LaunchEnvelopeSchema())
     @blp.response(202, TaskLaunchResponseSchema, headers={
         "Location": {"description": "URL of the run's status", "schema": {"type": "string"}}})
     @error_responses(blp, 400, 413, 415, 503)
