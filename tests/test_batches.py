@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -33,8 +34,12 @@ def count_all(app) -> int:
         return db.session.execute(sa.select(sa.func.count()).select_from(TaskRun)).scalar_one()
 
 
-def test_batch_records_every_run_with_its_options_and_answers_202(client, app):
-    tasks = [add(1, 2), add(3, 4, priority=1, tags=["nightly"], queue="parked"),
+def test_batch_records_every_run_with_its_options_and_answers_202(history_app):
+    """On SQLite (executemany) and PostgreSQL (COPY): every column as a single launch."""
+    app, client = history_app, history_app.test_client()
+    eta = "2030-01-02T03:04:05+02:00"
+    tasks = [add(1, 2), add(3, 4, priority=1, tags=["nightly", "x"], queue="parked", eta=eta,
+                           expires="2030-01-03T00:00:00Z"),
              {"task_type": "sii.sync_f29", "params": {"company_id": str(uuid.uuid4())}}]
     response = client.post(BATCH, json={"tasks": tasks})
     assert response.status_code == 202, response.get_data(as_text=True)
@@ -46,7 +51,13 @@ def test_batch_records_every_run_with_its_options_and_answers_202(client, app):
     runs = {run.id: run for run in runs_of(app, batch_id)}
     assert list(runs) != [] and set(runs) == {t["task_id"] for t in body["tasks"]}
     second = runs[body["tasks"][1]["task_id"]]
-    assert (second.priority, second.tags, second.queue) == (1, ["nightly"], "parked")
+    assert (second.priority, second.tags, second.queue) == (1, ["nightly", "x"], "parked")
+    assert second.eta == datetime.fromisoformat(eta)
+    assert second.expires == datetime(2030, 1, 3, tzinfo=UTC)
+    assert second.params == {"a": 3, "b": 4} and second.batch_id == batch_id
+    assert second.root_id == second.id and second.attempts == 0
+    first = runs[body["tasks"][0]["task_id"]]
+    assert first.tags == [] and first.eta is None and first.created_at.tzinfo is not None
     f29 = runs[body["tasks"][2]["task_id"]]
     assert f29.params["year"]  # the task type's defaults applied, as in a single launch
 
@@ -58,6 +69,8 @@ def test_batch_records_every_run_with_its_options_and_answers_202(client, app):
     assert [t["task_id"] for t in data["tasks"]] == [t["task_id"] for t in body["tasks"]]
     history = client.get(f"/api/celery/history?batch_id={batch_id}").get_json()
     assert len(history["items"]) == 3
+    tagged = client.get(f"/api/celery/history?batch_id={batch_id}&tag=nightly").get_json()
+    assert [row["task_id"] for row in tagged["items"]] == [second.id]
 
 
 def test_one_invalid_item_launches_nothing_and_names_each_bad_index(client, app):

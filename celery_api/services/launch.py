@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -158,7 +159,10 @@ def record_runs(prepared: list[Prepared]) -> None:
         records = [p.record for p in prepared]
         tags = [{"run_id": p.record["id"], "tag": tag} for p in prepared for tag in p.tags]
         with db.engine.begin() as connection:
-            connection.execute(RUNS_INSERT, records[0] if len(records) == 1 else records)
+            if len(records) > 1 and connection.dialect.name == "postgresql":
+                _copy_runs(connection, records)
+            else:
+                connection.execute(RUNS_INSERT, records[0] if len(records) == 1 else records)
             if tags:
                 connection.execute(TAGS_INSERT, tags)
     except SQLAlchemyError as exc:
@@ -166,6 +170,22 @@ def record_runs(prepared: list[Prepared]) -> None:
         raise Unavailable(
             "The database is unreachable; nothing was launched. Retry later.",
             outcome="database_unavailable") from exc
+
+
+JSON_COLUMNS = frozenset(c.name for c in TaskRun.__table__.columns
+                         if isinstance(c.type, sa.JSON))
+
+
+def _copy_runs(connection, records: list[dict]) -> None:
+    """Many records through PostgreSQL's COPY, in the connection's transaction: half the
+    time of an executemany of INSERTs for a batch of 1,000 (docs/BENCHMARKS.md)."""
+    columns = list(records[0])
+    statement = f"COPY {TaskRun.__tablename__} ({', '.join(columns)}) FROM STDIN"
+    cursor = connection.connection.driver_connection.cursor()
+    with cursor, cursor.copy(statement) as copy:
+        for record in records:
+            copy.write_row([json.dumps(record[c]) if c in JSON_COLUMNS else record[c]
+                            for c in columns])
 
 
 def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Launched:

@@ -53,7 +53,10 @@ class TaskBatch(MethodView):
                  for task in body["tasks"]]
         batch_id, launched = batches.launch_batch(items)
         location = url_for("batches.Batch", batch_id=batch_id)
-        tasks = [launch_response(run, url_for("status.TaskRunItem", task_id=run.id))
+        # One url_for, not one per run: a thousand of them were a fifth of the request.
+        placeholder = "00000000-0000-0000-0000-000000000000"
+        status_url = url_for("status.TaskRunItem", task_id=placeholder)
+        tasks = [launch_response(run, status_url.replace(placeholder, run.id))
                  for run in launched]
         return ({"batch_id": batch_id, "tasks": tasks, "status_url": location}, 202,
                 {"Location": location})
