@@ -52,6 +52,13 @@ def record(stack, task_id) -> TaskRun:
         return run
 
 
+def final_record(stack, task_id) -> TaskRun:
+    """The record once the worker has written the end: a status read shows the result
+    backend's end as soon as it is there, and does not write it into the record."""
+    return wait_for(lambda: (run := record(stack, task_id)) is not None and run.finished
+                    and run, timeout=30, message=f"the record of {task_id} to be final")
+
+
 def test_sync_documents_succeeds_with_per_book_summary(stack):
     task_id = launch(stack, params={"company_id": COMPANY, "months": 2, "month_offset": 1})
     body = wait_status(stack, task_id, "SUCCESS")
@@ -62,7 +69,7 @@ def test_sync_documents_succeeds_with_per_book_summary(stack):
         assert len(result[book]["period"]) == 6
     assert result["periods"][0] == result["compras"]["period"]
     assert body["error"] is None and body["traceback"] is None
-    run = record(stack, task_id)
+    run = final_record(stack, task_id)
     assert run.status == "SUCCESS" and run.result == result
     assert run.worker == stack.worker.name
     assert run.started_at <= run.finished_at and run.runtime > 0
@@ -93,7 +100,7 @@ def test_unknown_company_fails_with_clear_error_and_traceback(stack):
     assert "CompanyNotFound" in body["error"] and stranger in body["error"]
     assert "not registered with SII" in body["error"]
     assert "Traceback" in body["traceback"] and "fetch_book" in body["traceback"]
-    run = record(stack, task_id)
+    run = final_record(stack, task_id)
     assert run.status == "FAILURE" and "Traceback" in run.traceback
 
 
@@ -101,7 +108,7 @@ def test_transient_sii_errors_retry_with_backoff(stack):
     task_id = launch(stack, params={"company_id": FLAKY})
     body = wait_status(stack, task_id, "SUCCESS")
     assert body["result"]["success"] is True
-    assert record(stack, task_id).retries == SandboxSIIClient.FLAKY_FAILURES
+    assert final_record(stack, task_id).retries == SandboxSIIClient.FLAKY_FAILURES
 
 
 def test_external_task_module(stack):
@@ -138,7 +145,7 @@ def test_revoke_running_needs_terminate_and_stops_it(stack):
     assert response.get_json()["terminate"] is True
     body = wait_status(stack, task_id, "REVOKED", timeout=30)
     assert body["result"] is None
-    run = record(stack, task_id)
+    run = final_record(stack, task_id)
     assert run.status == "REVOKED" and "terminated" in run.error and ": test" in run.error
     again = stack.client.delete(f"/api/celery/tasks/{task_id}")
     assert again.status_code == 409

@@ -12,7 +12,7 @@ from celery_api.extensions import db
 from celery_api.models import TaskRun
 from celery_api.services import maintenance
 from tests.support import Worker, wait_for
-from tests.test_integration import launch, record, status, wait_status
+from tests.test_integration import final_record, launch, record, status, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +34,14 @@ def test_killed_pool_process_fails_unsafe_run_and_redelivers_safe_one(stack):
     os.kill(running_pid(stack, stack.worker.name, unsafe), signal.SIGKILL)
     body = wait_status(stack, unsafe, "FAILURE", timeout=30)
     assert "WorkerLostError" in body["error"] or "worker lost" in body["error"]
-    assert record(stack, unsafe).error.startswith("worker lost")
+    assert final_record(stack, unsafe).error.startswith("worker lost")
 
     safe = launch(stack, "acme.sleep_safely", {"seconds": 1.5})
     wait_status(stack, safe, "PROGRESS")
     os.kill(running_pid(stack, stack.worker.name, safe), signal.SIGKILL)
     body = wait_status(stack, safe, "SUCCESS", timeout=60)
     assert body["result"] == {"slept": 1.5}
-    assert record(stack, safe).attempts == 2
+    assert final_record(stack, safe).attempts == 2
 
 
 def test_worker_killed_outright_is_reconciled_as_lost(stack):
@@ -129,4 +129,4 @@ def test_worker_stopped_gracefully_finishes_its_run_first(stack):
     worker.stop()
     body = status(stack, task_id)
     assert body["status"] == "SUCCESS" and body["result"] == {"slept": 2}
-    assert record(stack, task_id).status == "SUCCESS"
+    assert final_record(stack, task_id).status == "SUCCESS"

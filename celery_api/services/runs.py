@@ -31,6 +31,7 @@ class RunView:
     progress: dict | None = None
     children: list[str] = field(default_factory=list)
     retries_of_this: list[str] = field(default_factory=list)
+    recorded: bool = True  # the answer is the record's (not the backend's, ahead of it)
 
 
 def get_run(task_id: str, *, lineage: bool = False) -> tuple[TaskRun, list[str], list[str]]:
@@ -113,7 +114,12 @@ def _merge_live_state(view: RunView) -> None:
         return  # the backend knows nothing yet: the record's state stands
     view.status = state
     if state in FINISHED_STATES:
-        reconcile_from_meta(view.run, meta)
+        # Shown, not written: a read does not wait on a database write. The worker
+        # records the end itself; beat's reconcile settles it if the worker could not.
+        view.recorded = False
+        db.session.expunge(view.run)
+        for key, value in ended_values(view.run, meta).items():
+            setattr(view.run, key, value)
         view.status = view.run.status
         view.result, view.error, view.traceback = (
             view.run.result, view.run.error, view.run.traceback)
@@ -130,6 +136,23 @@ def reconcile_from_meta(run: TaskRun, meta: dict) -> bool:
 
     True when the record was changed (it was not finished yet).
     """
+    values = ended_values(run, meta)
+    try:
+        changed = db.session.execute(
+            sa.update(TaskRun)
+            .where(TaskRun.id == run.id, TaskRun.status.not_in(FINISHED_STATES))
+            .values(**values)
+        ).rowcount
+        db.session.commit()
+        db.session.refresh(run)
+    except SQLAlchemyError:
+        db.session.rollback()
+        return False
+    return bool(changed)
+
+
+def ended_values(run: TaskRun, meta: dict) -> dict:
+    """The record's columns for the end the result backend reports."""
     state, result = meta.get("status"), meta.get("result")
     trace, date_done = meta.get("traceback"), meta.get("date_done")
     finished = _parse_date(date_done) or utcnow()
@@ -144,17 +167,4 @@ def reconcile_from_meta(run: TaskRun, meta: dict) -> bool:
     else:
         values["error"] = _error_text(result)
         values["traceback"] = trace
-    try:
-        changed = db.session.execute(
-            sa.update(TaskRun)
-            .where(TaskRun.id == run.id, TaskRun.status.not_in(FINISHED_STATES))
-            .values(**values)
-        ).rowcount
-        db.session.commit()
-        db.session.refresh(run)
-    except SQLAlchemyError:
-        db.session.rollback()
-        for key, value in values.items():
-            setattr(run, key, value)
-        return False
-    return bool(changed)
+    return values

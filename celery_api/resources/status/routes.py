@@ -63,7 +63,7 @@ class TaskRunItem(MethodView):
                 return _json_response(cached)
         view = runs.describe(task_id)
         body = _status_body(view)
-        if cache is not None and view.status == "SUCCESS" and view.run.finished:
+        if cache is not None and view.status == "SUCCESS" and view.recorded:
             # A successful run never changes again (only FAILURE/REVOKED can be retried).
             data = current_app.json.dumps(STATUS_SCHEMA.dump(body)).encode()
             cache.put(task_id, data)
