@@ -92,3 +92,17 @@ def test_a_cache_that_does_not_answer_is_skipped(tmp_path, redis_server):
     for _ in range(2):
         response = client.get(f"/api/celery/tasks/{done}")
         assert response.status_code == 200 and response.get_json()["result"] == {"sum": 3}
+
+
+def test_cached_answers_are_written_as_every_other_answer(tmp_path, redis_server):
+    """Compact, sorted JSON with a final newline, as Flask writes the uncached ones."""
+    app = build_app(make_config(tmp_path, redis_server.url, CACHE_SECONDS=60))
+    client = app.test_client()
+    done = _stored_run(app, "SUCCESS", result={"b": 1, "a": [1, 2]})
+    first = client.get(f"/api/celery/tasks/{done}").get_data()
+    assert client.get(f"/api/celery/tasks/{done}").get_data() == first
+    running = _stored_run(app, "STARTED")
+    plain = client.get(f"/api/celery/tasks/{running}").get_data()
+    for body in (first, plain):
+        assert b'": ' not in body and b", " not in body and body.endswith(b"}\n"), body
+    assert first.index(b'"batch_id"') < first.index(b'"task_id"')  # sorted keys

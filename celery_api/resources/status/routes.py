@@ -65,7 +65,10 @@ class TaskRunItem(MethodView):
         body = _status_body(view)
         if cache is not None and view.status == "SUCCESS" and view.recorded:
             # A successful run never changes again (only FAILURE/REVOKED can be retried).
-            data = current_app.json.dumps(STATUS_SCHEMA.dump(body)).encode()
+            # As Flask's JSON responses are written (compact, sorted, a final newline),
+            # so a cached answer is byte for byte the uncached one.
+            data = (current_app.json.dumps(STATUS_SCHEMA.dump(body), indent=None,
+                                           separators=(",", ":")) + "\n").encode()
             cache.put(task_id, data)
             return _json_response(data)
         return body
