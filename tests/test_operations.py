@@ -29,19 +29,22 @@ def test_readyz_reports_each_dependency(client):
 
 def test_readyz_is_503_naming_the_dependency_that_is_down(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
-    app = build_app(make_config(tmp_path / "app", server.url))
-    client = app.test_client()
-    assert client.get("/readyz").status_code == 200
-    server.stop()
-    response = client.get("/readyz")
-    assert response.status_code == 503
-    checks = response.get_json()["checks"]
-    assert checks["broker"]["status"] == "down" and "error" in checks["broker"]
-    assert checks["result_backend"]["status"] == "down"
-    assert checks["database"]["status"] == "up"
-    server.start()
-    wait_for(lambda: client.get("/readyz").status_code == 200, timeout=15,
-             message="readiness to recover")
+    try:
+        app = build_app(make_config(tmp_path / "app", server.url))
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200
+        server.stop()
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        checks = response.get_json()["checks"]
+        assert checks["broker"]["status"] == "down" and "error" in checks["broker"]
+        assert checks["result_backend"]["status"] == "down"
+        assert checks["database"]["status"] == "up"
+        server.start()
+        wait_for(lambda: client.get("/readyz").status_code == 200, timeout=15,
+                 message="readiness to recover")
+    finally:
+        server.stop()  # the restarted server too
 
 
 def test_request_id_is_echoed_or_made(client):
