@@ -52,7 +52,7 @@ def celery_init_app(app: Flask) -> Celery:
     # publish, one round trip less per launch and no hang when the backend is down.
     _set_task_join_will_block(True)
     celery_app.flask_app = app  # for worker signal handlers, which run outside any task
-    celery_app.extensions_declared = set()  # queues this process has declared (launch)
+    celery_app.celery_api_declared_queues = set()  # declared by this process (launch)
     app.extensions["celery"] = celery_app
 
     # Task types safe to repeat are acknowledged after they run, and requeued if their

@@ -23,7 +23,9 @@ from kombu.exceptions import BatchPublishError
 from celery_api.extensions import db
 from celery_api.metrics import record_launch
 from celery_api.models import FINISHED_STATES, TaskRun, utcnow
+from celery_api.services import control
 from celery_api.services import launch as launch_service
+from celery_api.services.control import QUEUED_STATES
 from celery_api.services.errors import (
     Conflict,
     InvalidParams,
@@ -34,7 +36,6 @@ from celery_api.services.errors import (
 from celery_api.services.launch import BROKER_ERRORS, Launched, LaunchOptions, Lineage
 
 log = logging.getLogger("celery_api.launch")
-QUEUED_STATES = ("PENDING", "RECEIVED", "RETRY")
 
 
 @dataclass
@@ -162,31 +163,17 @@ def summary(batch_id: str) -> dict:
 def revoke(batch_id: str, *, reason: str | None = None) -> dict:
     """Revoke every run of the batch still queued; running and finished ones stay."""
     runs = runs_of(batch_id)
-    queued = [run.id for run in runs if run.status in QUEUED_STATES]
+    queued = [run for run in runs if run.status in QUEUED_STATES]
     if not queued:
         raise Conflict(f"No run of batch {batch_id} is still queued; there is nothing to "
                        "revoke (running runs are revoked one by one with terminate=true).")
     note = f": {reason}" if reason else ""
-    written = f"revoked with batch {batch_id}{note}"
-    revoked = list(db.session.execute(
-        sa.update(TaskRun)
-        .where(TaskRun.id.in_(queued), TaskRun.status.in_(QUEUED_STATES))
-        .values(status="REVOKED", finished_at=utcnow(), error=written)
-        .returning(TaskRun.id)).scalars())
-    db.session.commit()
-    if revoked:
-        try:
-            current_app.extensions["celery"].control.revoke(revoked)
-        except Exception as exc:  # noqa: BLE001
-            db.session.execute(
-                sa.update(TaskRun)
-                .where(TaskRun.id.in_(revoked), TaskRun.error == written)
-                .values(status="PENDING", finished_at=None, error=None))
-            db.session.commit()
-            raise Unavailable("The task broker is unreachable; the revoke was not sent.") \
-                from exc
+    values = {"status": "REVOKED", "finished_at": utcnow(),
+              "error": f"revoked with batch {batch_id}{note}"}
+    revoked = control.revoke_records(queued, values, TaskRun.status.in_(QUEUED_STATES))
     log.info("🚫 revoked %d queued run(s) of batch %s%s", len(revoked), batch_id, note)
-    untouched = Counter(run.status for run in runs if run.id not in set(revoked))
+    done = set(revoked)
+    untouched = Counter(run.status for run in runs if run.id not in done)
     return {"batch_id": batch_id, "revoked": revoked,
             "not_revoked": dict(sorted(untouched.items())),
             "message": f"{len(revoked)} queued run(s) of batch {batch_id} revoked{note}."}

@@ -43,29 +43,15 @@ def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
         raise Conflict(f"Task {task_id} is already running ({status}). Send terminate=true "
                        "to stop it with a signal.")
     note = f": {reason}" if reason else ""
-    before = {"status": view.run.status, "finished_at": view.run.finished_at,
-              "error": view.run.error}
-    # The record first: if the database cannot take it, nothing has been sent.
     if running:
         # Kept so the worker's confirmation can say why the run was stopped.
         values = {"error": f"{TERMINATE_REQUESTED}{note}"}
     else:
         values = {"status": "REVOKED", "finished_at": utcnow(), "error": f"revoked{note}"}
-    changed = db.session.execute(
-        sa.update(TaskRun)
-        .where(TaskRun.id == task_id, TaskRun.status.not_in(FINISHED_STATES))
-        .values(**values)
-    ).rowcount
-    db.session.commit()
-    if not changed:  # it finished between the read and the update
+    if not revoke_records([view.run], values, TaskRun.status.not_in(FINISHED_STATES),
+                          terminate=terminate, signal=signal):
         raise Conflict(f"Task {task_id} finished while it was being revoked; "
                        "there is nothing to revoke.")
-    celery_app = current_app.extensions["celery"]
-    try:
-        celery_app.control.revoke(task_id, terminate=terminate, signal=signal)
-    except Exception as exc:  # noqa: BLE001
-        _undo_revoke(task_id, values["error"], before)
-        raise Unavailable("The task broker is unreachable; the revoke was not sent.") from exc
     if not running:
         log.info("🚫 revoked queued task %s%s", task_id, note)
         return RevokeOutcome(task_id, "REVOKED", terminate,
@@ -77,19 +63,44 @@ def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
         "once the worker confirms.", accepted=True)
 
 
-def _undo_revoke(task_id: str, written: str, before: dict) -> None:
-    """The broadcast failed: put back what the record said, unless a worker moved it on."""
+def revoke_records(runs: list[TaskRun], values: dict, condition, *, terminate: bool = False,
+                   signal: str = "SIGTERM") -> list[str]:
+    """Write ``values`` (a revoke) into the records of ``runs`` that still meet
+    ``condition``, then tell the workers; return the ids written.
+
+    The record first: if the database cannot take it, nothing has been sent. If the
+    broadcast fails, each record gets back what it said before (unless a worker has
+    moved it on since) and the caller gets a 503.
+    """
+    before = {run.id: {"status": run.status, "finished_at": run.finished_at,
+                       "error": run.error} for run in runs}
+    written = list(db.session.execute(
+        sa.update(TaskRun).where(TaskRun.id.in_(before), condition).values(**values)
+        .returning(TaskRun.id)).scalars())
+    db.session.commit()
+    if not written:
+        return written
     try:
-        db.session.execute(
-            sa.update(TaskRun)
-            .where(TaskRun.id == task_id, TaskRun.error == written,
-                   TaskRun.status.in_(("REVOKED", before["status"])))
-            .values(**before)
-        )
+        current_app.extensions["celery"].control.revoke(
+            written, terminate=terminate, signal=signal)
+    except Exception as exc:  # noqa: BLE001
+        _put_back(written, values["error"], before)
+        raise Unavailable("The task broker is unreachable; the revoke was not sent.") from exc
+    return written
+
+
+def _put_back(task_ids: list[str], written_error: str, before: dict) -> None:
+    try:
+        for task_id in task_ids:
+            db.session.execute(
+                sa.update(TaskRun)
+                .where(TaskRun.id == task_id, TaskRun.error == written_error,
+                       TaskRun.status.in_(("REVOKED", before[task_id]["status"])))
+                .values(**before[task_id]))
         db.session.commit()
     except sa.exc.SQLAlchemyError:
         db.session.rollback()
-        log.exception("❌ could not undo the revoke record of %s", task_id)
+        log.exception("❌ could not undo the revoke records of %d run(s)", len(task_ids))
 
 
 def retry(task_id: str) -> launch_service.Launched:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -11,6 +12,7 @@ from datetime import datetime
 import marshmallow as ma
 import redis.exceptions
 import sqlalchemy as sa
+from celery.utils.nodenames import anon_nodename
 from flask import current_app
 from kombu.exceptions import OperationalError
 from sqlalchemy.exc import SQLAlchemyError
@@ -269,7 +271,7 @@ def publish(record: dict, celery_name: str, options: LaunchOptions, producer=Non
         extra["expiration"] = max(0.0, (options.expires - utcnow()).total_seconds())
     request_id = current_request_id()
     queue = record["queue"]
-    declared = celery_app.extensions_declared  # set in celery_init_app
+    declared = celery_app.celery_api_declared_queues  # set in celery_init_app
     with celery_app.producer_or_acquire(producer) as active:
         reuse_redis_client(active.channel)
         with active.connection._reraise_as_library_errors():
@@ -310,12 +312,7 @@ def reuse_redis_client(channel) -> None:
     channel._celery_api_reuses_client = True
 
 
-_ORIGIN: list[str] = []
-
-
+@functools.cache
 def _origin() -> str:
-    if not _ORIGIN:
-        from celery.utils.nodenames import anon_nodename
-
-        _ORIGIN.append(anon_nodename())
-    return _ORIGIN[0]
+    """The ``origin`` header Celery would write (this host and process), worked out once."""
+    return anon_nodename()

@@ -10,6 +10,7 @@ import logging
 from datetime import timedelta
 
 import sqlalchemy as sa
+from celery.backends.base import KeyValueStoreBackend
 from flask import current_app
 
 from celery_api.catalog import get_catalog
@@ -17,6 +18,7 @@ from celery_api.extensions import db
 from celery_api.models import FINISHED_STATES, TaskRun, TaskRunTag, utcnow
 from celery_api.services import fanout
 from celery_api.services.cache import run_cache
+from celery_api.services.runs import reconcile_from_meta
 
 log = logging.getLogger("celery_api.maintenance")
 RUNNING_STATES = ("STARTED", "PROGRESS")
@@ -82,28 +84,39 @@ def _settle_from_backend(celery_app, before, limit: int = 1000) -> int:
     """Runs the record shows unfinished but the result backend saw finish.
 
     The worker could not write their end (the database was down at that moment):
-    take it from the backend, as a status read would, before anything is called lost.
+    take it from the backend, as a status read shows it, before anything is called lost.
     """
-    from celery_api.services.runs import reconcile_from_meta
-
     runs = list(db.session.execute(
         sa.select(TaskRun)
         .where(TaskRun.status.not_in(FINISHED_STATES), TaskRun.created_at < before)
         .order_by(TaskRun.created_at).limit(limit)
     ).scalars())
+    try:
+        metas = backend_metas(celery_app.backend, [run.id for run in runs])
+    except Exception as exc:  # noqa: BLE001 - the backend is down: next pass
+        log.warning("result backend unreachable while reconciling: %s", exc)
+        return 0
     settled = 0
     for run in runs:
-        try:
-            meta = celery_app.backend.get_task_meta(run.id)
-        except Exception as exc:  # noqa: BLE001 - the backend is down: next pass
-            log.warning("result backend unreachable while reconciling: %s", exc)
-            break
-        if meta.get("status") in FINISHED_STATES and reconcile_from_meta(run, meta):
+        meta = metas.get(run.id)
+        if meta and meta.get("status") in FINISHED_STATES and reconcile_from_meta(run, meta):
             settled += 1
             log.info("settled %s as %s from the result backend", run.id, run.status)
             if run.parent_id:
                 fanout.finish_if_complete(run.parent_id, celery_app)
     return settled
+
+
+def backend_metas(backend, task_ids: list[str]) -> dict[str, dict]:
+    """The stored state of many runs: one MGET on a key-value backend (Redis), else one
+    read per id. Runs the backend knows nothing of are left out."""
+    if not task_ids:
+        return {}
+    if isinstance(backend, KeyValueStoreBackend):
+        values = backend.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
+        return {task_id: backend.decode_result(value)
+                for task_id, value in zip(task_ids, values, strict=True) if value}
+    return {task_id: backend.get_task_meta(task_id) for task_id in task_ids}
 
 
 def purge(*, older_than_days: float | None = None, batch_size: int = 5000) -> int:
