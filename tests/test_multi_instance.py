@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.conftest import build_app, database_url, make_config
-from tests.support import LiveServer, Worker, get_until, service_env
+from tests.support import LiveServer, Worker, get_until, service_env, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +58,10 @@ def test_instances_share_runs_revokes_retries_and_workers(two_of_each):
     assert retried.status_code == 202
     assert get_until(f"{api_a}/tasks/{retried.json()['task_id']}", {"FAILURE"})["retry_of"] \
         == failed
+    # The history reads the workers' records, which follow the status by a moment.
+    wait_for(lambda: [r["status"] for r in requests.get(
+        f"{api_a}/history", params={"root_id": failed}, timeout=5).json()["items"]]
+        == ["FAILURE", "FAILURE"], timeout=15, message="both records final")
     history_a = requests.get(f"{api_a}/history", params={"root_id": failed}, timeout=5).json()
     history_b = requests.get(f"{api_b}/history", params={"root_id": failed}, timeout=5).json()
     assert history_a["items"] == history_b["items"] and len(history_a["items"]) == 2

@@ -72,8 +72,11 @@ def test_request_id_reaches_the_worker_json_logs(stack):
         def logged():
             lines = [json.loads(line) for line in worker.log_text().splitlines()
                      if line.startswith("{")]
-            return [r for r in lines if task_id in r["message"]
-                    and r.get("request_id") == "trace-me-42"]
+            records = [r for r in lines if task_id in r["message"]
+                       and r.get("request_id") == "trace-me-42"]
+            # The status shows SUCCESS from the result backend a moment before the
+            # worker's own record (and its ✅ line) is written: wait for that line.
+            return records if any("✅" in r["message"] for r in records) else None
 
         records = wait_for(logged, timeout=15, message="worker JSON lines with the request id")
         assert any("✅" in r["message"] for r in records)

@@ -88,6 +88,8 @@ def test_history_tells_the_truth_about_a_mixed_day(stack):
     os.kill(running_pid(stack, stack.worker.name, killed), signal.SIGKILL)
     for task_id, final in ((ok, "SUCCESS"), (retry, "FAILURE"), (killed, "FAILURE")):
         wait_status(stack, task_id, final)
+    for task_id in (ok, failed, retry, killed):
+        final_record(stack, task_id)  # the worker's own record, which the history reads
     fan_body = wait_status(stack, fan, "SUCCESS", timeout=90)
     children = set(fan_body["children"])
     assert len(children) == 4
