@@ -1,8 +1,9 @@
 """The Celery app, built in the factory from the ``CELERY`` config key.
 
-Tasks run inside the Flask app context (``FlaskTask``); catalog tasks check the
-durable record before running, so a run revoked while no worker was listening
-still never runs.
+Tasks run inside the Flask app context (``FlaskTask``). Before a task body runs, the
+worker claims its run in the durable record (``services.recorder``); a delivery that
+cannot claim it (the run finished, was revoked while no worker was listening, is a
+stale or duplicate copy, or runs elsewhere) is dropped unrun.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ def celery_init_app(app: Flask) -> Celery:
     class FlaskTask(Task):
         def __call__(self, *args, **kwargs):
             with app.app_context():
-                # The prerun handler found this run revoked in the history (revoked
-                # while no worker was listening): record it as such and do not run it.
-                if getattr(self.request, "celery_api_revoked", False):
-                    self.backend.mark_as_revoked(
-                        self.request.id, "revoked before it started", request=self.request)
+                # The prerun handler could not claim the run for this delivery.
+                dropped = getattr(self.request, "celery_api_drop", None)
+                if dropped is not None:
+                    if dropped.status == "REVOKED":  # revoked while no worker listened
+                        self.backend.mark_as_revoked(
+                            self.request.id, "revoked before it started",
+                            request=self.request)
                     raise Ignore()
                 return self.run(*args, **kwargs)
 

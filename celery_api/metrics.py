@@ -28,7 +28,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 
 from celery_api.extensions import db
-from celery_api.models import FINISHED_STATES, TaskRun, utcnow
+from celery_api.models import TaskRun, utcnow
+from celery_api.services.runstate import FINISHED
 
 log = logging.getLogger("celery_api.metrics")
 
@@ -95,7 +96,7 @@ class SystemCollector:
             rows = db.session.execute(
                 sa.select(TaskRun.task_type, TaskRun.status, sa.func.count(),
                           sa.func.coalesce(sa.func.sum(TaskRun.runtime), 0.0), *columns)
-                .where(TaskRun.finished_at >= since, TaskRun.status.in_(FINISHED_STATES),
+                .where(TaskRun.finished_at >= since, TaskRun.status.in_(FINISHED),
                        TaskRun.runtime.is_not(None))
                 .group_by(TaskRun.task_type, TaskRun.status)).all()
             db.session.rollback()

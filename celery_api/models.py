@@ -10,11 +10,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from celery_api.extensions import db
 
-FINISHED_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def company_id_of(params) -> str | None:
+    """The company a run's params name, as the history's ``company_id`` column keeps it."""
+    value = params.get("company_id") if isinstance(params, dict) else None
+    return str(value)[:36] if value else None
 
 
 class UTCDateTime(sa.types.TypeDecorator):
@@ -98,7 +102,9 @@ class TaskRun(db.Model):
 
     @property
     def finished(self) -> bool:
-        return self.status in FINISHED_STATES
+        from celery_api.services.runstate import FINISHED  # the states live there
+
+        return self.status in FINISHED
 
     def __repr__(self) -> str:
         return f"<TaskRun {self.id} {self.task_type} {self.status}>"

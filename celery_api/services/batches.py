@@ -22,10 +22,9 @@ from kombu.exceptions import BatchPublishError
 
 from celery_api.extensions import db
 from celery_api.metrics import record_launch
-from celery_api.models import FINISHED_STATES, TaskRun, utcnow
-from celery_api.services import control
+from celery_api.models import TaskRun
+from celery_api.services import control, runstate
 from celery_api.services import launch as launch_service
-from celery_api.services.control import QUEUED_STATES
 from celery_api.services.errors import (
     Conflict,
     InvalidParams,
@@ -154,7 +153,7 @@ def summary(batch_id: str) -> dict:
         "batch_id": batch_id,
         "total": len(runs),
         "counts": dict(sorted(counts.items())),
-        "finished": all(run.status in FINISHED_STATES for run in runs),
+        "finished": all(runstate.is_finished(run.status) for run in runs),
         "created_at": min(run.created_at for run in runs),
         "tasks": runs,
     }
@@ -163,14 +162,13 @@ def summary(batch_id: str) -> dict:
 def revoke(batch_id: str, *, reason: str | None = None) -> dict:
     """Revoke every run of the batch still queued; running and finished ones stay."""
     runs = runs_of(batch_id)
-    queued = [run for run in runs if run.status in QUEUED_STATES]
+    queued = [run for run in runs if run.status in runstate.QUEUED]
     if not queued:
         raise Conflict(f"No run of batch {batch_id} is still queued; there is nothing to "
                        "revoke (running runs are revoked one by one with terminate=true).")
     note = f": {reason}" if reason else ""
-    values = {"status": "REVOKED", "finished_at": utcnow(),
-              "error": f"revoked with batch {batch_id}{note}"}
-    revoked = control.revoke_records(queued, values, TaskRun.status.in_(QUEUED_STATES))
+    revoked = control.revoke_records([run.id for run in queued],
+                                     f"revoked with batch {batch_id}{note}")
     log.info("🚫 revoked %d queued run(s) of batch %s%s", len(revoked), batch_id, note)
     done = set(revoked)
     untouched = Counter(run.status for run in runs if run.id not in done)

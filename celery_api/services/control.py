@@ -9,16 +9,14 @@ import sqlalchemy as sa
 from flask import current_app
 
 from celery_api.extensions import db
-from celery_api.models import FINISHED_STATES, TaskRun, utcnow
+from celery_api.models import TaskRun, utcnow
 from celery_api.services import launch as launch_service
+from celery_api.services import runstate
 from celery_api.services.errors import Conflict, Unavailable
-from celery_api.services.recorder import TERMINATE_REQUESTED
 from celery_api.services.runs import describe
 
 log = logging.getLogger("celery_api.control")
 
-QUEUED_STATES = frozenset({"PENDING", "RECEIVED", "RETRY"})
-RETRYABLE_STATES = frozenset({"FAILURE", "REVOKED"})
 SIGNALS = ("SIGTERM", "SIGKILL", "SIGINT", "SIGQUIT", "SIGUSR1")
 
 
@@ -33,29 +31,30 @@ class RevokeOutcome:
 
 def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
            reason: str | None = None) -> RevokeOutcome:
-    view = describe(task_id, lineage=False)
-    status = view.status
-    if status in FINISHED_STATES:
-        raise Conflict(f"Task {task_id} already finished with status {status}; "
-                       "there is nothing to revoke.")
-    running = status not in QUEUED_STATES
-    if running and not terminate:
-        raise Conflict(f"Task {task_id} is already running ({status}). Send terminate=true "
-                       "to stop it with a signal.")
+    """Revoke a queued run, or (``terminate``) signal the worker running it.
+
+    A queued revoke only ever wins over a run no worker has claimed: the record moves
+    from a queued state to REVOKED in one guarded update, and a worker's claim is the
+    same kind of update on the same row, so one of the two wins. When the worker wins,
+    the run is answered as running (409, or terminated with ``terminate``).
+    """
     note = f": {reason}" if reason else ""
-    if running:
-        # Kept so the worker's confirmation can say why the run was stopped.
-        values = {"error": f"{TERMINATE_REQUESTED}{note}"}
-    else:
-        values = {"status": "REVOKED", "finished_at": utcnow(), "error": f"revoked{note}"}
-    if not revoke_records([view.run], values, TaskRun.status.not_in(FINISHED_STATES),
-                          terminate=terminate, signal=signal):
+    status = _revocable_status(task_id, terminate)
+    if status in runstate.QUEUED:
+        if revoke_records([task_id], f"revoked{note}"):
+            log.info("🚫 revoked queued task %s%s", task_id, note)
+            return RevokeOutcome(task_id, "REVOKED", terminate,
+                                 f"Task {task_id} revoked before it ran{note}.",
+                                 accepted=False)
+        # A worker claimed it (or it ended) between the read and the update.
+        status = _revocable_status(task_id, terminate)
+        if status in runstate.QUEUED:
+            raise Conflict(f"Task {task_id} changed while it was being revoked; "
+                           "send the request again.")
+    if not revoke_records([task_id], f"{runstate.TERMINATE_REQUESTED}{note}",
+                          terminate=True, signal=signal):
         raise Conflict(f"Task {task_id} finished while it was being revoked; "
                        "there is nothing to revoke.")
-    if not running:
-        log.info("🚫 revoked queued task %s%s", task_id, note)
-        return RevokeOutcome(task_id, "REVOKED", terminate,
-                             f"Task {task_id} revoked before it ran{note}.", accepted=False)
     log.info("🚫 terminating running task %s with %s%s", task_id, signal, note)
     return RevokeOutcome(
         task_id, status, terminate,
@@ -63,20 +62,42 @@ def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
         "once the worker confirms.", accepted=True)
 
 
-def revoke_records(runs: list[TaskRun], values: dict, condition, *, terminate: bool = False,
+def _revocable_status(task_id: str, terminate: bool) -> str:
+    """The run's status, or Conflict when a revoke of this kind cannot apply to it."""
+    status = describe(task_id, lineage=False).status
+    if runstate.is_finished(status):
+        raise Conflict(f"Task {task_id} already finished with status {status}; "
+                       "there is nothing to revoke.")
+    if status not in runstate.QUEUED and not terminate:
+        raise Conflict(f"Task {task_id} is already running ({status}). Send terminate=true "
+                       "to stop it with a signal.")
+    return status
+
+
+def revoke_records(task_ids: list[str], error: str, *, terminate: bool = False,
                    signal: str = "SIGTERM") -> list[str]:
-    """Write ``values`` (a revoke) into the records of ``runs`` that still meet
-    ``condition``, then tell the workers; return the ids written.
+    """Record a revoke of ``task_ids``, then tell the workers; return the ids written.
+
+    Without ``terminate``: queued runs become REVOKED (runs a worker has claimed are
+    left alone). With ``terminate``: runs not yet finished keep their status and get
+    ``error`` as a note, until the worker confirms the termination.
 
     The record first: if the database cannot take it, nothing has been sent. If the
     broadcast fails, each record gets back what it said before (unless a worker has
     moved it on since) and the caller gets a 503.
     """
-    before = {run.id: {"status": run.status, "finished_at": run.finished_at,
-                       "error": run.error} for run in runs}
-    written = list(db.session.execute(
-        sa.update(TaskRun).where(TaskRun.id.in_(before), condition).values(**values)
-        .returning(TaskRun.id)).scalars())
+    before = {run_id: {"status": status, "finished_at": finished_at, "error": old_error}
+              for run_id, status, finished_at, old_error in db.session.execute(
+                  sa.select(TaskRun.id, TaskRun.status, TaskRun.finished_at, TaskRun.error)
+                  .where(TaskRun.id.in_(task_ids)))}
+    if terminate:
+        written = list(db.session.execute(
+            sa.update(TaskRun)
+            .where(TaskRun.id.in_(before), TaskRun.status.in_(runstate.UNFINISHED))
+            .values(error=error).returning(TaskRun.id)).scalars())
+    else:
+        written = runstate.transition(before, "REVOKED", from_=runstate.QUEUED,
+                                      finished_at=utcnow(), error=error)
     db.session.commit()
     if not written:
         return written
@@ -84,7 +105,7 @@ def revoke_records(runs: list[TaskRun], values: dict, condition, *, terminate: b
         current_app.extensions["celery"].control.revoke(
             written, terminate=terminate, signal=signal)
     except Exception as exc:  # noqa: BLE001
-        _put_back(written, values["error"], before)
+        _put_back(written, error, before)
         raise Unavailable("The task broker is unreachable; the revoke was not sent.") from exc
     return written
 
@@ -105,7 +126,7 @@ def _put_back(task_ids: list[str], written_error: str, before: dict) -> None:
 
 def retry(task_id: str) -> launch_service.Launched:
     view = describe(task_id, lineage=False)
-    if view.status not in RETRYABLE_STATES:
+    if view.status not in runstate.RETRYABLE:
         raise Conflict(f"Task {task_id} is {view.status}; only FAILURE or REVOKED runs "
                        "can be retried.")
     original = view.run
@@ -117,4 +138,3 @@ def retry(task_id: str) -> launch_service.Launched:
     run = launch_service.launch(original.task_type, original.params, options, lineage)
     log.info("🔁 retry of %s launched as %s", task_id, run.id)
     return run
-

@@ -16,8 +16,9 @@ import sqlalchemy as sa
 from celery.exceptions import Ignore
 
 from celery_api.extensions import db
-from celery_api.models import FINISHED_STATES, TaskRun, utcnow
+from celery_api.models import TaskRun
 from celery_api.services import launch as launch_service
+from celery_api.services import runstate
 
 log = logging.getLogger("celery_api.fanout")
 
@@ -29,10 +30,7 @@ def fan_out(task, child_type: str, children: list[dict], *, total: int, skipped:
         return {"total_companies": total, "synced": 0, "failed": 0, "skipped": skipped}
     plan = {"fanout": {"child_type": child_type, "total_companies": total,
                        "expected": len(children), "skipped": skipped}}
-    db.session.execute(
-        sa.update(TaskRun).where(TaskRun.id == parent_id)
-        .values(meta=plan, status="PROGRESS")
-    )
+    runstate.transition(parent_id, "PROGRESS", meta=plan)
     db.session.commit()
     root_id = task.request.root_id or parent_id
     parent = db.session.get(TaskRun, parent_id)
@@ -52,7 +50,7 @@ def fan_out(task, child_type: str, children: list[dict], *, total: int, skipped:
 
 def finish_if_complete(parent_id: str, celery_app) -> None:
     parent = db.session.get(TaskRun, parent_id)
-    if parent is None or parent.finished or not isinstance(parent.meta, dict):
+    if parent is None or runstate.is_finished(parent.status) or not isinstance(parent.meta, dict):
         return
     plan = parent.meta.get("fanout")
     if not plan:
@@ -62,7 +60,7 @@ def finish_if_complete(parent_id: str, celery_app) -> None:
         .where(TaskRun.parent_id == parent_id, TaskRun.retry_of.is_(None))
         .group_by(TaskRun.status)
     ).all())
-    done = sum(n for status, n in counts.items() if status in FINISHED_STATES)
+    done = sum(n for status, n in counts.items() if status in runstate.FINISHED)
     if done < plan["expected"]:
         return
     summary = {
@@ -71,13 +69,8 @@ def finish_if_complete(parent_id: str, celery_app) -> None:
         "failed": counts.get("FAILURE", 0) + counts.get("REVOKED", 0),
         "skipped": plan["skipped"],
     }
-    now = utcnow()
-    runtime = (now - parent.started_at).total_seconds() if parent.started_at else None
-    closed = db.session.execute(
-        sa.update(TaskRun)
-        .where(TaskRun.id == parent_id, TaskRun.status.not_in(FINISHED_STATES))
-        .values(status="SUCCESS", result=summary, finished_at=now, runtime=runtime)
-    ).rowcount
+    closed = runstate.finish(parent_id, "SUCCESS", started_at=parent.started_at,
+                             result=summary)
     db.session.commit()
     if closed:
         celery_app.backend.store_result(parent_id, summary, "SUCCESS")

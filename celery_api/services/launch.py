@@ -21,7 +21,7 @@ from celery_api.catalog import get_catalog
 from celery_api.extensions import db
 from celery_api.logging import current_request_id
 from celery_api.metrics import record_launch
-from celery_api.models import TaskRun, TaskRunTag, utcnow
+from celery_api.models import TaskRun, TaskRunTag, company_id_of, utcnow
 from celery_api.services.errors import InvalidParams, Unavailable, UnknownTaskType
 from celery_api.services.stats import known_queues
 
@@ -137,7 +137,7 @@ def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
         "tags": list(options.tags),
         "eta": options.eta,
         "expires": expires if isinstance(expires, datetime) else None,
-        "company_id": str(clean["company_id"]) if clean.get("company_id") else None,
+        "company_id": company_id_of(clean),
         "parent_id": lineage.parent_id,
         "root_id": lineage.root_id or task_id,
         "retry_of": lineage.retry_of,

@@ -15,13 +15,12 @@ from flask import current_app
 
 from celery_api.catalog import get_catalog
 from celery_api.extensions import db
-from celery_api.models import FINISHED_STATES, TaskRun, TaskRunTag, utcnow
-from celery_api.services import fanout
+from celery_api.models import TaskRun, TaskRunTag, utcnow
+from celery_api.services import fanout, runstate
 from celery_api.services.cache import run_cache
 from celery_api.services.runs import reconcile_from_meta
 
 log = logging.getLogger("celery_api.maintenance")
-RUNNING_STATES = ("STARTED", "PROGRESS")
 
 
 def reconcile(*, grace_seconds: float | None = None) -> dict:
@@ -39,7 +38,7 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
     celery_app = current_app.extensions["celery"]
     settled = _settle_from_backend(celery_app, now - timedelta(seconds=grace))
     candidates = list(db.session.execute(
-        sa.select(TaskRun).where(TaskRun.status.in_(RUNNING_STATES),
+        sa.select(TaskRun).where(TaskRun.status.in_(runstate.RUNNING),
                                  TaskRun.started_at < now - timedelta(seconds=grace))
     ).scalars())
     candidates = [r for r in candidates
@@ -59,14 +58,10 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
                 run.started_at > now - timedelta(seconds=visibility + grace):
             continue
         alive = "alive" if run.worker in replies else "gone"
-        changed = db.session.execute(
-            sa.update(TaskRun)
-            .where(TaskRun.id == run.id, TaskRun.status.in_(RUNNING_STATES))
-            .values(status="FAILURE", finished_at=now,
-                    runtime=(now - run.started_at).total_seconds(),
-                    error=f"worker lost: {run.worker or 'unknown worker'} ({alive}) no "
-                          "longer runs this task")
-        ).rowcount
+        changed = runstate.finish(
+            run.id, "FAILURE", now=now, started_at=run.started_at, from_=runstate.RUNNING,
+            error=f"worker lost: {run.worker or 'unknown worker'} ({alive}) no "
+                  "longer runs this task")
         db.session.commit()
         if changed:
             lost.append(run)
@@ -88,7 +83,7 @@ def _settle_from_backend(celery_app, before, limit: int = 1000) -> int:
     """
     runs = list(db.session.execute(
         sa.select(TaskRun)
-        .where(TaskRun.status.not_in(FINISHED_STATES), TaskRun.created_at < before)
+        .where(TaskRun.status.in_(runstate.UNFINISHED), TaskRun.created_at < before)
         .order_by(TaskRun.created_at).limit(limit)
     ).scalars())
     try:
@@ -99,7 +94,7 @@ def _settle_from_backend(celery_app, before, limit: int = 1000) -> int:
     settled = 0
     for run in runs:
         meta = metas.get(run.id)
-        if meta and meta.get("status") in FINISHED_STATES and reconcile_from_meta(run, meta):
+        if meta and meta.get("status") in runstate.FINISHED and reconcile_from_meta(run, meta):
             settled += 1
             log.info("settled %s as %s from the result backend", run.id, run.status)
             if run.parent_id:
@@ -129,7 +124,7 @@ def purge(*, older_than_days: float | None = None, batch_size: int = 5000) -> in
     while True:
         ids = list(db.session.execute(
             sa.select(TaskRun.id)
-            .where(TaskRun.finished_at < cutoff, TaskRun.status.in_(FINISHED_STATES))
+            .where(TaskRun.finished_at < cutoff, TaskRun.status.in_(runstate.FINISHED))
             .limit(batch_size)
         ).scalars())
         if not ids:

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import traceback as tb
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from billiard.exceptions import WorkerLostError
 from celery import signals
 from celery.exceptions import TimeLimitExceeded
 from celery.worker import state as worker_state
+from flask import current_app
+from sqlalchemy.exc import IntegrityError
 
 from celery_api.catalog import get_catalog
 from celery_api.extensions import db
-from celery_api.models import FINISHED_STATES, TaskRun, utcnow
-
-TERMINATE_REQUESTED = "terminate requested"  # written by services.control
+from celery_api.models import TaskRun, company_id_of, utcnow
+from celery_api.services import runstate
 
 log = logging.getLogger("celery_api.worker")
 _connected = False
@@ -68,35 +70,33 @@ def _guarded(handler):
     return wrapper
 
 
-def _update(task_id: str, *conditions, **values) -> int:
-    stmt = sa.update(TaskRun).where(TaskRun.id == task_id, *conditions).values(**values)
-    return db.session.execute(stmt).rowcount
-
-
 @_guarded
 def on_prerun(task, task_id=None, args=None, kwargs=None, **_):
+    """Claim the run for this delivery, or mark the delivery to be dropped unrun."""
     request = task.request
     now = utcnow()
     request.celery_api_started = now  # for the runtime at postrun, without a query
-    updated = _update(
-        task_id,
-        TaskRun.status.not_in(FINISHED_STATES),
-        status="STARTED",
-        started_at=sa.func.coalesce(TaskRun.started_at, now),
-        worker=request.hostname,
-        retries=request.retries or 0,
-        attempts=TaskRun.attempts + 1,
-    )
-    if updated:
-        log.info("▶️ started %s on %s", task_id, request.hostname)
+    retries = request.retries or 0
+    found = runstate.claim(task_id, worker=request.hostname, retries=retries, now=now)
+    if found.outcome == "missing":
+        found = _record_external(task, task_id, args, kwargs, now)
+    if found.outcome == "running" and _redelivered_after_loss(task, task_id, found):
+        found = runstate.take_over(task_id, found, worker=request.hostname, retries=retries,
+                                   now=now)
+    if found.claimed:
+        request.celery_api_attempt = found.attempt
+        log.info("▶️ started %s on %s (attempt %d)", task_id, request.hostname, found.attempt)
         return
-    existing = db.session.execute(
-        sa.select(TaskRun.status).where(TaskRun.id == task_id)).scalar_one_or_none()
-    if existing is not None:
-        # Already finished: revoked while no worker was listening, most likely.
-        request.celery_api_revoked = existing == "REVOKED"
-        return
-    # A task this API did not launch: record it now.
+    # Finished, revoked, a stale copy of an earlier attempt, or running elsewhere: the
+    # task body does not run (FlaskTask drops the delivery).
+    request.celery_api_drop = found
+    log.warning("⏭️ dropped a delivery of %s: the run is %s (%s%s)", task_id, found.status,
+                found.outcome, f" on {found.worker}" if found.outcome == "running" else "")
+
+
+def _record_external(task, task_id, args, kwargs, now) -> runstate.Claim:
+    """A task this API did not launch (sent straight to Celery): record it, claimed."""
+    request = task.request
     definition = get_catalog().by_celery_name(task.name)
     params = kwargs or {}
     if args:
@@ -116,74 +116,97 @@ def on_prerun(task, task_id=None, args=None, kwargs=None, **_):
             attempts=1,
             parent_id=request.parent_id,
             root_id=request.root_id or task_id,
-            company_id=_company_id(params),
+            company_id=company_id_of(params),
             created_at=now,
             started_at=now,
             tags=[],
         )
     )
-    log.info("▶️ started %s (%s, not launched through the API) on %s",
-             task_id, task.name, request.hostname)
+    try:
+        db.session.flush()
+    except IntegrityError:
+        # Another delivery of the same message recorded it first: claim like any copy.
+        db.session.rollback()
+        return runstate.claim(task_id, worker=request.hostname,
+                              retries=request.retries or 0, now=now)
+    log.info("📥 recording %s (%s), not launched through the API", task_id, task.name)
+    return runstate.Claim("claimed", attempt=1)
 
 
-def _company_id(params) -> str | None:
-    value = params.get("company_id") if isinstance(params, dict) else None
-    return str(value)[:36] if value else None
+def _redelivered_after_loss(task, task_id: str, found: runstate.Claim) -> bool:
+    """A run recorded as running met another delivery of its message. Only task types
+    safe to repeat are redelivered on purpose (their worker process was lost); the
+    delivery takes the run over only when no live worker process is running it."""
+    if not (task.acks_late and task.reject_on_worker_lost):
+        return False
+    db.session.commit()  # hold no write lock across the broadcast below
+    me = (task.request.hostname, os.getpid())
+    try:
+        inspect = task.app.control.inspect(
+            destination=[found.worker] if found.worker else None,
+            timeout=current_app.config["INSPECT_TIMEOUT"])
+        replies = inspect.active() or {}
+    except Exception as exc:  # noqa: BLE001 - cannot tell: never risk a second execution
+        log.warning("could not ask %s whether it runs %s: %s", found.worker, task_id, exc)
+        return False
+    for host, active in replies.items():
+        for running in active or []:
+            pid = running.get("worker_pid")
+            if running.get("id") == task_id and pid and (host, pid) != me:
+                return False
+    return True
 
 
-def _finish_values(task_id: str, now, request=None) -> dict:
-    # The first start of this attempt is known to the process that ran it; the record
-    # keeps the first start of all attempts, read only when it is not known here.
-    started = getattr(request, "celery_api_started", None) if request is not None else None
-    first_attempt = request is not None and not request.retries and not (
-        request.delivery_info or {}).get("redelivered")
-    if started is None or not first_attempt:
-        started = db.session.execute(
-            sa.select(TaskRun.started_at).where(TaskRun.id == task_id)
-        ).scalar_one_or_none() or started
-    runtime = (now - started).total_seconds() if started else None
-    return {"finished_at": now, "runtime": runtime}
+def _finish_started(request) -> datetime | None:
+    """The run's first start when this process knows it (its first attempt), else None
+    (read from the record)."""
+    first = (getattr(request, "celery_api_attempt", None) == 1 and not request.retries)
+    return getattr(request, "celery_api_started", None) if first else None
+
+
+# The current attempt's own end replaces anything but a revoke (it may replace a
+# "worker lost" that reconcile wrote while the attempt was still running).
+ENDABLE = runstate.ALL - {"REVOKED"}
 
 
 @_guarded
 def on_postrun(task, task_id=None, retval=None, state=None, **_):
-    now = utcnow()
+    request = task.request
+    mine = runstate.current_attempt(getattr(request, "celery_api_attempt", None))
     if state == "SUCCESS":
-        _update(task_id, TaskRun.status != "REVOKED", status="SUCCESS", result=_json_safe(retval),
-                error=None, traceback=None, **_finish_values(task_id, now, task.request))
+        runstate.finish(task_id, "SUCCESS", started_at=_finish_started(request), from_=ENDABLE,
+                        where=mine, result=_json_safe(retval), error=None, traceback=None)
         log.info("✅ %s succeeded", task_id)
     elif state == "FAILURE":
         error = f"{type(retval).__name__}: {retval}"
         trace = "".join(tb.format_exception(retval)) if isinstance(retval, BaseException) else None
-        _update(task_id, TaskRun.status != "REVOKED", status="FAILURE", error=error,
-                traceback=trace, **_finish_values(task_id, now, task.request))
+        runstate.finish(task_id, "FAILURE", started_at=_finish_started(request), from_=ENDABLE,
+                        where=mine, error=error, traceback=trace)
         log.error("❌ %s failed: %s", task_id, error)
     elif state == "RETRY":
         reason = getattr(retval, "exc", None) or retval
-        _update(task_id, TaskRun.status != "REVOKED", status="RETRY",
-                retries=(task.request.retries or 0) + 1, error=f"retrying: {reason}")
+        runstate.transition(task_id, "RETRY", where=mine, retries=(request.retries or 0) + 1,
+                            error=f"retrying: {reason}")
         log.warning("🔁 %s will retry: %s", task_id, reason)
         return
     else:
         return
-    _maybe_finish_parent(task, task_id, task.request.parent_id)
+    _maybe_finish_parent(task, task_id, request.parent_id)
 
 
 @_guarded
 def on_revoked(task, request=None, terminated=False, signum=None, expired=False, **_):
     task_id = request.id
-    now = utcnow()
     if expired:
         reason = "expired before it started"
     elif terminated:
         requested = db.session.execute(
             sa.select(TaskRun.error).where(TaskRun.id == task_id)).scalar_one_or_none()
-        reason = termination_reason(f"terminated with signal {signum}", requested)
+        reason = runstate.termination_reason(f"terminated with signal {signum}", requested)
     else:
         reason = "revoked"
     # A run the API already marked REVOKED keeps its record (and the caller's reason).
-    _update(task_id, TaskRun.status.not_in(FINISHED_STATES), status="REVOKED",
-            error=reason, **_finish_values(task_id, now))
+    runstate.finish(task_id, "REVOKED", error=reason)
     log.info("🚫 %s revoked (%s)", task_id, reason)
     _maybe_finish_parent(task, task_id, getattr(request, "parent_id", None))
 
@@ -197,20 +220,9 @@ def on_failure(task, task_id=None, exception=None, **_):
         reason = f"hard time limit exceeded: {exception}"
     else:
         return  # ordinary failures are recorded by on_postrun, with their traceback
-    now = utcnow()
-    _update(task_id, TaskRun.status.not_in(FINISHED_STATES), status="FAILURE",
-            error=reason, **_finish_values(task_id, now))
+    runstate.finish(task_id, "FAILURE", error=reason)
     log.error("❌ %s failed: %s", task_id, reason)
     _maybe_finish_parent(task, task_id, getattr(task.request, "parent_id", None))
-
-
-def termination_reason(base: str, recorded: str | None) -> str:
-    """``base``, plus the caller's reason if the revoke request recorded one."""
-    if recorded and recorded.startswith(TERMINATE_REQUESTED):
-        return base + recorded[len(TERMINATE_REQUESTED):]
-    if recorded and recorded.startswith("terminated"):
-        return recorded  # the worker's confirmation already wrote it
-    return base
 
 
 def on_worker_ready(sender=None, **_):

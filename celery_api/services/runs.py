@@ -11,9 +11,9 @@ from flask import current_app
 from sqlalchemy.exc import SQLAlchemyError
 
 from celery_api.extensions import db
-from celery_api.models import FINISHED_STATES, TaskRun, utcnow
+from celery_api.models import TaskRun, utcnow
+from celery_api.services import runstate
 from celery_api.services.errors import NotFound, Unavailable
-from celery_api.services.recorder import termination_reason
 
 log = logging.getLogger("celery_api.status")
 
@@ -93,7 +93,7 @@ def describe(task_id: str, *, lineage: bool = True) -> RunView:
     view = RunView(run=run, status=run.status, result=run.result, error=run.error,
                    traceback=run.traceback, meta=run.meta, children=children,
                    retries_of_this=retries)
-    if not run.finished:
+    if not runstate.is_finished(run.status):
         _merge_live_state(view)
     if isinstance(view.meta, dict) and {"current", "total"} <= view.meta.keys():
         view.progress = {k: view.meta.get(k) for k in ("current", "total", "percent", "message")}
@@ -113,7 +113,7 @@ def _merge_live_state(view: RunView) -> None:
     if state == "PENDING":
         return  # the backend knows nothing yet: the record's state stands
     view.status = state
-    if state in FINISHED_STATES:
+    if state in runstate.FINISHED:
         # Shown, not written: a read does not wait on a database write. The worker
         # records the end itself; beat's reconcile settles it if the worker could not.
         view.recorded = False
@@ -138,11 +138,8 @@ def reconcile_from_meta(run: TaskRun, meta: dict) -> bool:
     """
     values = ended_values(run, meta)
     try:
-        changed = db.session.execute(
-            sa.update(TaskRun)
-            .where(TaskRun.id == run.id, TaskRun.status.not_in(FINISHED_STATES))
-            .values(**values)
-        ).rowcount
+        changed = runstate.finish(run.id, values.pop("status"), started_at=run.started_at,
+                                  **values)
         db.session.commit()
         db.session.refresh(run)
     except SQLAlchemyError:
@@ -156,13 +153,12 @@ def ended_values(run: TaskRun, meta: dict) -> dict:
     state, result = meta.get("status"), meta.get("result")
     trace, date_done = meta.get("traceback"), meta.get("date_done")
     finished = _parse_date(date_done) or utcnow()
-    values: dict = {"status": state, "finished_at": finished}
-    if run.started_at:
-        values["runtime"] = max(0.0, (finished - run.started_at).total_seconds())
+    values: dict = {"status": state, "finished_at": finished,
+                    "runtime": runstate.runtime(run.started_at, finished)}
     if state == "SUCCESS":
         values["result"] = result
     elif state == "REVOKED":
-        values["error"] = (termination_reason("terminated", run.error)
+        values["error"] = (runstate.termination_reason("terminated", run.error)
                            if run.error else _error_text(result))
     else:
         values["error"] = _error_text(result)
