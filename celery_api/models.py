@@ -48,6 +48,10 @@ def _sparse_index(name: str, column: str, *more: str) -> sa.Index:
     return sa.Index(name, column, *more, postgresql_where=where, sqlite_where=where)
 
 
+OPEN_RETRY = ("retry_of IS NOT NULL AND status IN "
+              "('PENDING', 'RECEIVED', 'RETRY', 'STARTED', 'PROGRESS')")
+
+
 class TaskRun(db.Model):
     """One run of a task: launched here, by a fan-out, a retry, a schedule, or seen by a worker."""
 
@@ -82,6 +86,9 @@ class TaskRun(db.Model):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     runtime: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    # Set while a delayed run is held here rather than in the broker: beat publishes
+    # it at this time (services.dispatch).
+    dispatch_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     # The history is read newest first, (created_at, id) being the cursor: every index
     # that serves a filter ends with created_at so rows come out already in order.
@@ -98,6 +105,11 @@ class TaskRun(db.Model):
         _sparse_index("ix_task_runs_retry_of", "retry_of"),
         _sparse_index("ix_task_runs_batch_id", "batch_id"),
         _sparse_index("ix_task_runs_schedule_id", "schedule_id"),
+        _sparse_index("ix_task_runs_dispatch_at", "dispatch_at"),
+        # At most one unfinished retry of a run: concurrent retries of one run race
+        # on this index, and all but one get a 409 naming the winner.
+        sa.Index("ux_task_runs_open_retry", "retry_of", unique=True,
+                 postgresql_where=sa.text(OPEN_RETRY), sqlite_where=sa.text(OPEN_RETRY)),
     )
 
     @property

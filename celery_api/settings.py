@@ -92,6 +92,8 @@ def from_environment(instance_path: Path) -> dict:
         "MAX_CONTENT_LENGTH": env_int("CELERY_API_MAX_BODY_BYTES", 1024 * 1024),
         "HISTORY_RETENTION_DAYS": env_float("CELERY_API_HISTORY_RETENTION_DAYS", 90.0),
         "RECONCILE_GRACE_SECONDS": env_float("CELERY_API_RECONCILE_GRACE_SECONDS", 30.0),
+        "DELAY_HOLD_SECONDS": env_float("CELERY_API_DELAY_HOLD_SECONDS", 60.0),
+        "DISPATCH_INTERVAL": env_float("CELERY_API_DISPATCH_INTERVAL", 1.0),
         "CELERY": celery_config(broker_url, result_backend, broker_timeout),
     }
 
@@ -112,7 +114,14 @@ def celery_config(broker_url: str, result_backend: str, broker_timeout: float) -
             # same queues and broadcast bindings as this service.
             "priority_steps": list(range(10)),
             "queue_order_strategy": "priority",
-            "visibility_timeout": env_int("CELERY_API_VISIBILITY_TIMEOUT", 3600),
+            # An unacknowledged message (its worker died holding it) goes back to its
+            # queue after this long. Safe to keep short: long delays are held in the
+            # database (services.dispatch), and a copy redelivered while its run is
+            # still running is dropped by the worker's claim (services.runstate).
+            "visibility_timeout": env_int("CELERY_API_VISIBILITY_TIMEOUT", 300),
+            # How often a worker looks for such messages (kombu's default is 100 s).
+            "unacked_restore_interval": env_int("CELERY_API_UNACKED_RESTORE_INTERVAL", 10),
+            "unacked_restore_throttle": 1,
         }
     amqp = broker_url.startswith(("amqp", "pyamqp", "amqps"))
     if amqp:
@@ -145,6 +154,8 @@ def celery_config(broker_url: str, result_backend: str, broker_timeout: float) -
         "task_queue_max_priority": 10 if amqp else None,
         "timezone": "UTC",
         "enable_utc": True,
+        # Beat also publishes the runs held in the database when they come due.
+        "beat_scheduler": "celery_api.beat:Scheduler",
         "beat_schedule": {
             "celery-api-reconcile-runs": {
                 "task": "celery_api.reconcile_runs",

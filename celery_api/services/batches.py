@@ -63,7 +63,7 @@ def launch_batch(items: list[BatchItem], *, launched_by: str | None = None
             f"{len(errors)} of {len(items)} tasks are invalid; nothing was launched. {shown}",
             errors={"json": {"tasks": errors}})
     launch_service.record_runs(prepared)
-    published = _publish_all(batch_id, prepared)
+    published = _publish_all(batch_id, [p for p in prepared if not p.held])
     for p in prepared:
         record_launch(p.record["task_type"], "accepted")
     log.info("📤 launched batch %s: %d task(s)", batch_id, published)
@@ -79,6 +79,8 @@ def _item_errors(exc: ServiceError) -> dict:
 
 
 def _publish_all(batch_id: str, prepared: list) -> int:
+    if not prepared:
+        return 0
     celery_app = current_app.extensions["celery"]
     sent = 0
     try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from flask import current_app
+from sqlalchemy.exc import IntegrityError
 
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
@@ -130,11 +131,32 @@ def retry(task_id: str) -> launch_service.Launched:
         raise Conflict(f"Task {task_id} is {view.status}; only FAILURE or REVOKED runs "
                        "can be retried.")
     original = view.run
+    _refuse_if_retrying(task_id)
     options = launch_service.LaunchOptions(
         priority=original.priority, queue=original.queue, tags=list(original.tags or []))
     lineage = launch_service.Lineage(
         retry_of=original.id, root_id=original.root_id or original.id,
         batch_id=original.batch_id)
-    run = launch_service.launch(original.task_type, original.params, options, lineage)
+    try:
+        run = launch_service.launch(original.task_type, original.params, options, lineage)
+    except IntegrityError as exc:
+        # A concurrent retry of the same run was recorded first (the open-retry index).
+        _refuse_if_retrying(task_id)
+        raise Conflict(f"Task {task_id} was retried by another request at the same "
+                       "moment; see its retries in GET /api/celery/history?retry_of="
+                       f"{task_id}.") from exc
     log.info("🔁 retry of %s launched as %s", task_id, run.id)
     return run
+
+
+def _refuse_if_retrying(task_id: str) -> None:
+    """409 naming the retry of ``task_id`` that has not finished yet, if there is one."""
+    open_retry = db.session.execute(
+        sa.select(TaskRun.id, TaskRun.status)
+        .where(TaskRun.retry_of == task_id, TaskRun.status.in_(runstate.UNFINISHED))
+    ).first()
+    db.session.rollback()
+    if open_retry is not None:
+        raise Conflict(
+            f"Task {task_id} is already being retried by {open_retry.id} "
+            f"({open_retry.status}); follow that run, or retry again once it has finished.")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import marshmallow as ma
 import redis.exceptions
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 from celery.utils.nodenames import anon_nodename
 from flask import current_app
 from kombu.exceptions import OperationalError
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from celery_api.catalog import get_catalog
 from celery_api.extensions import db
@@ -113,6 +114,25 @@ class Prepared:
     celery_name: str
     options: LaunchOptions
 
+    @property
+    def held(self) -> bool:
+        """Delayed past the hold horizon: kept in the database, published when due."""
+        return self.record["dispatch_at"] is not None
+
+
+def hold_seconds(config) -> float:
+    """Runs due later than this are held in the database instead of the broker.
+
+    A message a worker holds unacknowledged for longer than the broker's visibility
+    timeout (Redis) is handed to another worker too, and RabbitMQ closes a consumer
+    that holds one past its consumer timeout: long delays never wait in the broker.
+    """
+    hold = config["DELAY_HOLD_SECONDS"]
+    transport = config["CELERY"].get("broker_transport_options") or {}
+    if "visibility_timeout" in transport:
+        hold = min(hold, transport["visibility_timeout"] / 2)
+    return hold
+
 
 def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Prepared:
     """Validate and build the run's record; raise UnknownTaskType or InvalidParams."""
@@ -125,7 +145,19 @@ def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
             f"Unknown queue {queue!r}: no worker is configured to consume it. "
             f"Use one of: {', '.join(allowed)}.",
             errors={"json": {"queue": [f"Must be one of: {', '.join(allowed)}."]}})
+    now = utcnow()
+    eta = options.eta
+    if eta is None and options.countdown:
+        eta = now + timedelta(seconds=options.countdown)
     expires = options.expires
+    dispatch_at = None
+    if eta is not None:
+        hold = hold_seconds(current_app.config)
+        if (eta - now).total_seconds() > hold:
+            dispatch_at = eta - timedelta(seconds=hold)
+            if isinstance(expires, int | float):  # counted from the launch, not the publish
+                expires = now + timedelta(seconds=expires)
+            options = dataclasses.replace(options, countdown=None, eta=eta, expires=expires)
     record = {
         "id": task_id,
         "task_type": definition.task_type,
@@ -135,7 +167,7 @@ def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
         "queue": queue,
         "priority": options.priority,
         "tags": list(options.tags),
-        "eta": options.eta,
+        "eta": eta,
         "expires": expires if isinstance(expires, datetime) else None,
         "company_id": company_id_of(clean),
         "parent_id": lineage.parent_id,
@@ -146,7 +178,8 @@ def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
         "launched_by": lineage.launched_by,
         "retries": 0,
         "attempts": 0,
-        "created_at": utcnow(),
+        "created_at": now,
+        "dispatch_at": dispatch_at,
     }
     return Prepared(record, sorted(set(options.tags)), definition.celery_name, options)
 
@@ -166,6 +199,8 @@ def record_runs(prepared: list[Prepared]) -> None:
                 connection.execute(RUNS_INSERT, records[0] if len(records) == 1 else records)
             if tags:
                 connection.execute(TAGS_INSERT, tags)
+    except IntegrityError:
+        raise  # a rule of the history refused it (one open retry per run): the caller's
     except SQLAlchemyError as exc:
         log.error("❌ could not record %d launch(es): %s", len(prepared), exc)
         raise Unavailable(
@@ -194,6 +229,10 @@ def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
     record = prepared.record
     task_id = record["id"]
     record_runs([prepared])
+    if prepared.held:
+        log.info("📤 launching %s as %s on queue %s, held until %s", task_type, task_id,
+                 record["queue"], record["dispatch_at"].isoformat())
+        return Launched(id=task_id, task_type=record["task_type"])
     log.info("📤 launching %s as %s on queue %s", task_type, task_id, record["queue"])
     try:
         publish(record, prepared.celery_name, options)

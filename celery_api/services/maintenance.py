@@ -15,10 +15,12 @@ from flask import current_app
 
 from celery_api.catalog import get_catalog
 from celery_api.extensions import db
+from celery_api.fences import kombu as kombu_fence
 from celery_api.models import TaskRun, TaskRunTag, utcnow
 from celery_api.services import fanout, runstate
 from celery_api.services.cache import run_cache
 from celery_api.services.runs import reconcile_from_meta
+from celery_api.services.stats import queue_lengths
 
 log = logging.getLogger("celery_api.maintenance")
 
@@ -37,6 +39,7 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
     now = utcnow()
     celery_app = current_app.extensions["celery"]
     settled = _settle_from_backend(celery_app, now - timedelta(seconds=grace))
+    stranded = _stranded(celery_app, now, grace)
     candidates = list(db.session.execute(
         sa.select(TaskRun).where(TaskRun.status.in_(runstate.RUNNING),
                                  TaskRun.started_at < now - timedelta(seconds=grace))
@@ -44,7 +47,7 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
     candidates = [r for r in candidates
                   if not (isinstance(r.meta, dict) and "fanout" in r.meta)]
     if not candidates:
-        return {"checked": 0, "lost": 0, "settled": settled}
+        return {"checked": 0, "lost": 0, "settled": settled, **stranded}
     replies = celery_app.control.inspect(timeout=config["INSPECT_TIMEOUT"]).active() or {}
     active = {task["id"] for tasks in replies.values() for task in tasks or []}
     visibility = config["CELERY"]["broker_transport_options"].get("visibility_timeout", 3600)
@@ -72,7 +75,62 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
         if run.parent_id:
             fanout.finish_if_complete(run.parent_id, celery_app)
     return {"checked": len(candidates), "lost": len(lost),
-            "lost_ids": [r.id for r in lost], "settled": settled}
+            "lost_ids": [r.id for r in lost], "settled": settled, **stranded}
+
+
+QUEUE_READ_LIMIT = 10_000  # longer Redis queues are not read: their runs are not judged
+
+
+def _stranded(celery_app, now, grace: float) -> dict:
+    """PENDING runs whose message no queue and no worker holds: reported, not changed.
+
+    A message a worker took but never acknowledged goes back to its queue after the
+    visibility timeout (Redis) or as soon as the worker's connection drops (RabbitMQ),
+    so a run older than that which is still PENDING, held by no queue and no worker,
+    was lost on the way (a broker that lost its data, a queue deleted by hand). Those
+    are logged and returned as ``stranded_ids`` for an operator to retry or revoke.
+    """
+    transport = current_app.config["CELERY"]["broker_transport_options"] or {}
+    settle = grace + transport.get("visibility_timeout", 0)
+    before = now - timedelta(seconds=settle)
+    candidates = db.session.execute(
+        sa.select(TaskRun.id, TaskRun.queue)
+        .where(TaskRun.status == "PENDING", TaskRun.dispatch_at.is_(None),
+               TaskRun.created_at < before,
+               sa.or_(TaskRun.eta.is_(None), TaskRun.eta < before))
+        .limit(1000)).all()
+    if not candidates:
+        return {"stranded": 0, "stranded_ids": []}
+    queues = sorted({queue or "celery" for _, queue in candidates})
+    try:
+        in_broker, unknown_queues = _held_by_broker(celery_app, queues)
+        inspect = celery_app.control.inspect(timeout=current_app.config["INSPECT_TIMEOUT"])
+        in_workers = {task.get("id") for tasks in (inspect.reserved() or {}).values()
+                      for task in tasks or []}
+        in_workers |= {(task.get("request") or {}).get("id") for tasks in
+                       (inspect.scheduled() or {}).values() for task in tasks or []}
+    except Exception as exc:  # noqa: BLE001 - the broker is down: next pass
+        log.warning("broker unreachable while looking for stranded runs: %s", exc)
+        return {"stranded": 0, "stranded_ids": []}
+    stranded = [run_id for run_id, queue in candidates
+                if (queue or "celery") not in unknown_queues
+                and run_id not in in_broker and run_id not in in_workers]
+    for run_id in stranded:
+        log.warning("⚠️ %s is PENDING but no queue or worker holds its message: retry or "
+                    "revoke it", run_id)
+    return {"stranded": len(stranded), "stranded_ids": stranded}
+
+
+def _held_by_broker(celery_app, queues: list[str]) -> tuple[set[str], set[str]]:
+    """Ids of the messages the broker holds for ``queues``, and the queues it cannot
+    tell about (too long to read on Redis; any non-empty queue elsewhere)."""
+    with celery_app.connection_for_read() as conn:
+        channel = conn.default_channel
+        if kombu_fence.is_redis_channel(channel):
+            ids = kombu_fence.redis_message_ids(channel, queues, QUEUE_READ_LIMIT)
+            return (set(), set(queues)) if ids is None else (ids, set())
+    lengths = queue_lengths(celery_app, queues)
+    return set(), {queue for queue, length in lengths.items() if length}
 
 
 def _settle_from_backend(celery_app, before, limit: int = 1000) -> int:
