@@ -5,18 +5,29 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 export PORT
 
-.PHONY: run test serve worker beat migrate bench install install-test lint clean
+.PHONY: run test serve worker beat migrate bench install install-test lint lock clean
+
+# Every install is from the lock files (see "Dependencies and the lock file" in the README):
+# requirements.lock for running, requirements-test.lock (runtime + extras test, dev) for the
+# suite, then this project itself with --no-deps. Editing a lock reinstalls.
+LOCK := requirements.lock
+TEST_LOCK := requirements-test.lock
+# pip itself, at the version the locks were made with (pip-tools brings it into the test lock).
+PIP_PIN = $(shell grep -E '^pip==' $(TEST_LOCK))
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install -e .
+# The project is built with the setuptools and wheel pinned in the lock (no build isolation,
+# which would fetch the newest ones).
+$(VENV)/.installed: $(BIN)/python $(LOCK) $(TEST_LOCK) setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet '$(PIP_PIN)'
+	$(BIN)/pip install -r $(LOCK)
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -e '.[test,dev]'
+$(VENV)/.installed-test: $(VENV)/.installed $(TEST_LOCK)
+	$(BIN)/pip install -r $(TEST_LOCK)
 	touch $@
 
 install: $(VENV)/.installed
@@ -58,6 +69,19 @@ bench: install-test
 	$(BIN)/python bench/compare.py --write
 	$(BIN)/python bench/history.py --write
 	$(BIN)/python bench/embedded_broker.py
+
+# Re-generate both locks from setup.cfg with pip-compile (pip-tools, from the dev extra).
+# Pins are kept wherever setup.cfg still allows them; to move them on:
+#   make lock UPGRADE='--upgrade-package flask'      (one package, and what it needs)
+#   make lock UPGRADE=--upgrade                      (everything)
+# The test lock is constrained by the runtime lock, so both pin the same runtime versions.
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --allow-unsafe \
+	--strip-extras --build-deps-for editable --no-emit-index-url --no-emit-find-links \
+	--no-emit-trusted-host $(UPGRADE)
+
+lock: install-test
+	$(PIP_COMPILE) --output-file $(LOCK) setup.cfg
+	$(PIP_COMPILE) --extra test --extra dev --constraint $(LOCK) --output-file $(TEST_LOCK) setup.cfg
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache
