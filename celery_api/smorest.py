@@ -1,14 +1,22 @@
-"""Project base classes for flask-smorest: the ``Api`` that speaks RFC 9457.
+"""Project base classes for flask-smorest: the ``Api`` that speaks RFC 9457, and the
+``Schema`` every request schema derives from.
 
 Every error, whether raised with ``abort`` in a view, by webargs on a bad request
 or by Flask itself (404, 405, 413), leaves through ``Api.handle_http_exception``
 as ``application/problem+json`` with a ``detail`` a person can act on.
+
+``Schema`` refuses, before any field is read, text no database can store: the NUL
+character (PostgreSQL refuses it in text and JSON, and it truncates C strings) and
+lone UTF-16 surrogates (JSON's ``"\\ud800"``, which cannot be encoded as UTF-8), in
+any string or key of the input, at any depth (a task's ``params`` included). The
+answer is a 422 naming the field path, never a 500 or a 503 from the database.
 """
 
 from __future__ import annotations
 
 import http
 import logging
+from collections.abc import Mapping
 
 import marshmallow as ma
 from flask import Response, json, request
@@ -22,6 +30,87 @@ from werkzeug.exceptions import HTTPException
 PROBLEM_JSON = "application/problem+json"
 
 log = logging.getLogger("celery_api.http")
+
+
+NUL_MESSAGE = "Must not contain the NUL character (\\u0000)."
+SURROGATE_MESSAGE = ("Must be valid Unicode: a lone surrogate (\\ud800 to \\udfff) cannot be "
+                     "stored.")
+KEY_NUL_MESSAGE = "Names must not contain the NUL character (\\u0000)."
+KEY_SURROGATE_MESSAGE = "Names must be valid Unicode: a lone surrogate cannot be stored."
+MAX_TEXT_ERRORS = 20
+
+
+def _text_problem(value: str, nul: str, surrogate: str) -> str | None:
+    if "\x00" in value:
+        return nul
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return surrogate
+    return None
+
+
+def printable_name(key) -> object:
+    """A key as it may be shown in an error: NUL and surrogates written as escapes."""
+    if not isinstance(key, str):
+        return key
+    return key.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")
+
+
+def unstorable_text(data) -> dict | list | None:
+    """Field errors for every string (or key) in ``data`` that holds NUL or a lone
+    surrogate, shaped as marshmallow's (``{"params": {"tags": {0: [...]}}}``), or None.
+
+    Iterative (JSON nested to just under the recursion limit is read fine), and stops
+    after ``MAX_TEXT_ERRORS`` messages so a hostile body does not make a huge answer.
+    """
+    found: list[tuple[tuple, str]] = []
+    stack: list[tuple[tuple, object]] = [((), data)]
+    while stack and len(found) < MAX_TEXT_ERRORS:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            problem = _text_problem(value, NUL_MESSAGE, SURROGATE_MESSAGE)
+            if problem:
+                found.append((path, problem))
+        elif isinstance(value, Mapping):
+            children = []
+            for key in value:
+                if isinstance(key, str):
+                    problem = _text_problem(key, KEY_NUL_MESSAGE, KEY_SURROGATE_MESSAGE)
+                    if problem:
+                        found.append(((*path, printable_name(key)), problem))
+                        continue
+                children.append(((*path, key), value[key]))
+            stack.extend(reversed(children))  # reported in the input's order
+        elif isinstance(value, list | tuple):
+            stack.extend(reversed([((*path, index), item) for index, item in enumerate(value)]))
+    if not found:
+        return None
+    if found[0][0] == ():
+        return [found[0][1]]  # the input itself is one bad string
+    errors: dict = {}
+    for path, message in found:
+        node = errors
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node.setdefault(path[-1], []).append(message)
+    return errors
+
+
+class Schema(ma.Schema):
+    """The base of every request and response schema of this API.
+
+    Loading refuses (422, naming the field path) NUL characters and lone surrogates
+    anywhere in the input: in any string or key, nested at any depth.
+    """
+
+    @ma.pre_load
+    def _refuse_unstorable_text(self, data, **_kwargs):
+        errors = unstorable_text(data)
+        if errors:
+            raise ma.ValidationError(errors)
+        return data
 
 
 class ProblemSchema(ma.Schema):
