@@ -38,6 +38,7 @@ SURROGATE_MESSAGE = ("Must be valid Unicode: a lone surrogate (\\ud800 to \\udff
 KEY_NUL_MESSAGE = "Names must not contain the NUL character (\\u0000)."
 KEY_SURROGATE_MESSAGE = "Names must be valid Unicode: a lone surrogate cannot be stored."
 MAX_TEXT_ERRORS = 20
+MAX_ERROR_DEPTH = 32  # deeper paths are named by their first 32 parts
 
 
 def _text_problem(value: str, nul: str, surrogate: str) -> str | None:
@@ -62,8 +63,9 @@ def unstorable_text(data) -> dict | list | None:
     """Field errors for every string (or key) in ``data`` that holds NUL or a lone
     surrogate, shaped as marshmallow's (``{"params": {"tags": {0: [...]}}}``), or None.
 
-    Iterative (JSON nested to just under the recursion limit is read fine), and stops
-    after ``MAX_TEXT_ERRORS`` messages so a hostile body does not make a huge answer.
+    Iterative (JSON nested to just under the recursion limit is read fine); stops after
+    ``MAX_TEXT_ERRORS`` messages and names a path by its first ``MAX_ERROR_DEPTH`` parts,
+    so a hostile body does not make a huge answer.
     """
     found: list[tuple[tuple, str]] = []
     stack: list[tuple[tuple, object]] = [((), data)]
@@ -91,6 +93,7 @@ def unstorable_text(data) -> dict | list | None:
         return [found[0][1]]  # the input itself is one bad string
     errors: dict = {}
     for path, message in found:
+        path = path[:MAX_ERROR_DEPTH]
         node = errors
         for part in path[:-1]:
             node = node.setdefault(part, {})
