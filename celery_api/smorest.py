@@ -102,7 +102,7 @@ def unstorable_text(data) -> dict | list | None:
 
 
 class Schema(ma.Schema):
-    """The base of every request and response schema of this API.
+    """The base of every schema of this API.
 
     Loading refuses (422, naming the field path) NUL characters and lone surrogates
     anywhere in the input: in any string or key, nested at any depth.
@@ -116,7 +116,34 @@ class Schema(ma.Schema):
         return data
 
 
-class ProblemSchema(ma.Schema):
+class RequestSchema(Schema):
+    """A schema of what clients send (body, query): its free strings are documented
+    with ``NO_NUL_PATTERN`` in the OpenAPI document, which response schemas are not
+    (a worker may record any text in a run's error)."""
+
+
+# The NUL rule as OpenAPI can say it. Lone surrogates cannot be said: without the
+# regex "u" flag a surrogate range would refuse every emoji too (README).
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
+def document_no_nul(converter, field, ret=None, **_kwargs) -> dict:
+    """apispec attribute function: a request's free string says it holds no NUL.
+
+    Request schemas are this project's ``RequestSchema`` subclasses and the task types'
+    params schemas (plain marshmallow schemas, loaded only). Strings that already have
+    a ``pattern``, a ``format`` or an ``enum`` say more than this and are left alone.
+    """
+    ret = ret or {}
+    root = field.root
+    is_request = isinstance(root, RequestSchema) or not isinstance(root, Schema)
+    if (is_request and ret.get("type") == "string"
+            and not {"pattern", "format", "enum"} & ret.keys()):
+        return {"pattern": NO_NUL_PATTERN}
+    return {}
+
+
+class ProblemSchema(Schema):
     """RFC 9457 problem details, as every error of this API is answered."""
 
     type = ma.fields.String(
@@ -183,6 +210,10 @@ def problem_response(status: int, detail: str, *, errors=None, headers=None, typ
 
 class Api(BaseApi):
     ERROR_SCHEMA = ProblemSchema
+
+    def _init_spec(self, *args, **kwargs):
+        super()._init_spec(*args, **kwargs)
+        self.ma_plugin.converter.add_attribute_function(document_no_nul)
 
     def _register_responses(self):
         """Document every error status with the problem+json media type."""

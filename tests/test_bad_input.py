@@ -8,11 +8,12 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import quote
 
 import marshmallow as ma
 import pytest
+import sqlalchemy as sa
 
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
@@ -22,15 +23,17 @@ LAUNCH = "/api/celery/tasks/launch"
 BATCH = "/api/celery/tasks/batch"
 HISTORY = "/api/celery/history"
 NUL_TEXT = "contain the NUL character (\\u0000)"
-RANGE_TEXT = "Must be between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z"
+RANGE_TEXT = "Must be an ISO 8601 date-time with a year from 0002 to 9998."
 
-# Instants that parse but that no database stores and reads back in every time zone.
+# Date-times that parse but that no database stores and reads back in every time zone.
 UNSTORABLE_DATES = [
     "0001-01-01T00:00:00+14:00",  # before year 1 in UTC: no datetime at all
     "9999-12-31T23:00:00-14:00",  # after year 9999 in UTC
-    "0001-01-01T00:00:00Z",  # year 1 in UTC, year 0 in a session time zone west of UTC
-    "9999-12-31T12:00:00Z",  # year 10000 in a session time zone east of UTC
+    "0001-06-01T00:00:00Z",  # year 1: year 0 in a session time zone west of UTC
+    "9999-01-01T12:00:00Z",  # year 9999: year 10000 in one east of UTC, near the end
 ]
+# The first and last instants accepted, with the offsets that take them furthest out.
+EDGE_DATES = ["0002-01-01T00:00:00+14:00", "9998-12-31T23:59:59.999999-14:00"]
 
 
 @pytest.fixture(scope="module")
@@ -200,10 +203,10 @@ def test_history_dates_outside_the_storable_range_are_422(client, field, value):
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("created_after", "0001-01-02T00:00:00Z"),
-    ("created_after", "0001-01-02T14:00:00+14:00"),
-    ("created_before", "9999-12-30T23:59:59.999999Z"),
-    ("finished_before", "9999-12-30T00:00:00-12:00"),
+    ("created_after", EDGE_DATES[0]),
+    ("finished_after", "0002-01-01T00:00:00Z"),
+    ("created_before", EDGE_DATES[1]),
+    ("finished_before", "9998-12-31T23:59:59Z"),
 ])
 def test_history_dates_at_the_edges_of_the_range_are_read(history_app, client, field, value):
     task_id = stored_run(history_app, "SUCCESS", finished_at=utcnow())
@@ -223,6 +226,7 @@ def _cursor(created: str, run_id) -> str:
     _cursor("2025-01-01T00:00:00+00:00", "x" * 156),
     _cursor("0001-01-01T00:00:00+14:00", "id"),
     _cursor("9999-12-31T23:00:00-14:00", "id"),
+    _cursor("0001-06-01T00:00:00+00:00", "id"),
     _cursor("2025-01-01T00:00:00", "id"),  # no offset: not one we issue
     _cursor("2025-01-01T00:00:00+00:00", 5),
 ])
@@ -230,6 +234,27 @@ def test_forged_cursors_are_422(client, cursor):
     problem = problem_422(client.get(HISTORY, query_string={"cursor": cursor}),
                           "query", "cursor")
     assert "next_cursor" in problem["detail"]
+
+
+@pytest.mark.parametrize("eta", EDGE_DATES)
+def test_edge_dates_are_stored_and_read_back_in_any_session_time_zone(history_app, client,
+                                                                      eta):
+    """The accepted extremes survive a round trip, on PostgreSQL even in a session whose
+    time zone is 14 hours east or 12 hours west of UTC."""
+    response = client.post(LAUNCH, json=add(eta=eta, queue="parked"))
+    assert response.status_code == 202, response.get_data(as_text=True)
+    task_id = response.get_json()["task_id"]
+    assert client.get(f"/api/celery/tasks/{task_id}").status_code == 200
+    with history_app.app_context():
+        zones = (["Pacific/Kiritimati", "Etc/GMT+12"]
+                 if db.engine.dialect.name == "postgresql" else [None])
+        for zone in zones:
+            with db.engine.connect() as connection:
+                if zone:
+                    connection.exec_driver_sql(f"SET TIME ZONE '{zone}'")
+                stored = connection.execute(
+                    sa.select(TaskRun.eta).where(TaskRun.id == task_id)).scalar_one()
+            assert stored == datetime.fromisoformat(eta), zone
 
 
 # -- revoke reasons -----------------------------------------------------------------------
@@ -303,13 +328,14 @@ def test_unicode_that_can_be_stored_is_accepted(history_app, client):
     assert client.get(f"/api/celery/tasks/{task_id}").get_json()["error"] == "revoked: ñ 🚀"
 
 
-def test_every_resource_schema_derives_from_the_project_schema():
-    """A new resource whose schema forgot the base would let NUL reach the database."""
+def test_every_schema_derives_from_the_project_schema(history_app):
+    """A new resource whose schema forgot the base would let NUL reach the database, and
+    one that reads a request without ``RequestSchema`` would not document the rule."""
     import importlib
     import pkgutil
 
     import celery_api.resources as resources
-    from celery_api.smorest import ProblemSchema, Schema
+    from celery_api.smorest import ProblemSchema, RequestSchema, Schema
 
     found = []
     for info in pkgutil.walk_packages(resources.__path__, "celery_api.resources."):
@@ -319,5 +345,13 @@ def test_every_resource_schema_derives_from_the_project_schema():
                     and value.__module__ == module.__name__):
                 found.append(value)
                 assert issubclass(value, Schema), f"{value.__module__}.{value.__name__}"
-    assert len(found) > 10
-    assert not issubclass(ProblemSchema, Schema)  # errors are dumped, never loaded
+    assert len(found) > 10 and issubclass(ProblemSchema, Schema)
+    loaded = []
+    for view in history_app.view_functions.values():
+        view_class = getattr(view, "view_class", None)
+        for method in (view_class.methods or []) if view_class else []:
+            doc = getattr(getattr(view_class, method.lower()), "_apidoc", {})
+            loaded += [type(p["schema"]) for p in doc.get("arguments", {}).get("parameters", [])]
+    assert len(loaded) >= 5
+    for schema in loaded:
+        assert issubclass(schema, RequestSchema), schema.__name__

@@ -18,6 +18,14 @@ class TaskIdConverter(BaseConverter):
     regex = r"(?!(?:launch|batch)$)[^/]+"
 
 
+class UuidPathConverter(BaseConverter):
+    """Any path segment, documented as a UUID (``format: uuid``); the view checks it is
+    one and answers a 422 naming the parameter if not (``parse_uuid``)."""
+
+
+UUID_PARAMETER = {"type": "string", "format": "uuid"}
+
+
 class InvalidTaskId(ServiceError):
     status = 422
 
@@ -49,40 +57,39 @@ def parse_uuid(value: str, name: str) -> str:
         ) from exc
 
 
-# The instants every database stores and reads back: Python's datetime range (years 1
-# to 9999) less a day at each end, so a value stays representable when PostgreSQL
-# renders it in any session time zone (offsets reach +14:00 and -12:00).
-EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
-LATEST = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
-RANGE_MESSAGE = ("Must be between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z once converted "
-                 "to UTC.")
+# Date-times are refused outside the years 0002 to 9998 as written. Whatever the offset,
+# such a value converts to UTC and stays representable when PostgreSQL renders it in any
+# session time zone (Python's datetime ends at years 1 and 9999, so without that margin
+# ``0001-01-01T00:00:00+14:00`` has no UTC equivalent and fails inside the database
+# driver). A rule on the written year, unlike one on the UTC instant, is one the OpenAPI
+# document can state: ``DATETIME_PATTERN``.
+FIRST_YEAR, LAST_YEAR = 2, 9998
+DATETIME_PATTERN = ("^(?:000[2-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-8][0-9]{3}|9[0-8][0-9]{2}"
+                    "|99[0-8][0-9]|999[0-8])-")
+RANGE_MESSAGE = "Must be an ISO 8601 date-time with a year from 0002 to 9998."
+# What a history cursor (a created_at this service wrote) may hold.
+EARLIEST = datetime(FIRST_YEAR, 1, 1, tzinfo=UTC)
+LATEST = datetime(LAST_YEAR, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 
 
 class DateTime(ma.fields.AwareDateTime):
-    """An ISO 8601 date-time, UTC when it names no offset, stored as a UTC instant.
-
-    Refuses, with a 422 naming the field, instants outside ``EARLIEST``..``LATEST``:
-    ``0001-01-01T00:00:00+14:00`` parses but has no UTC equivalent, and would otherwise
-    fail inside the database driver.
-    """
+    """An ISO 8601 date-time, UTC when it names no offset, with a year from 0002 to
+    9998 (a 422 naming the field otherwise; see ``DATETIME_PATTERN``)."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("default_timezone", UTC)
+        kwargs["metadata"] = {"pattern": DATETIME_PATTERN, **kwargs.get("metadata", {})}
         super().__init__(**kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         parsed = super()._deserialize(value, attr, data, **kwargs)
-        try:
-            utc = parsed.astimezone(UTC)
-        except OverflowError:
-            raise ma.ValidationError(RANGE_MESSAGE) from None
-        if not EARLIEST <= utc <= LATEST:
+        if not FIRST_YEAR <= parsed.year <= LAST_YEAR:
             raise ma.ValidationError(RANGE_MESSAGE)
         return parsed
 
 
 class Expires(ma.fields.Field):
-    """Seconds from now (number) or an ISO 8601 date-time with a timezone."""
+    """Seconds from now (a number above 0, at most a year) or an ISO 8601 date-time."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool):

@@ -4,12 +4,12 @@ import marshmallow as ma
 
 from celery_api.resources.history.schemas import HistoryRowSchema
 from celery_api.resources.tasks.schemas import LaunchEnvelopeSchema, TaskLaunchResponseSchema
-from celery_api.smorest import Schema
+from celery_api.smorest import RequestSchema, Schema
 
 MAX_BATCH_TASKS = 1000
 
 
-class BatchRequestSchema(Schema):
+class BatchRequestSchema(RequestSchema):
     tasks = ma.fields.List(
         ma.fields.Nested(LaunchEnvelopeSchema), required=True,
         validate=ma.validate.Length(1, MAX_BATCH_TASKS),
@@ -35,7 +35,7 @@ class BatchSummarySchema(Schema):
                            metadata={"description": "Every run, in launch order"})
 
 
-class BatchRevokeArgsSchema(Schema):
+class BatchRevokeArgsSchema(RequestSchema):
     reason = ma.fields.String(validate=ma.validate.Length(max=500),
                               metadata={"description": "Kept in the history"})
 

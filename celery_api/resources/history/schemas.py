@@ -6,7 +6,7 @@ import marshmallow as ma
 
 from celery_api.resources.fields import EARLIEST, LATEST, DateTime
 from celery_api.services.history import MAX_LIMIT, InvalidCursor, decode_cursor
-from celery_api.smorest import Schema, unstorable_text
+from celery_api.smorest import RequestSchema, Schema, unstorable_text
 
 STATES = ("PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY", "SUCCESS", "FAILURE",
           "REVOKED")
@@ -27,7 +27,7 @@ def _issued_cursor(value: str) -> None:
         raise ma.ValidationError(CURSOR_MESSAGE)
 
 
-class HistoryArgsSchema(Schema):
+class HistoryArgsSchema(RequestSchema):
     task_type = ma.fields.List(
         ma.fields.String(validate=ma.validate.Length(1, 200)),
         validate=ma.validate.Length(max=50),
@@ -50,7 +50,9 @@ class HistoryArgsSchema(Schema):
     limit = ma.fields.Integer(load_default=50, validate=ma.validate.Range(1, MAX_LIMIT),
                               metadata={"description": f"Rows per page, 1 to {MAX_LIMIT}"})
     cursor = ma.fields.String(
-        validate=[ma.validate.Length(1, 400), _issued_cursor],
+        validate=[ma.validate.Length(1, 400),
+                  ma.validate.Regexp(r"^[A-Za-z0-9_-]+$", error=CURSOR_MESSAGE),
+                  _issued_cursor],
         metadata={"description": "The `next_cursor` of the previous page"})
 
 

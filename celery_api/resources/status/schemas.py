@@ -3,7 +3,7 @@ from __future__ import annotations
 import marshmallow as ma
 
 from celery_api.services.control import SIGNALS
-from celery_api.smorest import Schema
+from celery_api.smorest import RequestSchema, Schema
 
 STATUS_DESCRIPTION = ("Celery state: PENDING, RECEIVED, STARTED, PROGRESS, RETRY, SUCCESS, "
                       "FAILURE or REVOKED")
@@ -45,7 +45,7 @@ class TaskStatusResponseSchema(Schema):
                                 metadata={"description": "Runs launched by retrying this one"})
 
 
-class RevokeArgsSchema(Schema):
+class RevokeArgsSchema(RequestSchema):
     terminate = ma.fields.Boolean(
         load_default=False,
         metadata={"description": "Also stop the run if it has started (sends `signal`)"})

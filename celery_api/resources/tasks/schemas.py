@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import marshmallow as ma
 
-from celery_api.resources.fields import DateTime, Expires
-from celery_api.smorest import Schema
+from celery_api.resources.fields import DATETIME_PATTERN, DateTime, Expires
+from celery_api.smorest import RequestSchema, Schema
 
 TAG = ma.fields.String(validate=ma.validate.Length(1, 64))
 
@@ -21,9 +21,10 @@ class AvailableTaskSchema(Schema):
         metadata={"description": "Whether a run may be redelivered after its worker is lost"})
 
 
-class LaunchOptionsSchema(Schema):
+class LaunchOptionsSchema(RequestSchema):
+    # strict: 2.5 (or "2") is refused, as the document's "integer" says, not truncated.
     priority = ma.fields.Integer(
-        validate=ma.validate.Range(0, 9),
+        strict=True, validate=ma.validate.Range(0, 9),
         metadata={"description": "0 (highest) to 9 (lowest), as Celery's Redis transport orders"
                                  " them"})
     countdown = ma.fields.Float(
@@ -33,7 +34,9 @@ class LaunchOptionsSchema(Schema):
     expires = Expires(metadata={
         "description": "Seconds from now, or an ISO 8601 date-time, after which the run is "
                        "discarded (REVOKED) if it has not started",
-        "oneOf": [{"type": "number"}, {"type": "string", "format": "date-time"}]})
+        "oneOf": [{"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                   "maximum": 365 * 86400},
+                  {"type": "string", "format": "date-time", "pattern": DATETIME_PATTERN}]})
     queue = ma.fields.String(
         validate=ma.validate.Regexp(r"^[A-Za-z0-9_.:-]{1,100}$"),
         metadata={"description": "Queue to publish to; one of the configured queues"})
