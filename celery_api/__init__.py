@@ -16,7 +16,7 @@ from celery_api.catalog import load_catalog
 from celery_api.celery_app import celery_init_app
 from celery_api.extensions import db, make_api, migrate
 from celery_api.logging import configure_logging
-from celery_api.resources.fields import TaskIdConverter
+from celery_api.resources.fields import UUID_PARAMETER, TaskIdConverter, UuidPathConverter
 from celery_api.services.errors import ServiceError
 from celery_api.smorest import problem_response
 
@@ -84,9 +84,11 @@ def create_app(config: dict | None = None) -> Flask:
     cache.init_app(app)
 
     app.url_map.converters["task_id"] = TaskIdConverter
+    app.url_map.converters["uuid_path"] = UuidPathConverter
     api = make_api()
     api.init_app(app)
-    api.register_converter(TaskIdConverter, lambda _c: {"type": "string", "format": "uuid"})
+    api.register_converter(TaskIdConverter, lambda _c: dict(UUID_PARAMETER))
+    api.register_converter(UuidPathConverter, lambda _c: dict(UUID_PARAMETER))
     app.extensions["celery_api.api"] = api
     _register_blueprints(app, api)
     _register_params_components(app, api)

@@ -19,6 +19,8 @@ from typing import Any
 import marshmallow as ma
 from flask import current_app
 
+from celery_api.smorest import unstorable_text
+
 BUILTIN_MODULES = ("celery_api.tasks.sii",)
 _TASK_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 
@@ -45,7 +47,15 @@ class TaskDefinition:
         return self.params_schema()
 
     def validate(self, params: Any) -> dict:
-        """Load ``params`` (raises ``ma.ValidationError``) and return them JSON-ready."""
+        """Load ``params`` (raises ``ma.ValidationError``) and return them JSON-ready.
+
+        Text no database can store (NUL, lone surrogates) is refused first, at any
+        depth, keys included, whatever the task's own schema accepts: launches that do
+        not come through the HTTP schemas (schedules, fan-out) are held to it too.
+        """
+        errors = unstorable_text(params)
+        if errors:
+            raise ma.ValidationError(errors)
         loaded = self._schema.load(params if params is not None else {})
         return self._schema.dump(loaded)
 

@@ -1,14 +1,22 @@
-"""Project base classes for flask-smorest: the ``Api`` that speaks RFC 9457.
+"""Project base classes for flask-smorest: the ``Api`` that speaks RFC 9457, and the
+``Schema`` every request schema derives from.
 
 Every error, whether raised with ``abort`` in a view, by webargs on a bad request
 or by Flask itself (404, 405, 413), leaves through ``Api.handle_http_exception``
 as ``application/problem+json`` with a ``detail`` a person can act on.
+
+``Schema`` refuses, before any field is read, text no database can store: the NUL
+character (PostgreSQL refuses it in text and JSON, and it truncates C strings) and
+lone UTF-16 surrogates (JSON's ``"\\ud800"``, which cannot be encoded as UTF-8), in
+any string or key of the input, at any depth (a task's ``params`` included). The
+answer is a 422 naming the field path, never a 500 or a 503 from the database.
 """
 
 from __future__ import annotations
 
 import http
 import logging
+from collections.abc import Mapping
 
 import marshmallow as ma
 from flask import Response, json, request
@@ -24,7 +32,118 @@ PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("celery_api.http")
 
 
-class ProblemSchema(ma.Schema):
+NUL_MESSAGE = "Must not contain the NUL character (\\u0000)."
+SURROGATE_MESSAGE = ("Must be valid Unicode: a lone surrogate (\\ud800 to \\udfff) cannot be "
+                     "stored.")
+KEY_NUL_MESSAGE = "Names must not contain the NUL character (\\u0000)."
+KEY_SURROGATE_MESSAGE = "Names must be valid Unicode: a lone surrogate cannot be stored."
+MAX_TEXT_ERRORS = 20
+MAX_ERROR_DEPTH = 32  # deeper paths are named by their first 32 parts
+
+
+def _text_problem(value: str, nul: str, surrogate: str) -> str | None:
+    if "\x00" in value:
+        return nul
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return surrogate
+    return None
+
+
+def printable_name(key) -> object:
+    """A key as it may be shown in an error: NUL and surrogates written as escapes."""
+    if not isinstance(key, str):
+        return key
+    return key.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")
+
+
+def unstorable_text(data) -> dict | list | None:
+    """Field errors for every string (or key) in ``data`` that holds NUL or a lone
+    surrogate, shaped as marshmallow's (``{"params": {"tags": {0: [...]}}}``), or None.
+
+    Iterative (JSON nested to just under the recursion limit is read fine); stops after
+    ``MAX_TEXT_ERRORS`` messages and names a path by its first ``MAX_ERROR_DEPTH`` parts,
+    so a hostile body does not make a huge answer.
+    """
+    found: list[tuple[tuple, str]] = []
+    stack: list[tuple[tuple, object]] = [((), data)]
+    while stack and len(found) < MAX_TEXT_ERRORS:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            problem = _text_problem(value, NUL_MESSAGE, SURROGATE_MESSAGE)
+            if problem:
+                found.append((path, problem))
+        elif isinstance(value, Mapping):
+            children = []
+            for key in value:
+                if isinstance(key, str):
+                    problem = _text_problem(key, KEY_NUL_MESSAGE, KEY_SURROGATE_MESSAGE)
+                    if problem:
+                        found.append(((*path, printable_name(key)), problem))
+                        continue
+                children.append(((*path, key), value[key]))
+            stack.extend(reversed(children))  # reported in the input's order
+        elif isinstance(value, list | tuple):
+            stack.extend(reversed([((*path, index), item) for index, item in enumerate(value)]))
+    if not found:
+        return None
+    if found[0][0] == ():
+        return [found[0][1]]  # the input itself is one bad string
+    errors: dict = {}
+    for path, message in found:
+        path = path[:MAX_ERROR_DEPTH]
+        node = errors
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node.setdefault(path[-1], []).append(message)
+    return errors
+
+
+class Schema(ma.Schema):
+    """The base of every schema of this API.
+
+    Loading refuses (422, naming the field path) NUL characters and lone surrogates
+    anywhere in the input: in any string or key, nested at any depth.
+    """
+
+    @ma.pre_load
+    def _refuse_unstorable_text(self, data, **_kwargs):
+        errors = unstorable_text(data)
+        if errors:
+            raise ma.ValidationError(errors)
+        return data
+
+
+class RequestSchema(Schema):
+    """A schema of what clients send (body, query): its free strings are documented
+    with ``NO_NUL_PATTERN`` in the OpenAPI document, which response schemas are not
+    (a worker may record any text in a run's error)."""
+
+
+# The NUL rule as OpenAPI can say it. Lone surrogates cannot be said: without the
+# regex "u" flag a surrogate range would refuse every emoji too (README).
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
+def document_no_nul(converter, field, ret=None, **_kwargs) -> dict:
+    """apispec attribute function: a request's free string says it holds no NUL.
+
+    Request schemas are this project's ``RequestSchema`` subclasses and the task types'
+    params schemas (plain marshmallow schemas, loaded only). Strings that already have
+    a ``pattern``, a ``format`` or an ``enum`` say more than this and are left alone.
+    """
+    ret = ret or {}
+    root = field.root
+    is_request = isinstance(root, RequestSchema) or not isinstance(root, Schema)
+    if (is_request and ret.get("type") == "string"
+            and not {"pattern", "format", "enum"} & ret.keys()):
+        return {"pattern": NO_NUL_PATTERN}
+    return {}
+
+
+class ProblemSchema(Schema):
     """RFC 9457 problem details, as every error of this API is answered."""
 
     type = ma.fields.String(
@@ -91,6 +210,10 @@ def problem_response(status: int, detail: str, *, errors=None, headers=None, typ
 
 class Api(BaseApi):
     ERROR_SCHEMA = ProblemSchema
+
+    def _init_spec(self, *args, **kwargs):
+        super()._init_spec(*args, **kwargs)
+        self.ma_plugin.converter.add_attribute_function(document_no_nul)
 
     def _register_responses(self):
         """Document every error status with the problem+json media type."""

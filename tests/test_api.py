@@ -335,3 +335,83 @@ def test_hostile_task_ids_are_4xx(client, path):
     response = client.get(path)
     assert 400 <= response.status_code < 500
     assert response.mimetype == PROBLEM
+
+
+def test_openapi_document_states_what_the_server_enforces(client):
+    """Issue 11 item 7: the constraints the server checks are in the document (and
+    tests/test_fuzz.py runs schemathesis' positive_data_acceptance against it)."""
+    import re
+
+    from celery_api.resources.fields import DATETIME_PATTERN
+    from celery_api.smorest import NO_NUL_PATTERN
+
+    spec = client.get("/api/openapi.json").get_json()
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
+
+    def parameter(path, method, name):
+        for p in paths[path].get(method, {}).get("parameters", []) + \
+                paths[path].get("parameters", []):
+            if p["name"] == name:
+                return p["schema"]
+        raise AssertionError(f"{method} {path}: no {name}")
+
+    for path, name in (("/api/celery/tasks/{task_id}", "task_id"),
+                       ("/api/celery/batches/{batch_id}", "batch_id")):
+        assert parameter(path, "get", name) == {"type": "string", "format": "uuid"}
+    for path in ("/api/celery/tasks/{task_id}", "/api/celery/batches/{batch_id}"):
+        assert parameter(path, "delete", "reason") == {
+            "type": "string", "maxLength": 500, "pattern": NO_NUL_PATTERN}
+    history = "/api/celery/history"
+    assert parameter(history, "get", "tag") == {
+        "type": "string", "minLength": 1, "maxLength": 64, "pattern": NO_NUL_PATTERN}
+    assert parameter(history, "get", "task_type")["items"]["pattern"] == NO_NUL_PATTERN
+    assert parameter(history, "get", "cursor")["pattern"] == "^[A-Za-z0-9_-]+$"
+    for name in ("created_after", "created_before", "finished_after", "finished_before"):
+        assert parameter(history, "get", name) == {
+            "type": "string", "format": "date-time", "pattern": DATETIME_PATTERN}
+    variant = schemas["LaunchAcmeCount"]
+    assert variant["not"] == {"required": ["countdown", "eta"]}
+    options = variant["properties"]
+    assert options["tags"]["items"] == {"type": "string", "minLength": 1, "maxLength": 64,
+                                        "pattern": NO_NUL_PATTERN}
+    assert options["eta"]["pattern"] == DATETIME_PATTERN
+    assert options["expires"]["oneOf"][0] == {"type": "number", "minimum": 0,
+                                              "exclusiveMinimum": True, "maximum": 31536000}
+    assert options["expires"]["oneOf"][1]["pattern"] == DATETIME_PATTERN
+    assert options["priority"] == {**options["priority"], "type": "integer", "minimum": 0,
+                                   "maximum": 9}
+    # Task params (the catalog's own schemas) carry the NUL rule too.
+    assert schemas["CountParams"]["properties"]["key"]["pattern"] == NO_NUL_PATTERN
+    # Responses do not: a worker may record any text.
+    assert "pattern" not in schemas["TaskStatusResponse"]["properties"]["error"]
+    catalog = {t["task_type"]: t for t in client.get("/api/celery/tasks").get_json()}
+    assert catalog["acme.count"]["parameters"]["properties"]["key"]["pattern"] == \
+        NO_NUL_PATTERN
+
+    # The patterns say what the server does, in both directions.
+    nul = re.compile(NO_NUL_PATTERN)
+    assert nul.search("ñandú 🚀 \x01") and not nul.search("a\x00b")
+    years = re.compile(DATETIME_PATTERN)
+    for year in range(0, 10000):
+        written = f"{year:04d}-06-15T12:00:00Z"
+        accepted = launch(client, "acme.add", {"a": 1, "b": 2}, eta=written,
+                          queue="parked").status_code == 202 if year in (
+            0, 1, 2, 3, 10, 999, 1000, 2025, 9997, 9998, 9999) else None
+        assert bool(years.search(written)) == (2 <= year <= 9998), written
+        if accepted is not None:
+            assert accepted == (2 <= year <= 9998), written
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"company_id": COMPANY, "months": 2.5}, "months"),
+    ({"company_id": COMPANY, "months": "2"}, "months"),
+    ({"company_id": COMPANY, "month_offset": 1e-42}, "month_offset"),
+])
+def test_integer_params_are_integers(client, params, field):
+    """An "integer" in the document is one on the wire: 2.5 was truncated to 2."""
+    assert_problem(launch(client, params=params), 422, f"params.{field}")
+
+
+@pytest.mark.parametrize("priority", [2.5, "2", 1e-42])
+def test_priority_is_an_integer(client, priority):
+    assert_problem(launch(client, priority=priority), 422, "priority")

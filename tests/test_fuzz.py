@@ -29,7 +29,7 @@ def test_schemathesis_finds_nothing(live):
     done = subprocess.run(
         [str(BIN / "schemathesis"), "--config-file", str(ROOT / "tests" / "schemathesis.toml"),
          "run", f"{api.url}/api/openapi.json",
-         "--checks", "all", "--exclude-checks", "use_after_free,positive_data_acceptance",
+         "--checks", "all", "--exclude-checks", "use_after_free",
          "--max-examples", "60", "--seed", "20261129",
          "--generation-deterministic", "--request-timeout", "10",
          # One worker: concurrent ast.parse in Hypothesis trips a CPython 3.11 bug

@@ -18,6 +18,14 @@ class TaskIdConverter(BaseConverter):
     regex = r"(?!(?:launch|batch)$)[^/]+"
 
 
+class UuidPathConverter(BaseConverter):
+    """Any path segment, documented as a UUID (``format: uuid``); the view checks it is
+    one and answers a 422 naming the parameter if not (``parse_uuid``)."""
+
+
+UUID_PARAMETER = {"type": "string", "format": "uuid"}
+
+
 class InvalidTaskId(ServiceError):
     status = 422
 
@@ -26,20 +34,62 @@ def parse_task_id(value: str) -> str:
     return parse_uuid(value, "task_id")
 
 
+ECHO_LIMIT = 60  # characters of a refused value repeated in an error's detail
+
+
 def parse_uuid(value: str, name: str) -> str:
-    """A path id in its canonical form, or a 422 naming the parameter."""
+    """A path id in its canonical form, or a 422 naming the parameter.
+
+    Anything else (NUL, a megabyte of text) is refused here, before any lookup, and
+    only the first characters of it are repeated in the detail.
+    """
     try:
+        if len(value) > 45:  # the longest form uuid.UUID reads: "urn:uuid:" + 36
+            raise ValueError("too long")
         return str(uuid.UUID(value))
     except ValueError as exc:
+        shown = repr(value[:ECHO_LIMIT]) + (f" (first {ECHO_LIMIT} of {len(value)} characters)"
+                                            if len(value) > ECHO_LIMIT else "")
         raise InvalidTaskId(
             f"{name} must be a UUID such as 550e8400-e29b-41d4-a716-446655440000, got "
-            f"{value!r}.",
+            f"{shown}.",
             errors={"path": {name: ["Not a valid UUID."]}},
         ) from exc
 
 
+# Date-times are refused outside the years 0002 to 9998 as written. Whatever the offset,
+# such a value converts to UTC and stays representable when PostgreSQL renders it in any
+# session time zone (Python's datetime ends at years 1 and 9999, so without that margin
+# ``0001-01-01T00:00:00+14:00`` has no UTC equivalent and fails inside the database
+# driver). A rule on the written year, unlike one on the UTC instant, is one the OpenAPI
+# document can state: ``DATETIME_PATTERN``.
+FIRST_YEAR, LAST_YEAR = 2, 9998
+DATETIME_PATTERN = ("^(?:000[2-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-8][0-9]{3}|9[0-8][0-9]{2}"
+                    "|99[0-8][0-9]|999[0-8])-")
+RANGE_MESSAGE = "Must be an ISO 8601 date-time with a year from 0002 to 9998."
+# What a history cursor (a created_at this service wrote) may hold.
+EARLIEST = datetime(FIRST_YEAR, 1, 1, tzinfo=UTC)
+LATEST = datetime(LAST_YEAR, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+class DateTime(ma.fields.AwareDateTime):
+    """An ISO 8601 date-time, UTC when it names no offset, with a year from 0002 to
+    9998 (a 422 naming the field otherwise; see ``DATETIME_PATTERN``)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("default_timezone", UTC)
+        kwargs["metadata"] = {"pattern": DATETIME_PATTERN, **kwargs.get("metadata", {})}
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        parsed = super()._deserialize(value, attr, data, **kwargs)
+        if not FIRST_YEAR <= parsed.year <= LAST_YEAR:
+            raise ma.ValidationError(RANGE_MESSAGE)
+        return parsed
+
+
 class Expires(ma.fields.Field):
-    """Seconds from now (number) or an ISO 8601 date-time with a timezone."""
+    """Seconds from now (a number above 0, at most a year) or an ISO 8601 date-time."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool):
@@ -49,8 +99,7 @@ class Expires(ma.fields.Field):
                 raise ma.ValidationError("Seconds must be between 0 and 31536000 (one year).")
             return float(value)
         if isinstance(value, str):
-            return ma.fields.AwareDateTime(default_timezone=UTC)._deserialize(
-                value, attr, data, **kwargs)
+            return DateTime()._deserialize(value, attr, data, **kwargs)
         raise ma.ValidationError("Must be a number of seconds or an ISO 8601 date-time.")
 
     def _serialize(self, value, attr, obj, **kwargs):

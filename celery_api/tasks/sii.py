@@ -14,11 +14,12 @@ from celery_api.tasks.sii_client import BOOKS, SIIClient, SIIUnavailable, load_c
 
 
 class SyncDocumentsAllParamsSchema(ma.Schema):
+    # strict: 2.5 and "2" are refused (the JSON Schema's "integer"), not truncated.
     months = ma.fields.Integer(
-        load_default=1, validate=ma.validate.Range(1, 12),
+        strict=True, load_default=1, validate=ma.validate.Range(1, 12),
         metadata={"description": "How many months to sync, 1 to 12"})
     month_offset = ma.fields.Integer(
-        load_default=0, validate=ma.validate.Range(min=0, max=240),
+        strict=True, load_default=0, validate=ma.validate.Range(min=0, max=240),
         metadata={"description": "Months back from the current one to start at (0 = this month)"})
 
 

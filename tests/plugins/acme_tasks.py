@@ -10,8 +10,8 @@ from celery import shared_task
 
 
 class AddParamsSchema(ma.Schema):
-    a = ma.fields.Integer(required=True)
-    b = ma.fields.Integer(required=True, validate=ma.validate.Range(min=0))
+    a = ma.fields.Integer(required=True, strict=True)
+    b = ma.fields.Integer(required=True, strict=True, validate=ma.validate.Range(min=0))
 
 
 @shared_task(name="acme.add")

@@ -62,7 +62,7 @@ class TaskBatch(MethodView):
                 {"Location": location})
 
 
-@blp.route("/batches/<batch_id>")
+@blp.route("/batches/<uuid_path:batch_id>")
 class Batch(MethodView):
     @blp.response(200, BatchSummarySchema)
     @error_responses(blp, 404, 422, 503)

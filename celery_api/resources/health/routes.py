@@ -7,23 +7,23 @@ from flask.views import MethodView
 
 from celery_api import metrics
 from celery_api.services import health
-from celery_api.smorest import Blueprint
+from celery_api.smorest import Blueprint, Schema
 
 blp = Blueprint("health", __name__, url_prefix="", description="Operations")
 
 
-class LiveSchema(ma.Schema):
+class LiveSchema(Schema):
     status = ma.fields.String(required=True, metadata={"example": "alive"})
 
 
-class CheckSchema(ma.Schema):
+class CheckSchema(Schema):
     status = ma.fields.String(required=True, metadata={"description": "up or down"})
     latency_ms = ma.fields.Float(required=True)
     detail = ma.fields.String()
     error = ma.fields.String(metadata={"description": "Why it is down"})
 
 
-class ReadySchema(ma.Schema):
+class ReadySchema(Schema):
     status = ma.fields.String(required=True, metadata={"description": "ready or unavailable"})
     checks = ma.fields.Dict(keys=ma.fields.String(), values=ma.fields.Nested(CheckSchema),
                             required=True)

@@ -4,14 +4,30 @@ from datetime import UTC
 
 import marshmallow as ma
 
-from celery_api.services.history import MAX_LIMIT
+from celery_api.resources.fields import EARLIEST, LATEST, DateTime
+from celery_api.services.history import MAX_LIMIT, InvalidCursor, decode_cursor
+from celery_api.smorest import RequestSchema, Schema, unstorable_text
 
 STATES = ("PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY", "SUCCESS", "FAILURE",
           "REVOKED")
 ID = ma.fields.String(validate=ma.validate.Length(1, 155))
+CURSOR_MESSAGE = ("Not a cursor this service issued: pass the next_cursor of the previous page "
+                  "unchanged, or omit it for the first page.")
 
 
-class HistoryArgsSchema(ma.Schema):
+def _issued_cursor(value: str) -> None:
+    """A cursor decodes to a (created_at, id) that the database can compare with."""
+    try:
+        created, run_id = decode_cursor(value)
+        if not EARLIEST <= created.astimezone(UTC) <= LATEST:
+            raise ValueError("out of range")
+    except (InvalidCursor, OverflowError, ValueError):
+        raise ma.ValidationError(CURSOR_MESSAGE) from None
+    if not 1 <= len(run_id) <= 155 or unstorable_text(run_id):
+        raise ma.ValidationError(CURSOR_MESSAGE)
+
+
+class HistoryArgsSchema(RequestSchema):
     task_type = ma.fields.List(
         ma.fields.String(validate=ma.validate.Length(1, 200)),
         validate=ma.validate.Length(max=50),
@@ -27,22 +43,20 @@ class HistoryArgsSchema(ma.Schema):
     retry_of = ID
     batch_id = ID
     schedule_id = ID
-    created_after = ma.fields.AwareDateTime(default_timezone=UTC,
-                                            metadata={"description": "Inclusive"})
-    created_before = ma.fields.AwareDateTime(default_timezone=UTC,
-                                             metadata={"description": "Exclusive"})
-    finished_after = ma.fields.AwareDateTime(default_timezone=UTC,
-                                             metadata={"description": "Inclusive"})
-    finished_before = ma.fields.AwareDateTime(default_timezone=UTC,
-                                              metadata={"description": "Exclusive"})
+    created_after = DateTime(metadata={"description": "Inclusive"})
+    created_before = DateTime(metadata={"description": "Exclusive"})
+    finished_after = DateTime(metadata={"description": "Inclusive"})
+    finished_before = DateTime(metadata={"description": "Exclusive"})
     limit = ma.fields.Integer(load_default=50, validate=ma.validate.Range(1, MAX_LIMIT),
                               metadata={"description": f"Rows per page, 1 to {MAX_LIMIT}"})
     cursor = ma.fields.String(
-        validate=ma.validate.Length(1, 400),
+        validate=[ma.validate.Length(1, 400),
+                  ma.validate.Regexp(r"^[A-Za-z0-9_-]+$", error=CURSOR_MESSAGE),
+                  _issued_cursor],
         metadata={"description": "The `next_cursor` of the previous page"})
 
 
-class HistoryRowSchema(ma.Schema):
+class HistoryRowSchema(Schema):
     task_id = ma.fields.String(required=True, attribute="id")
     task_type = ma.fields.String(required=True)
     status = ma.fields.String(required=True)
@@ -68,7 +82,7 @@ class HistoryRowSchema(ma.Schema):
     runtime = ma.fields.Float(allow_none=True)
 
 
-class HistoryPageSchema(ma.Schema):
+class HistoryPageSchema(Schema):
     items = ma.fields.List(ma.fields.Nested(HistoryRowSchema), required=True)
     next_cursor = ma.fields.String(
         allow_none=True, required=True,

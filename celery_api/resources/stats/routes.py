@@ -6,12 +6,12 @@ import marshmallow as ma
 from flask.views import MethodView
 
 from celery_api.services import stats
-from celery_api.smorest import Blueprint, error_responses
+from celery_api.smorest import Blueprint, Schema, error_responses
 
 blp = Blueprint("stats", __name__, url_prefix="/api/celery", description="Workers and queues")
 
 
-class StatsSchema(ma.Schema):
+class StatsSchema(Schema):
     active_tasks = ma.fields.Dict(metadata={"description": "Running tasks, by worker"})
     scheduled_tasks = ma.fields.Dict(metadata={"description": "ETA/countdown tasks, by worker"})
     registered_tasks = ma.fields.List(ma.fields.String())

@@ -3,19 +3,20 @@ from __future__ import annotations
 import marshmallow as ma
 
 from celery_api.services.control import SIGNALS
+from celery_api.smorest import RequestSchema, Schema
 
 STATUS_DESCRIPTION = ("Celery state: PENDING, RECEIVED, STARTED, PROGRESS, RETRY, SUCCESS, "
                       "FAILURE or REVOKED")
 
 
-class ProgressSchema(ma.Schema):
+class ProgressSchema(Schema):
     current = ma.fields.Integer(allow_none=True)
     total = ma.fields.Integer(allow_none=True)
     percent = ma.fields.Float(allow_none=True)
     message = ma.fields.String(allow_none=True)
 
 
-class TaskStatusResponseSchema(ma.Schema):
+class TaskStatusResponseSchema(Schema):
     task_id = ma.fields.String(required=True)
     status = ma.fields.String(required=True, metadata={"description": STATUS_DESCRIPTION})
     result = ma.fields.Raw(allow_none=True, metadata={"description": "The task's return value"})
@@ -44,7 +45,7 @@ class TaskStatusResponseSchema(ma.Schema):
                                 metadata={"description": "Runs launched by retrying this one"})
 
 
-class RevokeArgsSchema(ma.Schema):
+class RevokeArgsSchema(RequestSchema):
     terminate = ma.fields.Boolean(
         load_default=False,
         metadata={"description": "Also stop the run if it has started (sends `signal`)"})
@@ -53,7 +54,7 @@ class RevokeArgsSchema(ma.Schema):
                               metadata={"description": "Kept in the history"})
 
 
-class RevokeResponseSchema(ma.Schema):
+class RevokeResponseSchema(Schema):
     task_id = ma.fields.String(required=True)
     status = ma.fields.String(required=True)
     terminate = ma.fields.Boolean(required=True)

@@ -100,6 +100,8 @@ def register_launch_request(api, catalog, queues: list[str]) -> None:
                 **options["properties"],
             },
             "additionalProperties": False,
+            # LaunchOptionsSchema refuses both together.
+            "not": {"required": ["countdown", "eta"]},
         })
         mapping[definition.task_type] = f"#/components/schemas/{name}"
     components.schema("TaskLaunchRequest", component={

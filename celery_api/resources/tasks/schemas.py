@@ -1,15 +1,14 @@
 from __future__ import annotations
 
-from datetime import UTC
-
 import marshmallow as ma
 
-from celery_api.resources.fields import Expires
+from celery_api.resources.fields import DATETIME_PATTERN, DateTime, Expires
+from celery_api.smorest import RequestSchema, Schema
 
 TAG = ma.fields.String(validate=ma.validate.Length(1, 64))
 
 
-class AvailableTaskSchema(ma.Schema):
+class AvailableTaskSchema(Schema):
     task_type = ma.fields.String(required=True, metadata={"example": "sii.sync_documents"})
     name = ma.fields.String(required=True)
     description = ma.fields.String(required=True)
@@ -22,20 +21,22 @@ class AvailableTaskSchema(ma.Schema):
         metadata={"description": "Whether a run may be redelivered after its worker is lost"})
 
 
-class LaunchOptionsSchema(ma.Schema):
+class LaunchOptionsSchema(RequestSchema):
+    # strict: 2.5 (or "2") is refused, as the document's "integer" says, not truncated.
     priority = ma.fields.Integer(
-        validate=ma.validate.Range(0, 9),
+        strict=True, validate=ma.validate.Range(0, 9),
         metadata={"description": "0 (highest) to 9 (lowest), as Celery's Redis transport orders"
                                  " them"})
     countdown = ma.fields.Float(
         validate=ma.validate.Range(0, 30 * 86400),
         metadata={"description": "Seconds to wait before running (at most 30 days)"})
-    eta = ma.fields.AwareDateTime(
-        default_timezone=UTC, metadata={"description": "Earliest time to run (ISO 8601)"})
+    eta = DateTime(metadata={"description": "Earliest time to run (ISO 8601)"})
     expires = Expires(metadata={
         "description": "Seconds from now, or an ISO 8601 date-time, after which the run is "
                        "discarded (REVOKED) if it has not started",
-        "oneOf": [{"type": "number"}, {"type": "string", "format": "date-time"}]})
+        "oneOf": [{"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                   "maximum": 365 * 86400},
+                  {"type": "string", "format": "date-time", "pattern": DATETIME_PATTERN}]})
     queue = ma.fields.String(
         validate=ma.validate.Regexp(r"^[A-Za-z0-9_.:-]{1,100}$"),
         metadata={"description": "Queue to publish to; one of the configured queues"})
@@ -62,7 +63,7 @@ class LaunchEnvelopeSchema(LaunchOptionsSchema):
                   "example": {"company_id": "94d8658c-c8bf-58e5-aaca-c14fac456724", "months": 1}})
 
 
-class TaskLaunchResponseSchema(ma.Schema):
+class TaskLaunchResponseSchema(Schema):
     success = ma.fields.Boolean(required=True)
     task_id = ma.fields.String(required=True)
     task_type = ma.fields.String(required=True)
