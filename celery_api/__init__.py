@@ -12,7 +12,7 @@ from sqlalchemy import exc as sa_exc
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from celery_api import metrics, settings
-from celery_api.catalog import load_catalog
+from celery_api.catalog import load_catalog, queues_of
 from celery_api.celery_app import celery_init_app
 from celery_api.extensions import db, make_api, migrate
 from celery_api.logging import configure_logging
@@ -75,8 +75,6 @@ def create_app(config: dict | None = None) -> Flask:
     _tune_sqlite(app)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
     app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
-    from celery_api.services.stats import queues_of
-
     app.extensions["celery_api.queues"] = queues_of(app)
     celery_init_app(app)
     from celery_api.services import cache

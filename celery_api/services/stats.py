@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flask import current_app
 
+from celery_api.catalog import known_queues
 from celery_api.services.errors import Unavailable
 from celery_api.services.health import ensure_broker
 
@@ -23,18 +24,6 @@ _lock = threading.Lock()
 _cache: dict = {}
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="inspect")
 COMMANDS = ("stats", "active", "scheduled", "registered")
-
-
-def queues_of(app) -> list[str]:
-    """The queues a launch may name: ``CELERY_API_QUEUES``, the default one, the catalog's."""
-    catalog = app.extensions["celery_api.catalog"]
-    return sorted({app.config["CELERY"]["task_default_queue"], *app.config["QUEUES"],
-                   *(d.queue for d in catalog if d.queue)})
-
-
-def known_queues() -> list[str]:
-    """The current app's queues, worked out once when it was created."""
-    return current_app.extensions["celery_api.queues"]
 
 
 def queue_lengths(celery_app, queues: list[str]) -> dict[str, int]:
