@@ -17,6 +17,7 @@ from celery_api.celery_app import celery_init_app
 from celery_api.extensions import db, make_api, migrate
 from celery_api.logging import configure_logging
 from celery_api.resources.fields import TaskIdConverter
+from celery_api.services import cache, stats
 from celery_api.services.errors import ServiceError
 from celery_api.smorest import problem_response
 
@@ -77,9 +78,8 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
     app.extensions["celery_api.queues"] = queues_of(app)
     celery_init_app(app)
-    from celery_api.services import cache
-
     cache.init_app(app)
+    stats.init_app(app)
 
     app.url_map.converters["task_id"] = TaskIdConverter
     api = make_api()
