@@ -16,6 +16,7 @@ from celery_api.catalog import load_catalog, queues_of
 from celery_api.celery_app import celery_init_app
 from celery_api.extensions import db, make_api, migrate
 from celery_api.logging import configure_logging
+from celery_api.metrics_collector import SystemCollector
 from celery_api.resources.fields import TaskIdConverter
 from celery_api.services import cache, stats
 from celery_api.services.errors import ServiceError
@@ -89,7 +90,7 @@ def create_app(config: dict | None = None) -> Flask:
     _register_blueprints(app, api)
     _register_params_components(app, api)
     _register_request_checks(app)
-    metrics.init_app(app)
+    metrics.init_app(app, SystemCollector())
 
     from celery_api.cli import register_cli
 
