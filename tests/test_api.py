@@ -8,11 +8,11 @@ import uuid
 import pytest
 
 from celery_api.extensions import db
-from celery_api.models import TaskRun, utcnow
+from celery_api.models import TaskRun
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
+from tests.support import PROBLEM, assert_problem, stored_run
 
 COMPANY = SANDBOX_COMPANIES[0]
-PROBLEM = "application/problem+json"
 
 
 def launch(client, task_type="sii.sync_documents", params=None, **options):
@@ -20,17 +20,6 @@ def launch(client, task_type="sii.sync_documents", params=None, **options):
             {"company_id": COMPANY}}
     body.update(options)
     return client.post("/api/celery/tasks/launch", json=body)
-
-
-def assert_problem(response, status, *fragments):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == PROBLEM
-    body = response.get_json()
-    assert body["status"] == status
-    assert isinstance(body["detail"], str) and body["detail"]
-    for fragment in fragments:
-        assert fragment in body["detail"], body["detail"]
-    return body
 
 
 def test_factory_applies_overrides(tmp_path, redis_server):
@@ -207,38 +196,25 @@ def test_unknown_task_id_is_404(client, call):
     assert_problem(call(client, unknown), 404, unknown)
 
 
-def _stored_run(app, status: str, **fields) -> str:
-    task_id = str(uuid.uuid4())
-    with app.app_context():
-        db.session.add(TaskRun(
-            id=task_id, task_type="sii.sync_documents", task_name="sii.sync_documents",
-            params={"company_id": COMPANY, "months": 1, "month_offset": 0}, status=status,
-            tags=[], root_id=task_id, created_at=utcnow(),
-            finished_at=utcnow() if status in ("SUCCESS", "FAILURE", "REVOKED") else None,
-            **fields))
-        db.session.commit()
-    return task_id
-
-
 @pytest.mark.parametrize("status", ["SUCCESS", "FAILURE", "REVOKED"])
 def test_revoke_finished_is_409(client, app, status):
-    task_id = _stored_run(app, status)
+    task_id = stored_run(app, status)
     assert_problem(client.delete(f"/api/celery/tasks/{task_id}"), 409, status)
 
 
 def test_revoke_bad_signal_is_422(client, app):
-    task_id = _stored_run(app, "PENDING")
+    task_id = stored_run(app, "PENDING")
     assert_problem(client.delete(f"/api/celery/tasks/{task_id}?signal=SIGNOPE"), 422, "signal")
 
 
 @pytest.mark.parametrize("status", ["PENDING", "STARTED", "SUCCESS"])
 def test_retry_of_unfinished_or_successful_run_is_409(client, app, status):
-    task_id = _stored_run(app, status)
+    task_id = stored_run(app, status)
     assert_problem(client.post(f"/api/celery/tasks/{task_id}/retry"), 409, "FAILURE or REVOKED")
 
 
 def test_retry_of_failed_run_links_new_run(client, app):
-    task_id = _stored_run(app, "FAILURE", error="boom")
+    task_id = stored_run(app, "FAILURE", error="boom")
     response = client.post(f"/api/celery/tasks/{task_id}/retry")
     assert response.status_code == 202
     new_id = response.get_json()["task_id"]
@@ -309,7 +285,7 @@ def test_docs_page_needs_no_cdn(client):
 
 
 def test_unknown_query_parameter_is_422(client, app):
-    task_id = _stored_run(app, "PENDING")
+    task_id = stored_run(app, "PENDING")
     problem = assert_problem(client.delete(f"/api/celery/tasks/{task_id}?terminat=true"), 422,
                              "terminat")
     assert "terminat" in problem["errors"]["query"]

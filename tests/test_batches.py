@@ -11,9 +11,7 @@ import sqlalchemy as sa
 
 from celery_api.extensions import db
 from celery_api.models import TaskRun
-from tests.conftest import build_app, make_config
-from tests.support import RedisServer, wait_for
-from tests.test_api import assert_problem
+from tests.support import RedisServer, assert_problem, build_app, make_config, wait_for
 
 BATCH = "/api/celery/tasks/batch"
 

@@ -7,9 +7,7 @@ import os
 
 import pytest
 
-from tests.conftest import build_app, make_config
-from tests.support import RedisServer, Worker, wait_for
-from tests.test_integration import wait_status
+from tests.support import RedisServer, Worker, build_app, make_config, wait_for, wait_status
 
 
 def test_healthz_is_alive(client):

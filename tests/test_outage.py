@@ -16,16 +16,20 @@ from celery_api.extensions import db
 from celery_api.models import TaskRun
 from celery_api.services import maintenance
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
-from tests.conftest import build_app, make_config, optional_component
 from tests.support import (
     PostgresServer,
     RedisServer,
     Worker,
+    build_app,
+    launch,
+    make_config,
+    optional_component,
     postgres_binaries,
     service_env,
+    status,
     wait_for,
+    wait_status,
 )
-from tests.test_integration import launch, status, wait_status
 
 LAUNCH = {"task_type": "sii.sync_documents", "params": {"company_id": SANDBOX_COMPANIES[0]}}
 
