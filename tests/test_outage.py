@@ -21,6 +21,7 @@ from tests.support import (
     RedisServer,
     Worker,
     build_app,
+    final_record,
     launch,
     make_config,
     optional_component,
@@ -302,6 +303,7 @@ def test_result_backend_outage_keeps_launching_and_recording(tmp_path):
 
         after = launch(stack, "acme.add", {"a": 2, "b": 2})
         assert wait_status(stack, after, "SUCCESS")["result"] == {"sum": 4}
+        final_record(stack, after)  # the status showed the backend's end: wait for the record
         wait_for(lambda: celery_app.AsyncResult(after).state == "SUCCESS", timeout=10,
                  message="the backend to hold results again")
         assert stack.client.get("/readyz").status_code == 200
