@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +42,31 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: f
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {message} (last: {last!r})")
+
+
+def answered(call: Callable[[], object], deadline: float = 30.0) -> object:
+    """``call()``'s result, failing if it has not returned within ``deadline`` seconds.
+
+    A guard against a hang (a read with no timeout), not a measurement: how fast an
+    answer comes is measured (docs/RELIABILITY.md), never asserted, so a loaded machine
+    cannot fail the suite.
+    """
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(deadline)
+    if thread.is_alive():
+        raise AssertionError(f"no answer within {deadline} s: the call hangs")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def get_until(url: str, statuses, timeout: float = 60) -> dict:
