@@ -63,9 +63,9 @@ def queue_lengths(celery_app, queues: list[str]) -> dict[str, int]:
     return lengths
 
 
-def _inspect(celery_app, command: str, timeout: float, limit: int | None):
+def _inspect(celery_app, command: str, timeout: float):
     with celery_app.connection_for_write() as conn:
-        inspector = celery_app.control.inspect(timeout=timeout, connection=conn, limit=limit)
+        inspector = celery_app.control.inspect(timeout=timeout, connection=conn)
         return getattr(inspector, command)() or {}
 
 
@@ -87,8 +87,7 @@ def _collect(pool: ThreadPoolExecutor) -> dict:
     started = time.monotonic()
     try:
         lengths = queue_lengths(celery_app, known_queues())
-        futures = {c: pool.submit(_inspect, celery_app, c, timeout, None)
-                   for c in COMMANDS}
+        futures = {c: pool.submit(_inspect, celery_app, c, timeout) for c in COMMANDS}
         replies = {c: f.result() for c, f in futures.items()}
     except Exception as exc:  # noqa: BLE001
         log.error("❌ broker unreachable for stats: %s", exc)
