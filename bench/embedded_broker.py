@@ -416,7 +416,7 @@ def publisher_main(root, env, n_tasks, first_id, n_threads, ready_q, start_evt, 
     per = [n_tasks // n_threads + (1 if i < n_tasks % n_threads else 0)
            for i in range(n_threads)]
 
-    def worker(tid, n, base):
+    def worker(n, base):
         for k in range(n):
             try:
                 app.send_task('bench.noop', args=[base + k])
@@ -431,7 +431,7 @@ def publisher_main(root, env, n_tasks, first_id, n_threads, ready_q, start_evt, 
     base = first_id
     t0 = time.time()
     for i in range(n_threads):
-        th = threading.Thread(target=worker, args=(i, per[i], base), daemon=True)
+        th = threading.Thread(target=worker, args=(per[i], base), daemon=True)
         base += per[i]
         threads.append(th)
         th.start()

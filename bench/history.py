@@ -97,7 +97,7 @@ def fill(url: str, rows: int) -> float:
     return time.monotonic() - started
 
 
-def explain(app, statement) -> str:
+def explain(statement) -> str:
     compiled = statement.compile(dialect=db.engine.dialect,
                                  compile_kwargs={"literal_binds": True})
     with db.engine.connect() as conn:
@@ -170,7 +170,7 @@ def history_section(rows: int, repeat: int) -> str:
                 db.session.rollback()
                 lines.append(f"| {label} | {min(count, 50)} | {sql_med:.2f} | {sql_p95:.2f} "
                              f"| {http_med:.2f} | {http_p95:.2f} |")
-                plans.append(f"**{label}**\n\n```\n{explain(app, statement)}\n```\n")
+                plans.append(f"**{label}**\n\n```\n{explain(statement)}\n```\n")
             db.session.remove()
             db.engine.dispose()
         return "\n".join(lines) + "\n\nPlans (EXPLAIN ANALYZE, BUFFERS):\n\n" + "\n".join(plans)

@@ -12,11 +12,13 @@ from sqlalchemy import exc as sa_exc
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from celery_api import metrics, settings
-from celery_api.catalog import load_catalog
+from celery_api.catalog import load_catalog, queues_of
 from celery_api.celery_app import celery_init_app
 from celery_api.extensions import db, make_api, migrate
 from celery_api.logging import configure_logging
+from celery_api.metrics_collector import SystemCollector
 from celery_api.resources.fields import UUID_PARAMETER, TaskIdConverter, UuidPathConverter
+from celery_api.services import cache, stats
 from celery_api.services.errors import ServiceError
 from celery_api.smorest import problem_response
 
@@ -75,13 +77,10 @@ def create_app(config: dict | None = None) -> Flask:
     _tune_sqlite(app)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
     app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
-    from celery_api.services.stats import queues_of
-
     app.extensions["celery_api.queues"] = queues_of(app)
     celery_init_app(app)
-    from celery_api.services import cache
-
     cache.init_app(app)
+    stats.init_app(app)
 
     app.url_map.converters["task_id"] = TaskIdConverter
     app.url_map.converters["uuid_path"] = UuidPathConverter
@@ -93,7 +92,7 @@ def create_app(config: dict | None = None) -> Flask:
     _register_blueprints(app, api)
     _register_params_components(app, api)
     _register_request_checks(app)
-    metrics.init_app(app)
+    metrics.init_app(app, SystemCollector())
 
     from celery_api.cli import register_cli
 

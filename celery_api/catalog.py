@@ -135,3 +135,15 @@ def load_catalog(modules: list[str] | tuple[str, ...]) -> Catalog:
 def get_catalog() -> Catalog:
     """The current app's catalog."""
     return current_app.extensions["celery_api.catalog"]
+
+
+def queues_of(app) -> list[str]:
+    """The queues a launch may name: ``CELERY_API_QUEUES``, the default one, the catalog's."""
+    catalog = app.extensions["celery_api.catalog"]
+    return sorted({app.config["CELERY"]["task_default_queue"], *app.config["QUEUES"],
+                   *(d.queue for d in catalog if d.queue)})
+
+
+def known_queues() -> list[str]:
+    """The current app's queues, worked out once when it was created."""
+    return current_app.extensions["celery_api.queues"]

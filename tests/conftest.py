@@ -7,50 +7,25 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import flask_migrate
 import pytest
 
-from tests.support import PLUGINS, RedisServer, Worker, service_env
+from celery_api.embedded import EmbeddedRedis
+from tests.support import (
+    PLUGINS,
+    RedisServer,
+    Worker,
+    build_app,
+    database_url,
+    make_config,
+    optional_component,
+    service_env,
+)
 
+# make_config loads acme_tasks, a task module from outside the package, as a deployment would.
 sys.path.insert(0, str(PLUGINS))
-
-from celery_api import create_app  # noqa: E402
-from celery_api.embedded import EmbeddedRedis  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("CELERY_API_TEST_POSTGRES",
                               "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def optional_component(name: str, reason: str):
-    """Skip a test of an optional real component, except under CI where it must run."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{name} is required under CI=true but unavailable: {reason}")
-    pytest.skip(f"{name} unavailable: {reason}")
-
-
-def make_config(folder: Path, broker_url: str, database_url: str | None = None,
-                **extra) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {
-        "INSTANCE_PATH": folder,
-        "SQLALCHEMY_DATABASE_URI": database_url or f"sqlite:///{folder / 'test.db'}",
-        "TASK_MODULES": ["acme_tasks"],
-        "QUEUES": ["celery", "parked"],
-        "INSPECT_TIMEOUT": 0.5,
-        "STATS_CACHE_SECONDS": 0,
-        "SII_SANDBOX_STEP_SECONDS": 0.1,
-        "SII_RETRY_BACKOFF_SECONDS": 0.2,
-        "CELERY": {"broker_url": broker_url, "result_backend": broker_url},
-    }
-    config.update(extra)
-    return config
-
-
-def build_app(config: dict):
-    app = create_app(dict(config, CELERY=dict(config["CELERY"])))
-    with app.app_context():
-        flask_migrate.upgrade()
-    return app
 
 
 @pytest.fixture(scope="session")
@@ -143,13 +118,6 @@ def rabbitmq_vhost():
         assert done.returncode == 0, done.stdout + done.stderr
     yield f"{RABBITMQ_URL}/{vhost}"
     subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
-
-
-def database_url(request, kind: str) -> str | None:
-    """None for SQLite (the config's default file), else a fresh PostgreSQL database."""
-    if kind == "sqlite":
-        return None
-    return request.getfixturevalue("pg_databases").create()
 
 
 @pytest.fixture(scope="session")

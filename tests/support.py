@@ -1,4 +1,6 @@
-"""Real processes for the tests: Redis servers and Celery workers, waited on with deadlines."""
+"""What the tests share: real processes (Redis servers, Celery workers, gunicorn, a
+PostgreSQL cluster) waited on with deadlines, the app built from a test config, and
+the helpers that launch, read and wait on runs. Tests import helpers from here only."""
 
 from __future__ import annotations
 
@@ -7,17 +9,26 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import flask_migrate
+import pytest
 import redis
 
+from celery_api import create_app
 from celery_api.embedded import stop_process
+from celery_api.extensions import db
+from celery_api.models import TaskRun, utcnow
+from celery_api.tasks.sii_client import SANDBOX_COMPANIES
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 BIN = Path(sys.executable).parent
+COMPANY = SANDBOX_COMPANIES[0]
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
@@ -31,6 +42,31 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: f
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {message} (last: {last!r})")
+
+
+def answered(call: Callable[[], object], deadline: float = 30.0) -> object:
+    """``call()``'s result, failing if it has not returned within ``deadline`` seconds.
+
+    A guard against a hang (a read with no timeout), not a measurement: how fast an
+    answer comes is measured (docs/RELIABILITY.md), never asserted, so a loaded machine
+    cannot fail the suite.
+    """
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(deadline)
+    if thread.is_alive():
+        raise AssertionError(f"no answer within {deadline} s: the call hangs")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def get_until(url: str, statuses, timeout: float = 60) -> dict:
@@ -261,3 +297,114 @@ class PostgresServer:
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+# The app, and its HTTP contract.
+
+def optional_component(name: str, reason: str):
+    """Skip a test of an optional real component, except under CI where it must run."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is required under CI=true but unavailable: {reason}")
+    pytest.skip(f"{name} unavailable: {reason}")
+
+
+def make_config(folder: Path, broker_url: str, database_url: str | None = None,
+                **extra) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "INSTANCE_PATH": folder,
+        "SQLALCHEMY_DATABASE_URI": database_url or f"sqlite:///{folder / 'test.db'}",
+        "TASK_MODULES": ["acme_tasks"],
+        "QUEUES": ["celery", "parked"],
+        "INSPECT_TIMEOUT": 0.5,
+        "STATS_CACHE_SECONDS": 0,
+        "SII_SANDBOX_STEP_SECONDS": 0.1,
+        "SII_RETRY_BACKOFF_SECONDS": 0.2,
+        "CELERY": {"broker_url": broker_url, "result_backend": broker_url},
+    }
+    config.update(extra)
+    return config
+
+
+def build_app(config: dict):
+    app = create_app(dict(config, CELERY=dict(config["CELERY"])))
+    with app.app_context():
+        flask_migrate.upgrade()
+    return app
+
+
+def database_url(request, kind: str) -> str | None:
+    """None for SQLite (the config's default file), else a fresh PostgreSQL database."""
+    if kind == "sqlite":
+        return None
+    return request.getfixturevalue("pg_databases").create()
+
+
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(response, status, *fragments):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == PROBLEM
+    body = response.get_json()
+    assert body["status"] == status
+    assert isinstance(body["detail"], str) and body["detail"]
+    for fragment in fragments:
+        assert fragment in body["detail"], body["detail"]
+    return body
+
+
+def stored_run(app, status: str, **fields) -> str:
+    """A run written straight into the database (no broker, no worker); its id."""
+    task_id = str(uuid.uuid4())
+    with app.app_context():
+        db.session.add(TaskRun(
+            id=task_id, task_type="sii.sync_documents", task_name="sii.sync_documents",
+            params={"company_id": COMPANY, "months": 1, "month_offset": 0}, status=status,
+            tags=[], root_id=task_id, created_at=utcnow(),
+            finished_at=utcnow() if status in ("SUCCESS", "FAILURE", "REVOKED") else None,
+            **fields))
+        db.session.commit()
+    return task_id
+
+
+# Runs on a stack (an app and a real worker: the ``stack`` fixture).
+
+def launch(stack, task_type="sii.sync_documents", params=None, **options):
+    response = stack.client.post("/api/celery/tasks/launch", json={
+        "task_type": task_type,
+        "params": params if params is not None else {"company_id": COMPANY},
+        **options})
+    assert response.status_code == 202, response.get_data(as_text=True)
+    return response.get_json()["task_id"]
+
+
+def status(stack, task_id):
+    response = stack.client.get(f"/api/celery/tasks/{task_id}")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()
+
+
+def wait_status(stack, task_id, wanted, timeout=60):
+    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
+
+    def reached():
+        body = status(stack, task_id)
+        return body if body["status"] in wanted else None
+
+    return wait_for(reached, timeout=timeout, interval=0.1,
+                    message=f"{task_id} to reach {wanted}")
+
+
+def record(stack, task_id) -> TaskRun:
+    with stack.app.app_context():
+        run = db.session.get(TaskRun, task_id)
+        db.session.expunge_all()
+        return run
+
+
+def final_record(stack, task_id) -> TaskRun:
+    """The record once the worker has written the end: a status read shows the result
+    backend's end as soon as it is there, and does not write it into the record."""
+    return wait_for(lambda: (run := record(stack, task_id)) is not None and run.finished
+                    and run, timeout=30, message=f"the record of {task_id} to be final")

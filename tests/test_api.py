@@ -8,11 +8,11 @@ import uuid
 import pytest
 
 from celery_api.extensions import db
-from celery_api.models import TaskRun, utcnow
+from celery_api.models import TaskRun
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
+from tests.support import assert_problem, stored_run
 
 COMPANY = SANDBOX_COMPANIES[0]
-PROBLEM = "application/problem+json"
 
 
 def launch(client, task_type="sii.sync_documents", params=None, **options):
@@ -20,17 +20,6 @@ def launch(client, task_type="sii.sync_documents", params=None, **options):
             {"company_id": COMPANY}}
     body.update(options)
     return client.post("/api/celery/tasks/launch", json=body)
-
-
-def assert_problem(response, status, *fragments):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == PROBLEM
-    body = response.get_json()
-    assert body["status"] == status
-    assert isinstance(body["detail"], str) and body["detail"]
-    for fragment in fragments:
-        assert fragment in body["detail"], body["detail"]
-    return body
 
 
 def test_factory_applies_overrides(tmp_path, redis_server):
@@ -207,38 +196,25 @@ def test_unknown_task_id_is_404(client, call):
     assert_problem(call(client, unknown), 404, unknown)
 
 
-def _stored_run(app, status: str, **fields) -> str:
-    task_id = str(uuid.uuid4())
-    with app.app_context():
-        db.session.add(TaskRun(
-            id=task_id, task_type="sii.sync_documents", task_name="sii.sync_documents",
-            params={"company_id": COMPANY, "months": 1, "month_offset": 0}, status=status,
-            tags=[], root_id=task_id, created_at=utcnow(),
-            finished_at=utcnow() if status in ("SUCCESS", "FAILURE", "REVOKED") else None,
-            **fields))
-        db.session.commit()
-    return task_id
-
-
 @pytest.mark.parametrize("status", ["SUCCESS", "FAILURE", "REVOKED"])
 def test_revoke_finished_is_409(client, app, status):
-    task_id = _stored_run(app, status)
+    task_id = stored_run(app, status)
     assert_problem(client.delete(f"/api/celery/tasks/{task_id}"), 409, status)
 
 
 def test_revoke_bad_signal_is_422(client, app):
-    task_id = _stored_run(app, "PENDING")
+    task_id = stored_run(app, "PENDING")
     assert_problem(client.delete(f"/api/celery/tasks/{task_id}?signal=SIGNOPE"), 422, "signal")
 
 
 @pytest.mark.parametrize("status", ["PENDING", "STARTED", "SUCCESS"])
 def test_retry_of_unfinished_or_successful_run_is_409(client, app, status):
-    task_id = _stored_run(app, status)
+    task_id = stored_run(app, status)
     assert_problem(client.post(f"/api/celery/tasks/{task_id}/retry"), 409, "FAILURE or REVOKED")
 
 
 def test_retry_of_failed_run_links_new_run(client, app):
-    task_id = _stored_run(app, "FAILURE", error="boom")
+    task_id = stored_run(app, "FAILURE", error="boom")
     response = client.post(f"/api/celery/tasks/{task_id}/retry")
     assert response.status_code == 202
     new_id = response.get_json()["task_id"]
@@ -249,13 +225,14 @@ def test_retry_of_failed_run_links_new_run(client, app):
     assert client.get(f"/api/celery/tasks/{task_id}").get_json()["retried_as"] == [new_id]
 
 
-def test_stats_without_workers_answers_quickly_and_says_so(client):
+def test_stats_without_workers_answers_and_says_so(client):
     response = client.get("/api/celery/stats")
     assert response.status_code == 200
     body = response.get_json()
     assert body["workers_online"] == []
     assert "No worker answered" in body["note"]
-    assert body["collected_in_seconds"] < 5  # bounded by the 0.5 s inspect timeout
+    # Bounded by the inspect timeout (how long it took is reported, not asserted).
+    assert body["inspect_timeout"] == 0.5 and body["collected_in_seconds"] >= 0
     assert set(body) >= {"active_tasks", "scheduled_tasks", "registered_tasks", "worker_stats",
                          "queues"}
     assert "celery" in body["queues"]
@@ -285,14 +262,12 @@ def test_openapi_document(client):
     assert variant["required"] == ["task_type", "params"]
     assert launch_op["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/TaskLaunchRequest"}
-    for path in spec["paths"].values():
-        for op in path.values():
-            if isinstance(op, dict) and "responses" in op:
-                for code, response in op["responses"].items():
-                    if code.startswith(("4", "5")) and "$ref" in response:
-                        name = response["$ref"].rsplit("/", 1)[1]
-                        content = spec["components"]["responses"][name]["content"]
-                        assert "application/problem+json" in content
+    error_responses = {response["$ref"].rsplit("/", 1)[1] for op in operations
+                       for code, response in op["responses"].items()
+                       if code.startswith(("4", "5")) and "$ref" in response}
+    assert {"BAD_REQUEST", "NOT_FOUND"} <= error_responses
+    for name in error_responses:
+        assert "application/problem+json" in spec["components"]["responses"][name]["content"]
     from openapi_spec_validator import validate
 
     validate(spec)
@@ -309,7 +284,7 @@ def test_docs_page_needs_no_cdn(client):
 
 
 def test_unknown_query_parameter_is_422(client, app):
-    task_id = _stored_run(app, "PENDING")
+    task_id = stored_run(app, "PENDING")
     problem = assert_problem(client.delete(f"/api/celery/tasks/{task_id}?terminat=true"), 422,
                              "terminat")
     assert "terminat" in problem["errors"]["query"]
@@ -331,10 +306,10 @@ def test_huge_string_in_params_is_422_without_echoing_it(client):
 @pytest.mark.parametrize("path", [
     "/api/celery/tasks/'%20OR%201=1--", "/api/celery/tasks/%00", "/api/celery/tasks/..",
 ])
-def test_hostile_task_ids_are_4xx(client, path):
-    response = client.get(path)
-    assert 400 <= response.status_code < 500
-    assert response.mimetype == PROBLEM
+def test_hostile_task_ids_are_422(client, path):
+    # Not a UUID: 422 with the path error, as every malformed task id (see the README).
+    body = assert_problem(client.get(path), 422, "must be a UUID")
+    assert "task_id" in body["errors"]["path"]
 
 
 def test_openapi_document_states_what_the_server_enforces(client):

@@ -11,9 +11,7 @@ import sqlalchemy as sa
 
 from celery_api.extensions import db
 from celery_api.models import TaskRun
-from tests.conftest import build_app, make_config
-from tests.support import RedisServer, wait_for
-from tests.test_api import assert_problem
+from tests.support import RedisServer, assert_problem, build_app, make_config, wait_for
 
 BATCH = "/api/celery/tasks/batch"
 
@@ -120,8 +118,9 @@ def test_revoking_a_batch_revokes_its_queued_runs_once(client, app):
     outcome = response.get_json()
     assert sorted(outcome["revoked"]) == sorted(t["task_id"] for t in body["tasks"])
     assert outcome["not_revoked"] == {}
-    assert all(run.status == "REVOKED" and "wrong month" in run.error
-               for run in runs_of(app, batch_id))
+    assert {run.id: (run.status, "wrong month" in run.error)
+            for run in runs_of(app, batch_id)} == {
+        t["task_id"]: ("REVOKED", True) for t in body["tasks"]}
     summary = client.get(f"/api/celery/batches/{batch_id}").get_json()
     assert summary["counts"] == {"REVOKED": 2} and summary["finished"] is True
     assert_problem(client.delete(f"/api/celery/batches/{batch_id}"), 409, "nothing to revoke")

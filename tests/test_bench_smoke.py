@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import optional_component
-from tests.support import ROOT
+from tests.support import ROOT, optional_component
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,7 @@ from celery_api.extensions import db
 from celery_api.models import TaskRun
 from celery_api.services import maintenance
 from celery_api.services.cache import PREFIX
-from tests.conftest import build_app, make_config
-from tests.support import free_port
-from tests.test_api import _stored_run, assert_problem
+from tests.support import assert_problem, build_app, free_port, make_config, stored_run
 
 
 def cached_app(tmp_path, redis_server, cache_url=None):
@@ -29,9 +27,9 @@ def test_a_successful_run_is_served_from_the_cache_once_read(tmp_path, redis_ser
     app = cached_app(tmp_path, redis_server)
     client = app.test_client()
     cache = redis.Redis.from_url(redis_server.url.replace("/0", "/9"))
-    done = _stored_run(app, "SUCCESS", result={"sum": 3})
-    failed = _stored_run(app, "FAILURE", error="RuntimeError: no")
-    queued = _stored_run(app, "PENDING")
+    done = stored_run(app, "SUCCESS", result={"sum": 3})
+    failed = stored_run(app, "FAILURE", error="RuntimeError: no")
+    queued = stored_run(app, "PENDING")
 
     first = client.get(f"/api/celery/tasks/{done}")
     assert first.status_code == 200 and first.mimetype == "application/json"
@@ -60,7 +58,7 @@ def test_purge_forgets_cached_runs(tmp_path, redis_server):
     app = cached_app(tmp_path, redis_server)
     client = app.test_client()
     cache = redis.Redis.from_url(redis_server.url.replace("/0", "/9"))
-    old = _stored_run(app, "SUCCESS", result=1)
+    old = stored_run(app, "SUCCESS", result=1)
     assert client.get(f"/api/celery/tasks/{old}").status_code == 200
     assert cache.exists(PREFIX + old)
     with app.app_context():
@@ -75,7 +73,7 @@ def test_purge_forgets_cached_runs(tmp_path, redis_server):
 def test_without_redis_the_memory_cache_still_answers(tmp_path, redis_server):
     app = build_app(make_config(tmp_path, redis_server.url, CACHE_SECONDS=60))
     client = app.test_client()
-    done = _stored_run(app, "SUCCESS", result=5)
+    done = stored_run(app, "SUCCESS", result=5)
     assert client.get(f"/api/celery/tasks/{done}").get_json()["result"] == 5
     with app.app_context():
         db.session.get(TaskRun, done).result = 6
@@ -88,7 +86,7 @@ def test_without_redis_the_memory_cache_still_answers(tmp_path, redis_server):
 def test_a_cache_that_does_not_answer_is_skipped(tmp_path, redis_server):
     app = cached_app(tmp_path, redis_server, cache_url=f"redis://127.0.0.1:{free_port()}/0")
     client = app.test_client()
-    done = _stored_run(app, "SUCCESS", result={"sum": 3})
+    done = stored_run(app, "SUCCESS", result={"sum": 3})
     for _ in range(2):
         response = client.get(f"/api/celery/tasks/{done}")
         assert response.status_code == 200 and response.get_json()["result"] == {"sum": 3}
@@ -98,10 +96,10 @@ def test_cached_answers_are_written_as_every_other_answer(tmp_path, redis_server
     """Compact, sorted JSON with a final newline, as Flask writes the uncached ones."""
     app = build_app(make_config(tmp_path, redis_server.url, CACHE_SECONDS=60))
     client = app.test_client()
-    done = _stored_run(app, "SUCCESS", result={"b": 1, "a": [1, 2]})
+    done = stored_run(app, "SUCCESS", result={"b": 1, "a": [1, 2]})
     first = client.get(f"/api/celery/tasks/{done}").get_data()
     assert client.get(f"/api/celery/tasks/{done}").get_data() == first
-    running = _stored_run(app, "STARTED")
+    running = stored_run(app, "STARTED")
     plain = client.get(f"/api/celery/tasks/{running}").get_data()
     for body in (first, plain):
         assert b'": ' not in body and b", " not in body and body.endswith(b"}\n"), body

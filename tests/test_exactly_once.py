@@ -23,8 +23,17 @@ from celery_api.models import TaskRun, utcnow
 from celery_api.services import control, maintenance
 from celery_api.services import launch as launch_service
 from celery_api.services.errors import Conflict
-from tests.support import BIN, ROOT, Worker, wait_for
-from tests.test_integration import final_record, launch, record, status, wait_status
+from tests.support import (
+    BIN,
+    ROOT,
+    Worker,
+    final_record,
+    launch,
+    record,
+    status,
+    wait_for,
+    wait_status,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import build_app, make_config
-from tests.support import BIN, ROOT, LiveServer, service_env
+from tests.support import BIN, ROOT, LiveServer, build_app, make_config, service_env
 
 pytestmark = pytest.mark.integration
 

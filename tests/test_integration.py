@@ -12,51 +12,11 @@ import sqlalchemy as sa
 from celery_api.extensions import db
 from celery_api.models import TaskRun
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES, SandboxSIIClient
-from tests.support import Worker, wait_for
+from tests.support import Worker, final_record, launch, record, status, wait_for, wait_status
 
 pytestmark = pytest.mark.integration
 COMPANY = SANDBOX_COMPANIES[0]
 FLAKY = SandboxSIIClient.FLAKY_ID
-
-
-def launch(stack, task_type="sii.sync_documents", params=None, **options):
-    response = stack.client.post("/api/celery/tasks/launch", json={
-        "task_type": task_type,
-        "params": params if params is not None else {"company_id": COMPANY},
-        **options})
-    assert response.status_code == 202, response.get_data(as_text=True)
-    return response.get_json()["task_id"]
-
-
-def status(stack, task_id):
-    response = stack.client.get(f"/api/celery/tasks/{task_id}")
-    assert response.status_code == 200, response.get_data(as_text=True)
-    return response.get_json()
-
-
-def wait_status(stack, task_id, wanted, timeout=60):
-    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
-
-    def reached():
-        body = status(stack, task_id)
-        return body if body["status"] in wanted else None
-
-    return wait_for(reached, timeout=timeout, interval=0.1,
-                    message=f"{task_id} to reach {wanted}")
-
-
-def record(stack, task_id) -> TaskRun:
-    with stack.app.app_context():
-        run = db.session.get(TaskRun, task_id)
-        db.session.expunge_all()
-        return run
-
-
-def final_record(stack, task_id) -> TaskRun:
-    """The record once the worker has written the end: a status read shows the result
-    backend's end as soon as it is there, and does not write it into the record."""
-    return wait_for(lambda: (run := record(stack, task_id)) is not None and run.finished
-                    and run, timeout=30, message=f"the record of {task_id} to be final")
 
 
 def test_sync_documents_succeeds_with_per_book_summary(stack):
@@ -212,11 +172,15 @@ def test_stats_with_live_worker(stack):
 
 
 def test_history_rows_match_the_runs(stack):
+    task_id = launch(stack, "acme.add", {"a": 1, "b": 1})
+    wait_status(stack, task_id, "SUCCESS")
+    final_record(stack, task_id)  # at least this row: the check below is never vacuous
     with stack.app.app_context():
         statuses = dict(db.session.execute(
             sa.select(TaskRun.status, sa.func.count()).group_by(TaskRun.status)).all())
-    assert not set(statuses) - {"SUCCESS", "FAILURE", "REVOKED", "PENDING", "STARTED",
-                                "PROGRESS", "RETRY"}
+    assert statuses.get("SUCCESS", 0) >= 1
+    assert set(statuses) <= {"SUCCESS", "FAILURE", "REVOKED", "PENDING", "STARTED",
+                             "PROGRESS", "RETRY"}
 
 
 def test_expired_backend_result_does_not_make_history_lie(stack):

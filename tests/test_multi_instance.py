@@ -7,8 +7,16 @@ import os
 import pytest
 import requests
 
-from tests.conftest import build_app, database_url, make_config
-from tests.support import LiveServer, Worker, get_until, service_env, wait_for
+from tests.support import (
+    LiveServer,
+    Worker,
+    build_app,
+    database_url,
+    get_until,
+    make_config,
+    service_env,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 

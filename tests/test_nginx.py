@@ -11,8 +11,17 @@ import pytest
 import requests
 
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
-from tests.conftest import build_app, make_config, optional_component
-from tests.support import ROOT, LiveServer, free_port, service_env, stop_process, wait_for
+from tests.support import (
+    ROOT,
+    LiveServer,
+    build_app,
+    free_port,
+    make_config,
+    optional_component,
+    service_env,
+    stop_process,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")

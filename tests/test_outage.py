@@ -4,7 +4,6 @@ worker: clear 503s, nothing lost or run that should not be, recovery without res
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -16,16 +15,22 @@ from celery_api.extensions import db
 from celery_api.models import TaskRun
 from celery_api.services import maintenance
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
-from tests.conftest import build_app, make_config, optional_component
 from tests.support import (
     PostgresServer,
     RedisServer,
     Worker,
+    answered,
+    build_app,
+    final_record,
+    launch,
+    make_config,
+    optional_component,
     postgres_binaries,
     service_env,
+    status,
     wait_for,
+    wait_status,
 )
-from tests.test_integration import launch, status, wait_status
 
 LAUNCH = {"task_type": "sii.sync_documents", "params": {"company_id": SANDBOX_COMPANIES[0]}}
 
@@ -52,11 +57,9 @@ def test_broker_outage_503_fast_then_recovers_and_loses_nothing(tmp_path):
 
         server.stop()
 
-        response, elapsed = _timed(lambda: stack.client.post(
-            "/api/celery/tasks/launch", json=count))
+        response = answered(lambda: stack.client.post("/api/celery/tasks/launch", json=count))
         _problem(response, 503, "broker is unreachable")
         assert int(response.headers["Retry-After"]) > 0
-        assert elapsed < 2.0, f"503 took {elapsed:.2f} s; the contract is 2 s"
         assert count_runs(stack.app) == 2  # only the two really published
         # Reads still answer from the record; what needs the broker says so.
         assert status(stack, ran)["status"] == "SUCCESS"
@@ -122,11 +125,9 @@ def test_launch_is_503_fast_when_broker_accepts_but_never_answers(tmp_path):
     url = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
     app = build_app(make_config(tmp_path, url))
     try:
-        started = time.monotonic()
-        response = app.test_client().post("/api/celery/tasks/launch", json=LAUNCH)
-        elapsed = time.monotonic() - started
+        response = answered(lambda: app.test_client().post("/api/celery/tasks/launch",
+                                                           json=LAUNCH))
         assert response.status_code == 503, response.get_data(as_text=True)
-        assert elapsed < 2.0, f"503 took {elapsed:.2f} s; the contract is 2 s"
         assert count_runs(app) == 0
     finally:
         listener.close()
@@ -176,12 +177,6 @@ def _problem(response, status: int, words: str) -> dict:
     return body
 
 
-def _timed(call):
-    started = time.monotonic()
-    response = call()
-    return response, time.monotonic() - started
-
-
 def test_database_outage_answers_503_loses_nothing_and_recovers(tmp_path, private_postgres):
     redis_server = RedisServer(tmp_path / "redis").start()
     stack = _start_stack(tmp_path, redis_server.url, redis_server.url,
@@ -199,12 +194,11 @@ def test_database_outage_answers_503_loses_nothing_and_recovers(tmp_path, privat
         private_postgres.stop()
 
         # Writes and reads that need the record: 503 problem+json, fast, nothing sent.
-        response, elapsed = _timed(lambda: stack.client.post(
+        response = answered(lambda: stack.client.post(
             "/api/celery/tasks/launch",
             json={"task_type": "acme.count", "params": {"key": key}}))
         _problem(response, 503, "database is unreachable")
         assert int(response.headers["Retry-After"]) > 0
-        assert elapsed < 2.0, f"503 took {elapsed:.2f} s"
         # A successful run read before is answered from the cache; others need the record.
         assert status(stack, done)["result"] == {"sum": 3}
         _problem(stack.client.get(f"/api/celery/tasks/{queued_revoke}"), 503, "database")
@@ -272,11 +266,10 @@ def test_result_backend_outage_keeps_launching_and_recording(tmp_path):
 
         results.stop()
 
-        response, elapsed = _timed(lambda: stack.client.post(
+        response = answered(lambda: stack.client.post(
             "/api/celery/tasks/launch",
             json={"task_type": "acme.add", "params": {"a": 20, "b": 22}}))
         assert response.status_code == 202, response.get_data(as_text=True)
-        assert elapsed < 2.0, f"launch took {elapsed:.2f} s"
         during = response.get_json()["task_id"]
         reporting = launch(stack, "acme.sleep", {"seconds": 0.5})  # progress can't be sent
         assert wait_status(stack, during, "SUCCESS", timeout=30)["result"] == {"sum": 42}
@@ -298,6 +291,7 @@ def test_result_backend_outage_keeps_launching_and_recording(tmp_path):
 
         after = launch(stack, "acme.add", {"a": 2, "b": 2})
         assert wait_status(stack, after, "SUCCESS")["result"] == {"sum": 4}
+        final_record(stack, after)  # the status showed the backend's end: wait for the record
         wait_for(lambda: celery_app.AsyncResult(after).state == "SUCCESS", timeout=10,
                  message="the backend to hold results again")
         assert stack.client.get("/readyz").status_code == 200

@@ -11,8 +11,7 @@ import pytest
 from celery_api.extensions import db
 from celery_api.models import TaskRun
 from celery_api.services import maintenance
-from tests.support import Worker, wait_for
-from tests.test_integration import final_record, launch, record, status, wait_status
+from tests.support import Worker, final_record, launch, record, status, wait_for, wait_status
 
 pytestmark = pytest.mark.integration
 

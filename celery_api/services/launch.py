@@ -18,13 +18,12 @@ from flask import current_app
 from kombu.exceptions import OperationalError
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from celery_api.catalog import get_catalog
+from celery_api.catalog import get_catalog, known_queues
 from celery_api.extensions import db
 from celery_api.logging import current_request_id
 from celery_api.metrics import record_launch
 from celery_api.models import TaskRun, TaskRunTag, company_id_of, utcnow
 from celery_api.services.errors import InvalidParams, Unavailable, UnknownTaskType
-from celery_api.services.stats import known_queues
 
 log = logging.getLogger("celery_api.launch")
 # Table-level inserts: compiled once and cached, unlike an ORM insert built per call.

@@ -13,28 +13,40 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from flask import current_app
+from flask import Flask, current_app
 
+from celery_api.catalog import known_queues
 from celery_api.services.errors import Unavailable
 from celery_api.services.health import ensure_broker
 
 log = logging.getLogger("celery_api.stats")
-_lock = threading.Lock()
-_cache: dict = {}
-_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="inspect")
 COMMANDS = ("stats", "active", "scheduled", "registered")
 
 
-def queues_of(app) -> list[str]:
-    """The queues a launch may name: ``CELERY_API_QUEUES``, the default one, the catalog's."""
-    catalog = app.extensions["celery_api.catalog"]
-    return sorted({app.config["CELERY"]["task_default_queue"], *app.config["QUEUES"],
-                   *(d.queue for d in catalog if d.queue)})
+class StatsState:
+    """One app's stats: the last snapshot and the threads that broadcast the inspects.
+
+    The pool is started on the first collection, not when the module is imported or
+    the app created: a worker or CLI process that never serves /stats starts no thread.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.taken = 0.0
+        self.body: dict | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        # Only read under ``lock`` (in snapshot), so it is created once.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=len(COMMANDS),
+                                            thread_name_prefix="inspect")
+        return self._pool
 
 
-def known_queues() -> list[str]:
-    """The current app's queues, worked out once when it was created."""
-    return current_app.extensions["celery_api.queues"]
+def init_app(app: Flask) -> None:
+    app.extensions["celery_api.stats"] = StatsState()
 
 
 def queue_lengths(celery_app, queues: list[str]) -> dict[str, int]:
@@ -51,32 +63,31 @@ def queue_lengths(celery_app, queues: list[str]) -> dict[str, int]:
     return lengths
 
 
-def _inspect(celery_app, command: str, timeout: float, limit: int | None):
+def _inspect(celery_app, command: str, timeout: float):
     with celery_app.connection_for_write() as conn:
-        inspector = celery_app.control.inspect(timeout=timeout, connection=conn, limit=limit)
+        inspector = celery_app.control.inspect(timeout=timeout, connection=conn)
         return getattr(inspector, command)() or {}
 
 
 def snapshot() -> dict:
     cache_for = current_app.config["STATS_CACHE_SECONDS"]
-    with _lock:
-        cached = _cache.get(current_app.name)
+    state: StatsState = current_app.extensions["celery_api.stats"]
+    with state.lock:
         now = time.monotonic()
-        if cached and now - cached["taken"] < cache_for:
-            return {**cached["body"], "snapshot_age_seconds": round(now - cached["taken"], 3)}
-        body = _collect()
-        _cache[current_app.name] = {"taken": time.monotonic(), "body": body}
+        if state.body is not None and now - state.taken < cache_for:
+            return {**state.body, "snapshot_age_seconds": round(now - state.taken, 3)}
+        body = _collect(state.pool)
+        state.taken, state.body = time.monotonic(), body
         return {**body, "snapshot_age_seconds": 0.0}
 
 
-def _collect() -> dict:
+def _collect(pool: ThreadPoolExecutor) -> dict:
     celery_app = current_app.extensions["celery"]
     timeout = current_app.config["INSPECT_TIMEOUT"]
     started = time.monotonic()
     try:
         lengths = queue_lengths(celery_app, known_queues())
-        futures = {c: _pool.submit(_inspect, celery_app, c, timeout, None)
-                   for c in COMMANDS}
+        futures = {c: pool.submit(_inspect, celery_app, c, timeout) for c in COMMANDS}
         replies = {c: f.result() for c, f in futures.items()}
     except Exception as exc:  # noqa: BLE001
         log.error("❌ broker unreachable for stats: %s", exc)
