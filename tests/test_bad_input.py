@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
-from tests.test_api import COMPANY, PROBLEM
+from tests.support import COMPANY, PROBLEM
 
 LAUNCH = "/api/celery/tasks/launch"
 BATCH = "/api/celery/tasks/batch"
