@@ -21,6 +21,16 @@ def company_id_of(params) -> str | None:
     return str(value)[:36] if value else None
 
 
+def storable_text(text: str | None) -> str | None:
+    """Text a worker or the result backend produced (an exception's message, a
+    traceback), made storable on every database: PostgreSQL refuses NUL in text and
+    no driver takes a lone surrogate. Both are written as escapes."""
+    if text is None:
+        return None
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class UTCDateTime(sa.types.TypeDecorator):
     """Timezone-aware UTC datetimes on every database (SQLite keeps them naive)."""
 

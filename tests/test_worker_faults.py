@@ -131,3 +131,13 @@ def test_worker_stopped_gracefully_finishes_its_run_first(stack):
     body = status(stack, task_id)
     assert body["status"] == "SUCCESS" and body["result"] == {"slept": 2}
     assert final_record(stack, task_id).status == "SUCCESS"
+
+
+def test_failure_text_no_database_stores_as_is_is_recorded_escaped(stack):
+    """A task's exception message holds a NUL and a lone surrogate (PostgreSQL refuses
+    the first, every driver the second): the failure is recorded, escaped."""
+    task_id = launch(stack, "acme.garble", {})
+    run = final_record(stack, task_id)
+    assert run.status == "FAILURE"
+    assert run.error == "RuntimeError: bad\\x00byte \\ud800 here"
+    assert "\\x00" in run.traceback and "\x00" not in run.traceback

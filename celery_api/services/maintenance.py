@@ -52,13 +52,25 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
     active = {task["id"] for tasks in replies.values() for task in tasks or []}
     visibility = config["CELERY"]["broker_transport_options"].get("visibility_timeout", 3600)
     catalog = get_catalog()
-    lost: list[TaskRun] = []
+    suspects = []
     for run in candidates:
-        if run.id in active:
-            continue
         definition = catalog.by_celery_name(run.task_name)
-        if definition and definition.safe_to_repeat and \
-                run.started_at > now - timedelta(seconds=visibility + grace):
+        if run.id in active or (definition and definition.safe_to_repeat and
+                                run.started_at > now - timedelta(seconds=visibility + grace)):
+            continue
+        suspects.append(run)
+    # A worker whose reply to the broadcast was missed (a busy machine) is asked again,
+    # alone and with more time, before any of its runs is called lost: a reply that
+    # does not list a run is an answer; no reply is not.
+    silent = sorted({run.worker for run in suspects if run.worker and run.worker not in replies})
+    if silent:
+        again = celery_app.control.inspect(
+            destination=silent, timeout=3 * config["INSPECT_TIMEOUT"]).active() or {}
+        replies = {**replies, **again}
+        active |= {task["id"] for tasks in again.values() for task in tasks or []}
+    lost: list[TaskRun] = []
+    for run in suspects:
+        if run.id in active:
             continue
         alive = "alive" if run.worker in replies else "gone"
         changed = runstate.finish(

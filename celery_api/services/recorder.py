@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from celery_api.catalog import get_catalog
 from celery_api.extensions import db
-from celery_api.models import TaskRun, company_id_of, utcnow
+from celery_api.models import TaskRun, company_id_of, storable_text, utcnow
 from celery_api.services import runstate
 
 log = logging.getLogger("celery_api.worker")
@@ -178,15 +178,16 @@ def on_postrun(task, task_id=None, retval=None, state=None, **_):
                         where=mine, result=_json_safe(retval), error=None, traceback=None)
         log.info("✅ %s succeeded", task_id)
     elif state == "FAILURE":
-        error = f"{type(retval).__name__}: {retval}"
-        trace = "".join(tb.format_exception(retval)) if isinstance(retval, BaseException) else None
+        error = storable_text(f"{type(retval).__name__}: {retval}")
+        trace = storable_text("".join(tb.format_exception(retval))
+                              if isinstance(retval, BaseException) else None)
         runstate.finish(task_id, "FAILURE", started_at=_finish_started(request), from_=ENDABLE,
                         where=mine, error=error, traceback=trace)
         log.error("❌ %s failed: %s", task_id, error)
     elif state == "RETRY":
         reason = getattr(retval, "exc", None) or retval
         runstate.transition(task_id, "RETRY", where=mine, retries=(request.retries or 0) + 1,
-                            error=f"retrying: {reason}")
+                            error=storable_text(f"retrying: {reason}"))
         log.warning("🔁 %s will retry: %s", task_id, reason)
         return
     else:
@@ -215,9 +216,9 @@ def on_revoked(task, request=None, terminated=False, signum=None, expired=False,
 def on_failure(task, task_id=None, exception=None, **_):
     """A worker process lost mid-task, or killed at its hard time limit: no postrun then."""
     if isinstance(exception, WorkerLostError):
-        reason = f"worker lost: {exception}"
+        reason = storable_text(f"worker lost: {exception}")
     elif isinstance(exception, TimeLimitExceeded):
-        reason = f"hard time limit exceeded: {exception}"
+        reason = storable_text(f"hard time limit exceeded: {exception}")
     else:
         return  # ordinary failures are recorded by on_postrun, with their traceback
     runstate.finish(task_id, "FAILURE", error=reason)

@@ -11,7 +11,7 @@ from flask import current_app
 from sqlalchemy.exc import SQLAlchemyError
 
 from celery_api.extensions import db
-from celery_api.models import TaskRun, utcnow
+from celery_api.models import TaskRun, storable_text, utcnow
 from celery_api.services import runstate
 from celery_api.services.errors import NotFound, Unavailable
 
@@ -161,6 +161,6 @@ def ended_values(run: TaskRun, meta: dict) -> dict:
         values["error"] = (runstate.termination_reason("terminated", run.error)
                            if run.error else _error_text(result))
     else:
-        values["error"] = _error_text(result)
-        values["traceback"] = trace
+        values["error"] = storable_text(_error_text(result))
+        values["traceback"] = storable_text(trace)
     return values

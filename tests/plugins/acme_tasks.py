@@ -24,6 +24,12 @@ def boom() -> None:
     raise RuntimeError("acme exploded on purpose")
 
 
+@shared_task(name="acme.garble")
+def garble() -> None:
+    """Fails with text no database stores as it is: a NUL and a lone surrogate."""
+    raise RuntimeError("bad\x00byte \ud800 here")
+
+
 class NoParamsSchema(ma.Schema):
     pass
 
@@ -69,6 +75,8 @@ def register(catalog):
                 name="Add two numbers", description="Adds a and b (b >= 0).")
     catalog.add("acme.boom", celery_name="acme.boom", params_schema=NoParamsSchema,
                 name="Always fails", description="Raises RuntimeError.")
+    catalog.add("acme.garble", celery_name="acme.garble", params_schema=NoParamsSchema,
+                name="Fails with unstorable text", description="Raises with NUL in its message.")
     catalog.add("acme.count", celery_name="acme.count", params_schema=CountParamsSchema,
                 name="Count", description="Counts its executions (load tests).")
     catalog.add("acme.sleep", celery_name="acme.sleep", params_schema=SleepParamsSchema,
