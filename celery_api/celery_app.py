@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, Task
-from celery._state import _set_task_join_will_block
 from celery.exceptions import Ignore
 from flask import Flask
+
+from celery_api.fences import celery as celery_fence
 
 log = logging.getLogger("celery_api.worker")
 
@@ -53,7 +54,7 @@ def celery_init_app(app: Flask) -> Celery:
     # Nothing in this service waits on a result with .get(): tell Celery so, as its
     # prefork workers do. The Redis result backend then skips its SUBSCRIBE on every
     # publish, one round trip less per launch and no hang when the backend is down.
-    _set_task_join_will_block(True)
+    celery_fence.no_result_waits()
     celery_app.flask_app = app  # for worker signal handlers, which run outside any task
     celery_app.celery_api_declared_queues = set()  # declared by this process (launch)
     app.extensions["celery"] = celery_app

@@ -1,5 +1,14 @@
 """Code that reaches below a library's public API, fenced: one module per library.
 
-Each module states what it relies on, applies only where that holds, and has a test
-(tests/test_fences.py) that fails loudly when an upgrade changes it.
+- ``fences/celery.py``: Celery (message building and sending below ``send_task``, the
+  worker's revoked set, the result backend's MGET, the join-will-block flag).
+- ``fences/kombu.py``: kombu (Redis client reuse, library-error wrapping, reading the
+  Redis queues and unacknowledged messages).
+- ``celery_api/smorest.py``: flask-smorest and webargs (the ``Api``, ``Blueprint`` and
+  parser subclasses override their private hooks: spec set-up, responses, the JSON
+  document, error handlers, raw JSON loading).
+
+Each states what it relies on, applies only where that holds, and is checked by
+tests/test_fences.py, which fails loudly when an upgrade changes it. The lock files pin
+the versions these checks passed with.
 """

@@ -1,5 +1,11 @@
-"""kombu internals this service relies on.
+"""kombu internals this service relies on (tests/test_fences.py checks each one).
 
+- ``kombu.transport.redis.Channel._create_client(asynchronous=False)``: the Redis
+  transport builds a new ``redis.Redis`` for every publish; :func:`reuse_redis_client`
+  wraps it so a channel keeps the client it built (about a fifth of a publish's CPU).
+- ``kombu.Connection._reraise_as_library_errors()``: the context manager kombu's own
+  ``ensure`` uses to turn transport errors (redis-py's, amqp's) into kombu's
+  ``OperationalError``; the launch path publishes inside it to get the same errors.
 - ``kombu.transport.redis.Channel``: ``_q_for_pri`` (the Redis list of one priority
   step of a queue), ``priority_steps``, ``unacked_key`` (the hash of messages
   delivered but not acknowledged, each stored as ``[message, exchange, routing_key]``)
@@ -38,3 +44,35 @@ def redis_message_ids(channel, queues: list[str], limit: int) -> set[str] | None
         ids.add(_task_id(json.loads(raw)[0]))
     ids.discard(None)
     return ids
+
+
+def reraise_as_library_errors(connection):
+    """Transport errors raised inside the block come out as kombu's own errors."""
+    return connection._reraise_as_library_errors()
+
+
+def reuse_redis_client(channel) -> None:
+    """Let kombu's Redis channel publish through one client instead of one per message.
+
+    kombu's Redis transport builds a new ``redis.Redis`` (over its connection pool) for
+    every publish: about a fifth of a publish's CPU here (docs/BENCHMARKS.md). A pooled
+    channel serves one producer at a time and the client is thread-safe, so the channel
+    keeps the one it built, as long as its pool is the same. Only channels of kombu's
+    Redis transport are changed; any other is left as it is.
+    """
+    if not is_redis_channel(channel) or getattr(channel, "_celery_api_reuses_client", False):
+        return
+    create = channel._create_client
+    built: dict = {}
+
+    def create_client(asynchronous=False):
+        if asynchronous:
+            return create(asynchronous=True)
+        pool = channel.pool
+        client = built.get("client")
+        if client is None or client.connection_pool is not pool:
+            client = built["client"] = create()
+        return client
+
+    channel._create_client = create_client
+    channel._celery_api_reuses_client = True

@@ -20,6 +20,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from celery_api.catalog import get_catalog, known_queues
 from celery_api.extensions import db
+from celery_api.fences import celery as celery_fence
+from celery_api.fences import kombu as kombu_fence
 from celery_api.logging import current_request_id
 from celery_api.metrics import record_launch
 from celery_api.models import TaskRun, TaskRunTag, company_id_of, utcnow
@@ -285,23 +287,22 @@ REPR_LIMIT = 1024  # as Celery's kwargsrepr_maxsize
 def publish(record: dict, celery_name: str, options: LaunchOptions, producer=None) -> None:
     """Send the run's message; ``record`` holds its id, params, queue and lineage.
 
-    Celery's own message (protocol 2) built by ``app.amqp`` and published by it, without
+    Celery's own message (protocol 2) built by ``app.amqp`` and published by it
+    (``fences.celery``; the Redis client reuse is in ``fences.kombu``), without
     ``send_task``'s per-call routing, result object and repr of the arguments: the
     queue, the ids and the lineage are already decided here. Each queue is declared
     on its first publish by this process. ``producer``: one shared by many publishes
     (a batch), instead of one from the pool.
     """
     celery_app = current_app.extensions["celery"]
-    amqp = celery_app.amqp
     params = record["params"]
     kwargsrepr = repr(params)
     if len(kwargsrepr) > REPR_LIMIT:
         kwargsrepr = kwargsrepr[:REPR_LIMIT] + "..."
-    message = amqp.as_task_v2(
-        record["id"], celery_name, kwargs=params, countdown=options.countdown,
+    message = celery_fence.task_message(
+        celery_app, record["id"], celery_name, kwargs=params, countdown=options.countdown,
         eta=options.eta, expires=options.expires, root_id=record.get("root_id"),
-        parent_id=record.get("parent_id"), origin=_origin(), argsrepr="()",
-        kwargsrepr=kwargsrepr)
+        parent_id=record.get("parent_id"), origin=_origin(), kwargsrepr=kwargsrepr)
     extra = {}
     if isinstance(options.expires, int | float):
         extra["expiration"] = options.expires  # the broker drops it then, too
@@ -311,43 +312,16 @@ def publish(record: dict, celery_name: str, options: LaunchOptions, producer=Non
     queue = record["queue"]
     declared = celery_app.celery_api_declared_queues  # set in celery_init_app
     with celery_app.producer_or_acquire(producer) as active:
-        reuse_redis_client(active.channel)
-        with active.connection._reraise_as_library_errors():
-            amqp.send_task_message(
-                active, celery_name, message, queue=queue,
+        kombu_fence.reuse_redis_client(active.channel)
+        with kombu_fence.reraise_as_library_errors(active.connection):
+            celery_fence.send_task_message(
+                celery_app, active, celery_name, message, queue=queue,
                 priority=broker_priority(celery_app, options.priority),
                 # The worker logs the caller's request id with the run.
                 headers={"request_id": request_id} if request_id else None,
                 declare=[] if queue in declared else None,
                 retry=True, retry_policy=RETRY_POLICY, **extra)
     declared.add(queue)
-
-
-def reuse_redis_client(channel) -> None:
-    """Let kombu's Redis channel publish through one client instead of one per message.
-
-    kombu's Redis transport builds a new ``redis.Redis`` (over its connection pool) for
-    every publish: about a fifth of a publish's CPU here (see MEASURED.md and
-    docs/BENCHMARKS.md). A pooled channel serves one producer at a time and the client
-    is thread-safe, so the channel keeps the one it built, as long as its pool is the
-    same. Other transports are left as they are.
-    """
-    create = getattr(channel, "_create_client", None)
-    if create is None or getattr(channel, "_celery_api_reuses_client", False):
-        return
-    built: dict = {}
-
-    def create_client(asynchronous=False):
-        if asynchronous:
-            return create(asynchronous=True)
-        pool = channel.pool
-        client = built.get("client")
-        if client is None or client.connection_pool is not pool:
-            client = built["client"] = create()
-        return client
-
-    channel._create_client = create_client
-    channel._celery_api_reuses_client = True
 
 
 @functools.cache

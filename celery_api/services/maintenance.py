@@ -10,11 +10,11 @@ import logging
 from datetime import timedelta
 
 import sqlalchemy as sa
-from celery.backends.base import KeyValueStoreBackend
 from flask import current_app
 
 from celery_api.catalog import get_catalog
 from celery_api.extensions import db
+from celery_api.fences import celery as celery_fence
 from celery_api.fences import kombu as kombu_fence
 from celery_api.models import TaskRun, TaskRunTag, utcnow
 from celery_api.services import fanout, runstate
@@ -157,7 +157,7 @@ def _settle_from_backend(celery_app, before, limit: int = 1000) -> int:
         .order_by(TaskRun.created_at).limit(limit)
     ).scalars())
     try:
-        metas = backend_metas(celery_app.backend, [run.id for run in runs])
+        metas = celery_fence.backend_metas(celery_app.backend, [run.id for run in runs])
     except Exception as exc:  # noqa: BLE001 - the backend is down: next pass
         log.warning("result backend unreachable while reconciling: %s", exc)
         return 0
@@ -170,18 +170,6 @@ def _settle_from_backend(celery_app, before, limit: int = 1000) -> int:
             if run.parent_id:
                 fanout.finish_if_complete(run.parent_id, celery_app)
     return settled
-
-
-def backend_metas(backend, task_ids: list[str]) -> dict[str, dict]:
-    """The stored state of many runs: one MGET on a key-value backend (Redis), else one
-    read per id. Runs the backend knows nothing of are left out."""
-    if not task_ids:
-        return {}
-    if isinstance(backend, KeyValueStoreBackend):
-        values = backend.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
-        return {task_id: backend.decode_result(value)
-                for task_id, value in zip(task_ids, values, strict=True) if value}
-    return {task_id: backend.get_task_meta(task_id) for task_id in task_ids}
 
 
 def purge(*, older_than_days: float | None = None, batch_size: int = 5000) -> int:

@@ -18,12 +18,12 @@ import sqlalchemy as sa
 from billiard.exceptions import WorkerLostError
 from celery import signals
 from celery.exceptions import TimeLimitExceeded
-from celery.worker import state as worker_state
 from flask import current_app
 from sqlalchemy.exc import IntegrityError
 
 from celery_api.catalog import get_catalog
 from celery_api.extensions import db
+from celery_api.fences import celery as celery_fence
 from celery_api.models import TaskRun, company_id_of, storable_text, utcnow
 from celery_api.services import runstate
 
@@ -242,8 +242,7 @@ def on_worker_ready(sender=None, **_):
                     TaskRun.created_at >= horizon,
                 )
             ).scalars().all()
-            for task_id in ids:
-                worker_state.revoked.add(task_id)
+            celery_fence.remember_revoked(ids)
             log.info("loaded %d revoked run(s) from the history", len(ids))
         except Exception:  # noqa: BLE001
             log.exception("❌ could not load revoked runs")

@@ -1,0 +1,119 @@
+"""The library internals this service reaches below the public API of, checked.
+
+Each check names what ``celery_api/fences`` (and ``celery_api/smorest.py``, the
+flask-smorest and webargs fence) relies on. An upgrade that renames or reshapes one
+fails here, loudly, instead of in a launch.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import kombu
+import pytest
+from kombu.transport import redis as redis_transport
+from kombu.transport import virtual
+
+from celery_api.fences import kombu as kombu_fence
+
+
+def parameters(func) -> list[str]:
+    return list(inspect.signature(func).parameters)
+
+
+def test_kombu_redis_channel_internals():
+    channel = redis_transport.Channel
+    assert parameters(channel._create_client) == ["self", "asynchronous"]
+    assert parameters(channel._q_for_pri) == ["self", "queue", "pri"]
+    assert isinstance(channel.priority_steps, list)
+    assert channel.unacked_key == "unacked"
+    assert isinstance(inspect.getattr_static(channel, "client"), property) or \
+        hasattr(channel, "client")
+    assert isinstance(inspect.getattr_static(channel, "pool"), property)
+
+
+def test_kombu_reraise_as_library_errors(redis_server):
+    import redis
+
+    assert parameters(kombu.Connection._reraise_as_library_errors)[0] == "self"
+    with kombu.Connection(redis_server.url) as connection, \
+            pytest.raises(kombu.exceptions.OperationalError), \
+            kombu_fence.reraise_as_library_errors(connection):
+        raise redis.exceptions.ConnectionError("the transport's own error")
+
+
+def test_redis_client_reuse_applies_only_to_the_redis_transport(redis_server):
+    with kombu.Connection("memory://") as memory:
+        channel = memory.default_channel
+        assert isinstance(channel, virtual.Channel)
+        kombu_fence.reuse_redis_client(channel)
+        assert not getattr(channel, "_celery_api_reuses_client", False)
+    with kombu.Connection(redis_server.url) as redis:
+        channel = redis.default_channel
+        kombu_fence.reuse_redis_client(channel)
+        assert channel._celery_api_reuses_client
+        first = channel._create_client()
+        assert channel._create_client() is first  # one client per channel and pool
+        assert first.ping()
+
+
+def test_redis_message_ids_read_queues_and_unacked(redis_server):
+    url = redis_server.url.replace("/0", "/7")
+    with kombu.Connection(url) as connection:
+        queue = kombu.Queue("fence-check", routing_key="fence-check")
+        producer = connection.Producer()
+        producer.publish({"x": 1}, routing_key="fence-check", declare=[queue],
+                         headers={"id": "waiting-id"}, priority=3)
+        channel = connection.default_channel
+        assert kombu_fence.redis_message_ids(channel, ["fence-check"], limit=100) == {
+            "waiting-id"}
+        assert kombu_fence.redis_message_ids(channel, ["fence-check"], limit=0) is None
+        queue(channel).purge()
+
+
+def test_celery_internals(app):
+    from celery import _state
+    from celery.app.amqp import AMQP
+    from celery.backends.base import KeyValueStoreBackend
+    from celery.worker import state as worker_state
+
+    assert parameters(_state._set_task_join_will_block) == ["blocks"]
+    as_task = parameters(AMQP.as_task_v2)
+    for name in ("task_id", "name", "kwargs", "countdown", "eta", "expires", "root_id",
+                 "parent_id", "origin", "argsrepr", "kwargsrepr"):
+        assert name in as_task, name
+    send = parameters(app.extensions["celery"].amqp.send_task_message)
+    assert send[:3] == ["producer", "name", "message"]
+    # priority and expiration go through **kwargs to kombu's Producer.publish
+    for name in ("queue", "headers", "declare", "retry", "retry_policy", "kwargs"):
+        assert name in send, name
+    assert hasattr(worker_state.revoked, "add")
+    for name in ("mget", "get_key_for_task", "decode_result"):
+        assert callable(getattr(KeyValueStoreBackend, name)), name
+
+
+def test_celery_message_round_trip(app):
+    """The message the launch path builds is the one Celery's own send_task builds."""
+    from celery_api.fences import celery as celery_fence
+
+    celery_app = app.extensions["celery"]
+    message = celery_fence.task_message(
+        celery_app, "fence-id", "acme.add", kwargs={"a": 1, "b": 2}, countdown=None,
+        eta=None, expires=None, root_id="fence-id", parent_id=None, origin="here",
+        kwargsrepr="{'a': 1, 'b': 2}")
+    headers, properties, body = message.headers, message.properties, message.body
+    assert headers["id"] == "fence-id" and headers["task"] == "acme.add"
+    assert headers["root_id"] == "fence-id" and headers["origin"] == "here"
+    assert body[1] == {"a": 1, "b": 2}
+    assert properties["correlation_id"] == "fence-id"
+
+
+def test_flask_smorest_and_webargs_internals():
+    """celery_api/smorest.py overrides these private hooks of flask-smorest and webargs."""
+    from flask_smorest import Api
+    from webargs.flaskparser import FlaskParser
+
+    for name in ("_init_spec", "_register_responses", "_openapi_json",
+                 "_register_error_handlers"):
+        assert callable(getattr(Api, name, None)), name
+    assert parameters(FlaskParser._raw_load_json) == ["self", "req"]
