@@ -18,7 +18,7 @@ from celery_api.extensions import db, make_api, migrate
 from celery_api.logging import configure_logging
 from celery_api.metrics_collector import SystemCollector
 from celery_api.resources.fields import UUID_PARAMETER, TaskIdConverter, UuidPathConverter
-from celery_api.services import cache, stats
+from celery_api.services import cache, database, stats
 from celery_api.services.errors import ServiceError
 from celery_api.smorest import problem_response
 
@@ -171,17 +171,15 @@ def _register_request_checks(app: Flask) -> None:
     def service_error(exc: ServiceError):
         return problem_response(exc.status, exc.detail, errors=exc.errors, headers=exc.headers)
 
-    @app.errorhandler(sa_exc.OperationalError)
-    @app.errorhandler(sa_exc.InterfaceError)
-    @app.errorhandler(sa_exc.TimeoutError)
-    def database_unavailable(exc: Exception):
-        # Connection refused or lost, pool exhausted, SQLite locked past its busy
-        # timeout: the database cannot answer now, which is not the client's fault.
-        try:
-            db.session.rollback()
-        except sa_exc.SQLAlchemyError:
-            pass  # the connection is gone already; the pool replaces it
+    @app.errorhandler(sa_exc.SQLAlchemyError)
+    def database_error(exc: sa_exc.SQLAlchemyError):
+        # What a service did not catch. Connection refused or lost, pool exhausted,
+        # SQLite locked past its busy timeout: the database cannot answer now, which is
+        # not the client's fault (503). Anything else is a bug: re-raised, Flask logs it
+        # with its traceback and answers 500 (Api.handle_http_exception).
+        database.rollback()
+        if not database.is_unavailable(exc):
+            raise exc
         app.logger.error("❌ database unavailable during %s %s: %s", request.method,
                          request.path, exc)
-        return problem_response(503, "The database is unreachable; nothing was changed. "
-                                     "Retry shortly.", headers={"Retry-After": "5"})
+        return problem_response(503, database.UNREACHABLE, headers={"Retry-After": "5"})
