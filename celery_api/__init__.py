@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import re
-import uuid
 from pathlib import Path
 
-from flask import Flask, g, request
+from flask import Flask
 from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from celery_api import metrics, settings
+from celery_api import http, metrics, settings
 from celery_api.catalog import load_catalog, queues_of
 from celery_api.celery_app import celery_init_app
 from celery_api.extensions import db, make_api, migrate
 from celery_api.logging import configure_logging
 from celery_api.metrics_collector import SystemCollector
 from celery_api.resources.fields import UUID_PARAMETER, TaskIdConverter, UuidPathConverter
-from celery_api.services import cache, database, stats
-from celery_api.services.errors import ServiceError
-from celery_api.smorest import problem_response
+from celery_api.services import cache, stats
 
 __version__ = "0.1.0"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# A caller's X-Request-ID is kept when it is short and plain; otherwise we make one.
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -91,7 +83,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["celery_api.api"] = api
     _register_blueprints(app, api)
     _register_params_components(app, api)
-    _register_request_checks(app)
+    http.init_app(app)
     metrics.init_app(app, SystemCollector())
 
     from celery_api.cli import register_cli
@@ -142,44 +134,3 @@ def _register_params_components(app: Flask, api) -> None:
         if definition.schema_name not in api.spec.components.schemas:
             api.spec.components.schema(definition.schema_name, schema=definition.params_schema)
     register_launch_request(api, catalog, app.extensions["celery_api.queues"])
-
-
-def _register_request_checks(app: Flask) -> None:
-    @app.before_request
-    def assign_request_id():
-        given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
-
-    @app.after_request
-    def echo_request_id(response):
-        if "request_id" in g:
-            response.headers["X-Request-ID"] = g.request_id
-        return response
-
-    @app.before_request
-    def require_json_body():
-        if request.method in BODY_METHODS and (
-            request.content_length or request.headers.get("Transfer-Encoding")
-        ):
-            if not request.is_json:
-                return problem_response(
-                    415, f"Send the body as application/json (got "
-                         f"{request.mimetype or 'no Content-Type'}).")
-        return None
-
-    @app.errorhandler(ServiceError)
-    def service_error(exc: ServiceError):
-        return problem_response(exc.status, exc.detail, errors=exc.errors, headers=exc.headers)
-
-    @app.errorhandler(sa_exc.SQLAlchemyError)
-    def database_error(exc: sa_exc.SQLAlchemyError):
-        # What a service did not catch. Connection refused or lost, pool exhausted,
-        # SQLite locked past its busy timeout: the database cannot answer now, which is
-        # not the client's fault (503). Anything else is a bug: re-raised, Flask logs it
-        # with its traceback and answers 500 (Api.handle_http_exception).
-        database.rollback()
-        if not database.is_unavailable(exc):
-            raise exc
-        app.logger.error("❌ database unavailable during %s %s: %s", request.method,
-                         request.path, exc)
-        return problem_response(503, database.UNREACHABLE, headers={"Retry-After": "5"})

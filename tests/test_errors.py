@@ -105,7 +105,7 @@ def test_a_failing_launch_record_is_a_logged_500_and_launches_nothing(client, ap
     assert run_count(app) == before
 
 
-# --- What no service caught: the app's handler
+# --- What no service caught: the app's handler (celery_api.http)
 
 
 @pytest.mark.parametrize("error", [data_error, integrity_error])

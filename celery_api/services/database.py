@@ -8,7 +8,7 @@ the database does not understand) comes back the same on every retry: it is a bu
 left to propagate to a 500 that is logged with its traceback.
 
 Every service that talks to the database decides with ``is_unavailable``, and so
-does the app's handler for what a service did not catch (``create_app``).
+does the app's handler for what a service did not catch (``celery_api.http``).
 """
 
 from __future__ import annotations
