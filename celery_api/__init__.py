@@ -27,6 +27,34 @@ def create_app(config: dict | None = None) -> Flask:
     instance_path = Path(config.pop("INSTANCE_PATH", None) or settings.default_instance_path())
     app = Flask(__name__, instance_path=str(instance_path.resolve()))
     instance_path.mkdir(parents=True, exist_ok=True)
+    _configure(app, config, instance_path)
+    configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
+    _trust_proxies(app)
+
+    db.init_app(app)
+    _tune_sqlite(app)
+    migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
+    app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
+    app.extensions["celery_api.queues"] = queues_of(app)
+    celery_init_app(app)
+    cache.init_app(app)
+    stats.init_app(app)
+
+    api = _init_api(app)
+    _register_blueprints(app, api)
+    _register_params_components(app, api)
+
+    http.init_app(app)  # request ids, JSON bodies, problem+json error handlers
+    metrics.init_app(app, SystemCollector())
+
+    from celery_api.cli import register_cli
+
+    register_cli(app)
+    return app
+
+
+def _configure(app: Flask, config: dict, instance_path: Path) -> None:
+    """Defaults, then the environment, then ``config``."""
     app.config.from_mapping(
         API_TITLE="celery-api",
         API_VERSION=__version__,
@@ -57,7 +85,8 @@ def create_app(config: dict | None = None) -> Flask:
             **app.config["SQLALCHEMY_ENGINE_OPTIONS"],
             "connect_args": {"connect_timeout": app.config["DATABASE_CONNECT_TIMEOUT"]}}
 
-    configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
+
+def _trust_proxies(app: Flask) -> None:
     if app.config["TRUSTED_PROXIES"]:
         hops = app.config["TRUSTED_PROXIES"]
         # Behind nginx: client address, scheme, host and path prefix come from the
@@ -65,15 +94,10 @@ def create_app(config: dict | None = None) -> Flask:
         # servers entry and the docs page use the public URL.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops,
                                 x_port=hops, x_prefix=hops)
-    db.init_app(app)
-    _tune_sqlite(app)
-    migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
-    app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
-    app.extensions["celery_api.queues"] = queues_of(app)
-    celery_init_app(app)
-    cache.init_app(app)
-    stats.init_app(app)
 
+
+def _init_api(app: Flask):
+    """The flask-smorest Api, with the path converters of task and batch ids."""
     app.url_map.converters["task_id"] = TaskIdConverter
     app.url_map.converters["uuid_path"] = UuidPathConverter
     api = make_api()
@@ -81,15 +105,7 @@ def create_app(config: dict | None = None) -> Flask:
     api.register_converter(TaskIdConverter, lambda _c: dict(UUID_PARAMETER))
     api.register_converter(UuidPathConverter, lambda _c: dict(UUID_PARAMETER))
     app.extensions["celery_api.api"] = api
-    _register_blueprints(app, api)
-    _register_params_components(app, api)
-    http.init_app(app)
-    metrics.init_app(app, SystemCollector())
-
-    from celery_api.cli import register_cli
-
-    register_cli(app)
-    return app
+    return api
 
 
 def _tune_sqlite(app: Flask) -> None:
