@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
-import uuid
 from pathlib import Path
 
-from flask import Flask, g, request
+from flask import Flask
 from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from celery_api import metrics, settings
+from celery_api import http, metrics, settings
 from celery_api.catalog import load_catalog, queues_of
 from celery_api.celery_app import celery_init_app
 from celery_api.extensions import db, make_api, migrate
@@ -19,14 +16,9 @@ from celery_api.logging import configure_logging
 from celery_api.metrics_collector import SystemCollector
 from celery_api.resources.fields import UUID_PARAMETER, TaskIdConverter, UuidPathConverter
 from celery_api.services import cache, stats
-from celery_api.services.errors import ServiceError
-from celery_api.smorest import problem_response
 
 __version__ = "0.1.0"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# A caller's X-Request-ID is kept when it is short and plain; otherwise we make one.
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -35,6 +27,34 @@ def create_app(config: dict | None = None) -> Flask:
     instance_path = Path(config.pop("INSTANCE_PATH", None) or settings.default_instance_path())
     app = Flask(__name__, instance_path=str(instance_path.resolve()))
     instance_path.mkdir(parents=True, exist_ok=True)
+    _configure(app, config, instance_path)
+    configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
+    _trust_proxies(app)
+
+    db.init_app(app)
+    _tune_sqlite(app)
+    migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
+    app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
+    app.extensions["celery_api.queues"] = queues_of(app)
+    celery_init_app(app)
+    cache.init_app(app)
+    stats.init_app(app)
+
+    api = _init_api(app)
+    _register_blueprints(app, api)
+    _register_params_components(app, api)
+
+    http.init_app(app)  # request ids, JSON bodies, problem+json error handlers
+    metrics.init_app(app, SystemCollector())
+
+    from celery_api.cli import register_cli
+
+    register_cli(app)
+    return app
+
+
+def _configure(app: Flask, config: dict, instance_path: Path) -> None:
+    """Defaults, then the environment, then ``config``."""
     app.config.from_mapping(
         API_TITLE="celery-api",
         API_VERSION=__version__,
@@ -65,7 +85,8 @@ def create_app(config: dict | None = None) -> Flask:
             **app.config["SQLALCHEMY_ENGINE_OPTIONS"],
             "connect_args": {"connect_timeout": app.config["DATABASE_CONNECT_TIMEOUT"]}}
 
-    configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
+
+def _trust_proxies(app: Flask) -> None:
     if app.config["TRUSTED_PROXIES"]:
         hops = app.config["TRUSTED_PROXIES"]
         # Behind nginx: client address, scheme, host and path prefix come from the
@@ -73,15 +94,10 @@ def create_app(config: dict | None = None) -> Flask:
         # servers entry and the docs page use the public URL.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops,
                                 x_port=hops, x_prefix=hops)
-    db.init_app(app)
-    _tune_sqlite(app)
-    migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
-    app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
-    app.extensions["celery_api.queues"] = queues_of(app)
-    celery_init_app(app)
-    cache.init_app(app)
-    stats.init_app(app)
 
+
+def _init_api(app: Flask):
+    """The flask-smorest Api, with the path converters of task and batch ids."""
     app.url_map.converters["task_id"] = TaskIdConverter
     app.url_map.converters["uuid_path"] = UuidPathConverter
     api = make_api()
@@ -89,15 +105,7 @@ def create_app(config: dict | None = None) -> Flask:
     api.register_converter(TaskIdConverter, lambda _c: dict(UUID_PARAMETER))
     api.register_converter(UuidPathConverter, lambda _c: dict(UUID_PARAMETER))
     app.extensions["celery_api.api"] = api
-    _register_blueprints(app, api)
-    _register_params_components(app, api)
-    _register_request_checks(app)
-    metrics.init_app(app, SystemCollector())
-
-    from celery_api.cli import register_cli
-
-    register_cli(app)
-    return app
+    return api
 
 
 def _tune_sqlite(app: Flask) -> None:
@@ -142,46 +150,3 @@ def _register_params_components(app: Flask, api) -> None:
         if definition.schema_name not in api.spec.components.schemas:
             api.spec.components.schema(definition.schema_name, schema=definition.params_schema)
     register_launch_request(api, catalog, app.extensions["celery_api.queues"])
-
-
-def _register_request_checks(app: Flask) -> None:
-    @app.before_request
-    def assign_request_id():
-        given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
-
-    @app.after_request
-    def echo_request_id(response):
-        if "request_id" in g:
-            response.headers["X-Request-ID"] = g.request_id
-        return response
-
-    @app.before_request
-    def require_json_body():
-        if request.method in BODY_METHODS and (
-            request.content_length or request.headers.get("Transfer-Encoding")
-        ):
-            if not request.is_json:
-                return problem_response(
-                    415, f"Send the body as application/json (got "
-                         f"{request.mimetype or 'no Content-Type'}).")
-        return None
-
-    @app.errorhandler(ServiceError)
-    def service_error(exc: ServiceError):
-        return problem_response(exc.status, exc.detail, errors=exc.errors, headers=exc.headers)
-
-    @app.errorhandler(sa_exc.OperationalError)
-    @app.errorhandler(sa_exc.InterfaceError)
-    @app.errorhandler(sa_exc.TimeoutError)
-    def database_unavailable(exc: Exception):
-        # Connection refused or lost, pool exhausted, SQLite locked past its busy
-        # timeout: the database cannot answer now, which is not the client's fault.
-        try:
-            db.session.rollback()
-        except sa_exc.SQLAlchemyError:
-            pass  # the connection is gone already; the pool replaces it
-        app.logger.error("❌ database unavailable during %s %s: %s", request.method,
-                         request.path, exc)
-        return problem_response(503, "The database is unreachable; nothing was changed. "
-                                     "Retry shortly.", headers={"Retry-After": "5"})

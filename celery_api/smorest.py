@@ -2,8 +2,10 @@
 ``Schema`` every request schema derives from.
 
 Every error, whether raised with ``abort`` in a view, by webargs on a bad request
-or by Flask itself (404, 405, 413), leaves through ``Api.handle_http_exception``
-as ``application/problem+json`` with a ``detail`` a person can act on.
+or by Flask itself (404, 405, 413, the 500 of an unhandled exception), leaves through
+``Api.handle_http_exception`` as ``application/problem+json`` with a ``detail`` a
+person can act on. Service errors, database errors and the request hooks are handled
+beside it, in ``celery_api.http``, with the same ``problem_response``.
 
 ``Schema`` refuses, before any field is read, text no database can store: the NUL
 character (PostgreSQL refuses it in text and JSON, and it truncates C strings) and
@@ -15,7 +17,6 @@ answer is a 422 naming the field path, never a 500 or a 503 from the database.
 from __future__ import annotations
 
 import http
-import logging
 from collections.abc import Mapping
 
 import marshmallow as ma
@@ -28,8 +29,6 @@ from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import HTTPException
 
 PROBLEM_JSON = "application/problem+json"
-
-log = logging.getLogger("celery_api.http")
 
 
 NUL_MESSAGE = "Must not contain the NUL character (\\u0000)."

@@ -23,7 +23,7 @@ from kombu.exceptions import BatchPublishError
 from celery_api.extensions import db
 from celery_api.metrics import record_launch
 from celery_api.models import TaskRun
-from celery_api.services import control, runstate
+from celery_api.services import control, database, runstate
 from celery_api.services import launch as launch_service
 from celery_api.services.errors import (
     Conflict,
@@ -135,13 +135,10 @@ def _refused(cause: BaseException | None) -> bool:
 
 
 def runs_of(batch_id: str) -> list[TaskRun]:
-    try:
+    with database.unavailable_as():
         runs = list(db.session.execute(
             sa.select(TaskRun).where(TaskRun.batch_id == batch_id)
             .order_by(TaskRun.created_at, TaskRun.id)).scalars())
-    except sa.exc.SQLAlchemyError as exc:
-        db.session.rollback()
-        raise Unavailable("The database is unreachable; try again shortly.") from exc
     if not runs:
         raise NotFound(f"No batch with id {batch_id} was launched through this service "
                        "(or its runs have been purged).")

@@ -121,6 +121,8 @@ def _put_back(task_ids: list[str], written_error: str, before: dict) -> None:
                 .values(**before[task_id]))
         db.session.commit()
     except sa.exc.SQLAlchemyError:
+        # Cleanup under the broker's error being answered: logged with its traceback,
+        # never raised over it.
         db.session.rollback()
         log.exception("❌ could not undo the revoke records of %d run(s)", len(task_ids))
 

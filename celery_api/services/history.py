@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
 
 from celery_api.extensions import db
 from celery_api.models import TaskRun, TaskRunTag, UTCDateTime
-from celery_api.services.errors import ServiceError, Unavailable
+from celery_api.services import database
+from celery_api.services.errors import ServiceError
 
 MAX_LIMIT = 500
 
@@ -104,11 +104,8 @@ def build_statement(query: HistoryQuery) -> sa.Select:
 
 def page(query: HistoryQuery) -> tuple[list[TaskRun], str | None]:
     """One page of runs and the cursor of the next page (None on the last)."""
-    try:
+    with database.unavailable_as():
         rows = list(db.session.execute(build_statement(query)).scalars())
-    except SQLAlchemyError as exc:
-        db.session.rollback()
-        raise Unavailable("The database is unreachable; try again shortly.") from exc
     limit = min(query.limit, MAX_LIMIT)
     if len(rows) > limit:
         rows = rows[:limit]

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from celery.utils.nodenames import anon_nodename
 from flask import current_app
 from kombu.exceptions import OperationalError
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from celery_api.catalog import get_catalog, known_queues
 from celery_api.extensions import db
@@ -25,6 +25,7 @@ from celery_api.fences import kombu as kombu_fence
 from celery_api.logging import current_request_id
 from celery_api.metrics import record_launch
 from celery_api.models import TaskRun, TaskRunTag, company_id_of, utcnow
+from celery_api.services import database
 from celery_api.services.errors import InvalidParams, Unavailable, UnknownTaskType
 
 log = logging.getLogger("celery_api.launch")
@@ -186,7 +187,10 @@ def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
 
 
 def record_runs(prepared: list[Prepared]) -> None:
-    """Insert the records (PENDING) in one transaction, or raise Unavailable."""
+    """Insert the records (PENDING) in one transaction, or raise Unavailable when the
+    database is down. Anything else propagates: an IntegrityError is a rule of the
+    history refusing it (one open retry per run), which ``control.retry`` answers as
+    409; any other error is a bug."""
     # Core statements on a connection of its own, outside the request's ORM session:
     # nothing to refresh afterwards, no session state, a tenth of a launch's CPU less.
     # Many records: COPY on PostgreSQL, one executemany elsewhere.
@@ -200,9 +204,9 @@ def record_runs(prepared: list[Prepared]) -> None:
                 connection.execute(RUNS_INSERT, records[0] if len(records) == 1 else records)
             if tags:
                 connection.execute(TAGS_INSERT, tags)
-    except IntegrityError:
-        raise  # a rule of the history refused it (one open retry per run): the caller's
     except SQLAlchemyError as exc:
+        if not database.is_unavailable(exc):
+            raise  # in its own connection's transaction, rolled back on the way out
         log.error("❌ could not record %d launch(es): %s", len(prepared), exc)
         raise Unavailable(
             "The database is unreachable; nothing was launched. Retry later.",
@@ -259,6 +263,8 @@ def forget(task_ids: list[str]) -> None:
         db.session.execute(sa.delete(TaskRun).where(TaskRun.id.in_(task_ids)))
         db.session.commit()
     except SQLAlchemyError:
+        # Cleanup under the error being answered (the broker's): logged with its
+        # traceback, never raised over it.
         db.session.rollback()
         log.exception("❌ could not remove the records of %d unpublished run(s)",
                       len(task_ids))

@@ -12,8 +12,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from celery_api.extensions import db
 from celery_api.models import TaskRun, storable_text, utcnow
-from celery_api.services import runstate
-from celery_api.services.errors import NotFound, Unavailable
+from celery_api.services import database, runstate
+from celery_api.services.errors import NotFound
 
 log = logging.getLogger("celery_api.status")
 
@@ -36,7 +36,7 @@ class RunView:
 
 def get_run(task_id: str, *, lineage: bool = False) -> tuple[TaskRun, list[str], list[str]]:
     """The run, and with ``lineage`` the ids of its children and of its retries."""
-    try:
+    with database.unavailable_as():
         run = db.session.get(TaskRun, task_id)
         children: list[str] = []
         retries: list[str] = []
@@ -48,9 +48,6 @@ def get_run(task_id: str, *, lineage: bool = False) -> tuple[TaskRun, list[str],
                 .order_by(TaskRun.created_at)
             ):
                 (children if parent_id == task_id else retries).append(run_id)
-    except SQLAlchemyError as exc:
-        db.session.rollback()
-        raise Unavailable("The database is unreachable; try again shortly.") from exc
     if run is None:
         raise NotFound(
             f"No task with id {task_id} was launched through this service "
@@ -134,7 +131,10 @@ def _merge_live_state(view: RunView) -> None:
 def reconcile_from_meta(run: TaskRun, meta: dict) -> bool:
     """The backend saw an end before the worker recorded it (or could not): keep it.
 
-    True when the record was changed (it was not finished yet).
+    True when the record was changed (it was not finished yet). A database that is
+    down leaves the run to the next pass; any other failure is a bug, logged with its
+    traceback, and also leaves the run unchanged rather than stopping the pass: one run
+    whose end cannot be written must not keep every other one unsettled.
     """
     values = ended_values(run, meta)
     try:
@@ -142,8 +142,11 @@ def reconcile_from_meta(run: TaskRun, meta: dict) -> bool:
                                   **values)
         db.session.commit()
         db.session.refresh(run)
-    except SQLAlchemyError:
-        db.session.rollback()
+    except SQLAlchemyError as exc:
+        database.rollback()
+        if not database.is_unavailable(exc):
+            log.exception("❌ could not record the end of %s reported by the result "
+                          "backend", run.id)
         return False
     return bool(changed)
 

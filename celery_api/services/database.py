@@ -1,0 +1,87 @@
+"""Database failures, told apart: the database being unavailable, or a bug.
+
+A 503 invites a retry, so it is kept for failures a retry can cure: the database
+cannot be reached, has dropped the connection, is out of resources or (SQLite) is
+busy with another process's write past the busy timeout. Everything else that
+SQLAlchemy raises (a constraint, a value the column refuses, a missing table, SQL
+the database does not understand) comes back the same on every retry: it is a bug,
+left to propagate to a 500 that is logged with its traceback.
+
+Every service that talks to the database decides with ``is_unavailable``, and so
+does the app's handler for what a service did not catch (``celery_api.http``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from sqlalchemy import exc as sa_exc
+
+from celery_api.extensions import db
+from celery_api.services.errors import Unavailable
+
+UNREACHABLE = "The database is unreachable; try again shortly."
+
+# PostgreSQL, by SQLSTATE class (psycopg maps all four to OperationalError, along with
+# classes that are bugs or data: 54 "program limit exceeded", e.g. an index row too
+# large, and 55 "object not in prerequisite state"; so the class decides, not the type).
+#   08 connection exception   53 insufficient resources (disk full, out of memory,
+#   too many connections)    57 operator intervention (shutdown, starting up, a
+#   cancelled statement)     58 system error (I/O)
+POSTGRES_UNAVAILABLE = frozenset({"08", "53", "57", "58"})
+# SQLite, by primary result code. sqlite3 raises OperationalError for "no such table"
+# and syntax errors too (SQLITE_ERROR), so the code decides. BUSY and LOCKED are
+# another process holding the write lock past the busy timeout: the database is there
+# but not available now, which a retry cures. The others are the file or the machine.
+SQLITE_UNAVAILABLE = frozenset({
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
+})
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database cannot serve now, rather than that the
+    statement or its data is wrong (see the module docstring)."""
+    if isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError):
+        return True  # the pool: a connection it could not keep, or none free in time
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False  # raised by SQLAlchemy itself: how it was used, never the server
+    if exc.connection_invalidated:
+        return True  # the dialect recognised a lost connection
+    orig = exc.orig
+    if isinstance(orig, psycopg.Error):
+        if orig.sqlstate is None:
+            # No server answer to classify: the connection could not be made or was
+            # lost on the client side (refused, timed out, closed).
+            return isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError)
+        return orig.sqlstate[:2] in POSTGRES_UNAVAILABLE
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in SQLITE_UNAVAILABLE
+    # Another driver: PEP 249's own categories are the best guess there is.
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+
+
+def rollback() -> None:
+    """Roll the session back after a failure, which may have taken the connection."""
+    try:
+        db.session.rollback()
+    except sa_exc.SQLAlchemyError:
+        pass  # the connection is gone already; the pool replaces it
+
+
+@contextmanager
+def unavailable_as(detail: str = UNREACHABLE, **unavailable) -> Iterator[None]:
+    """Database work in the request's session: rolled back on any failure; a
+    connection-level failure is raised as ``Unavailable(detail, **unavailable)``,
+    anything else propagates unchanged."""
+    try:
+        yield
+    except sa_exc.SQLAlchemyError as exc:
+        rollback()
+        if is_unavailable(exc):
+            raise Unavailable(detail, **unavailable) from exc
+        raise
