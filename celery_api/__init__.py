@@ -93,6 +93,8 @@ def create_app(config: dict | None = None) -> Flask:
     _register_params_components(app, api)
     _register_request_checks(app)
     metrics.init_app(app, SystemCollector())
+    from celery_api import edge  # the HTTP edge: body limits, headers, CORS
+    edge.init_app(app)
 
     from celery_api.cli import register_cli
 
