@@ -166,8 +166,12 @@ def edge_headers(response: Response) -> Response:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
     location = response.headers.get("Location")
-    if location:
+    if location and own_path(location) != location:
+        # Werkzeug's redirect page repeats the absolute URL: replaced too.
         response.headers["Location"] = own_path(location)
+        if 300 <= response.status_code < 400:
+            response.set_data(f"Redirecting to {response.headers['Location']}\n")
+            response.mimetype = "text/plain"
     return response
 
 
