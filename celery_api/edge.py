@@ -35,11 +35,15 @@ JSON_CHARSETS = frozenset({"utf-8", "utf8"})
 
 API_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 # Swagger UI (flask-swagger-ui's files, templates/docs.html and docs.js): scripts and
-# styles from this origin, its icons as data: URIs in its stylesheet, the OpenAPI
-# document and "Try it out" requests to this origin.
-DOCS_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
-               "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
-               "base-uri 'none'; form-action 'none'")
+# styles from this origin, plus the one <style> element its script creates (the logo's
+# SVG, allowed by its hash; tests/test_edge.py checks the hash against the installed
+# Swagger UI), its icons as data: URIs in its stylesheet, the OpenAPI document and
+# "Try it out" requests to this origin.
+SWAGGER_LOGO_STYLE = "'sha256-RL3ie0nH+Lzz2YNqQN83mnU0J1ot4QL7b99vMdIX99w='"
+DOCS_POLICY = ("default-src 'none'; script-src 'self'; "
+               f"style-src 'self' {SWAGGER_LOGO_STYLE}; img-src 'self' data:; "
+               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+               "form-action 'none'")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
