@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from http import HTTPStatus
 
 from flask import Flask, Response, current_app, g, request
 from prometheus_client import (
@@ -32,6 +33,23 @@ HTTP_LATENCY = Histogram("celery_api_http_request_duration_seconds",
 LAUNCHES = Counter("celery_api_task_launches_total", "Launch attempts by outcome",
                    ["task_type", "outcome"])
 
+# Label values come from a fixed set whatever clients send, so the number of series
+# stays bounded: a method outside this set is "OTHER", a path no route matches is
+# "unmatched" (the route's pattern is the label, never the path), and a status code is
+# one of those HTTP defines, else its class ("4xx").
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "OTHER"
+
+
+def status_label(status: int) -> str:
+    try:
+        return str(HTTPStatus(status).value)
+    except ValueError:
+        return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
 
 def record_launch(task_type: str, outcome: str) -> None:
     LAUNCHES.labels(task_type=task_type, outcome=outcome).inc()
@@ -50,9 +68,9 @@ def init_app(app: Flask, system_collector) -> None:
         started = g.pop("metrics_started", None)
         if started is not None:
             endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-            HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
-            HTTP_LATENCY.labels(request.method, endpoint).observe(
-                time.perf_counter() - started)
+            method = method_label(request.method)
+            HTTP_REQUESTS.labels(method, endpoint, status_label(response.status_code)).inc()
+            HTTP_LATENCY.labels(method, endpoint).observe(time.perf_counter() - started)
         return response
 
 

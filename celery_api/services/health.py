@@ -60,8 +60,26 @@ def ensure_broker(conn, timeout: float) -> None:
                            interval_max=0.1, timeout=timeout)
 
 
-def readiness() -> tuple[bool, dict]:
+def readiness(detailed: bool = False) -> tuple[bool, dict]:
+    """Each dependency's status and latency, and the kind of error when it is down.
+    Only ``detailed`` adds what it is and the error's message: that names the broker's
+    or database's address (host, port, socket path), which callers of an open /readyz
+    must not learn."""
     checks = {"database": _timed(_database), "broker": _timed(_broker),
               "result_backend": _timed(_backend)}
     ready = all(c["status"] == "up" for c in checks.values())
+    if not detailed:
+        checks = {name: _public(check) for name, check in checks.items()}
     return ready, {"status": "ready" if ready else "unavailable", "checks": checks}
+
+
+def _public(check: dict) -> dict:
+    shown = {"status": check["status"], "latency_ms": check["latency_ms"]}
+    if "error" in check:
+        shown["error"] = check["error"].split(":", 1)[0]  # the exception's class name
+    return shown
+
+
+def readiness_details() -> tuple[bool, dict]:
+    """The detailed view of ``readiness``: for callers allowed to see addresses."""
+    return readiness(detailed=True)
