@@ -11,7 +11,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from celery_api import metrics, settings
+from celery_api import auth, metrics, settings
 from celery_api.catalog import load_catalog, queues_of
 from celery_api.celery_app import celery_init_app
 from celery_api.extensions import db, make_api, migrate
@@ -93,6 +93,7 @@ def create_app(config: dict | None = None) -> Flask:
     _register_params_components(app, api)
     _register_request_checks(app)
     metrics.init_app(app, SystemCollector())
+    auth.init_app(app)
 
     from celery_api.cli import register_cli
 
