@@ -27,6 +27,7 @@ from flask_smorest import Blueprint, abort
 
 from celery_api.services import keys
 from celery_api.services.keys import SCOPES
+from celery_api.settings import env_float
 
 log = logging.getLogger("celery_api.auth")
 
@@ -201,8 +202,8 @@ def init_app(app: Flask) -> None:
     """Check ``AUTH``, refuse views without a declared scope, install the hook and
     document the scheme. Called once the blueprints are registered."""
     app.config["AUTH"] = auth_mode(app.config.get("AUTH", os.environ.get("CELERY_API_AUTH")))
-    app.config.setdefault("AUTH_CACHE_SECONDS",
-                          float(os.environ.get("CELERY_API_AUTH_CACHE_SECONDS") or 1.0))
+    if "AUTH_CACHE_SECONDS" not in app.config:
+        app.config["AUTH_CACHE_SECONDS"] = env_float("CELERY_API_AUTH_CACHE_SECONDS", 1.0)
     missing = undeclared(app)
     if missing:
         raise RuntimeError("These operations declare no scope; add @requires(scope) or "
