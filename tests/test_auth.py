@@ -214,6 +214,17 @@ def test_an_undeclared_view_stops_the_app(tmp_path):
     assert app.test_client().get("/api/celery/forgotten").status_code == 401
 
 
+def test_required_is_the_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("CELERY_API_AUTH", raising=False)
+    config = make_config(tmp_path, "redis://127.0.0.1:1/0")
+    del config["AUTH"]
+    app = create_app(config)
+    assert app.config["AUTH"] == "required"
+    assert app.test_client().get("/api/celery/tasks").status_code == 401
+    monkeypatch.setenv("CELERY_API_AUTH", "off")
+    assert create_app(config).config["AUTH"] == "off"
+
+
 @pytest.mark.parametrize("value", ["yes", "false", "0", "disabled"])
 def test_other_auth_values_refuse_to_start(tmp_path, value):
     with pytest.raises(ValueError, match="CELERY_API_AUTH must be 'required' or 'off'"):
