@@ -47,6 +47,19 @@ def on_starting(server):
     os.makedirs(folder, exist_ok=True)
 
 
+def when_ready(server):
+    """Refuse to serve when CELERY_API_AUTH is required (the default) and the database
+    has no active API key; with CELERY_API_AUTH=off, log a warning (README,
+    Authentication). gunicorn exits 1 with the message."""
+    from celery_api.auth import check_before_serving
+
+    try:
+        check_before_serving(server.log)
+    except RuntimeError:
+        on_exit(server)
+        raise
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

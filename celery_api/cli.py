@@ -37,3 +37,61 @@ def register_cli(app: Flask) -> None:
 
         outcome = maintenance.reconcile(grace_seconds=grace_seconds)
         click.echo(f"checked {outcome['checked']} running run(s), {outcome['lost']} lost")
+
+    register_keys_cli(app)
+
+
+def register_keys_cli(app: Flask) -> None:
+    """``keys create|list|revoke`` (README, Authentication)."""
+    from celery_api.services import keys
+    from celery_api.services.errors import ServiceError
+
+    @app.cli.group("keys")
+    def keys_group():
+        """Manage API keys (Authorization: Bearer <key>)."""
+
+    @keys_group.command("create")
+    @click.argument("name")
+    @click.option("--scope", "scopes", multiple=True, required=True,
+                  type=click.Choice(keys.SCOPES),
+                  help="read, launch, control or admin; repeat for several")
+    def create_command(name, scopes):
+        """Create a key NAME with the given scopes; print it, once, on the last line."""
+        try:
+            created = keys.create(name, scopes)
+        except ServiceError as exc:
+            raise click.ClickException(exc.detail) from exc
+        click.echo(f"Created API key {created.name!r} (id {created.id}) with scope(s) "
+                   f"{', '.join(created.scopes)}.")
+        click.echo("Store it now: it is shown only this once (the database keeps a hash). "
+                   "Send it as: Authorization: Bearer <key>")
+        click.echo(created.key)
+
+    @keys_group.command("list")
+    def list_command():
+        """List the keys (never the keys themselves): name, id, scopes, use, state."""
+        rows = keys.all_keys()
+        if not rows:
+            click.echo("No API keys. Create one with: flask --app wsgi keys create NAME "
+                       "--scope SCOPE")
+            return
+        click.echo("name\tid\tscopes\tcreated_at\tlast_used_at\tstate")
+        for key in rows:
+            state = f"revoked {_when(key.revoked_at)}" if key.revoked_at else "active"
+            click.echo(f"{key.name}\t{key.id}\t{','.join(key.scopes or [])}\t"
+                       f"{_when(key.created_at)}\t{_when(key.last_used_at)}\t{state}")
+
+    @keys_group.command("revoke")
+    @click.argument("name")
+    def revoke_command(name):
+        """Revoke the key NAME: every API process refuses it within
+        CELERY_API_AUTH_CACHE_SECONDS (1 s)."""
+        try:
+            key = keys.revoke(name)
+        except ServiceError as exc:
+            raise click.ClickException(exc.detail) from exc
+        click.echo(f"API key {key.name!r} (id {key.id}) revoked at {_when(key.revoked_at)}.")
+
+
+def _when(moment) -> str:
+    return moment.isoformat(timespec="seconds") if moment else "-"

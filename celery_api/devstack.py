@@ -36,6 +36,11 @@ def main() -> int:
         os.environ["CELERY_BROKER_URL"] = embedded.url
         os.environ.setdefault("CELERY_RESULT_BACKEND", embedded.url)
     port = os.environ.setdefault("PORT", "8000")
+    # The local demo runs without API keys, on 127.0.0.1 only: off unless the user chose,
+    # or bound the API elsewhere (GUNICORN_BIND), where the default (required) stays.
+    if _loopback(os.environ.get("GUNICORN_BIND")):
+        os.environ.setdefault("CELERY_API_AUTH", "off")
+    auth = os.environ.get("CELERY_API_AUTH") or "required"
     env = dict(os.environ)
     try:
         subprocess.run([_tool("flask"), "--app", "wsgi", "db", "upgrade"], check=True, env=env)
@@ -56,6 +61,12 @@ def main() -> int:
     children = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
     print(f"celery-api on http://127.0.0.1:{port} (docs: /api/docs); Ctrl-C stops all",
           flush=True)
+    if auth == "off":
+        print("authentication: OFF (CELERY_API_AUTH=off, the local demo on 127.0.0.1); "
+              "make serve requires API keys", flush=True)
+    else:
+        print(f"authentication: {auth} (CELERY_API_AUTH): send Authorization: Bearer <key>; "
+              "create one with flask --app wsgi keys create NAME --scope SCOPE", flush=True)
     stopping = False
 
     def stop(*_):
@@ -85,6 +96,14 @@ def main() -> int:
     if embedded:
         embedded.stop()
     return code
+
+
+def _loopback(bind: str | None) -> bool:
+    """True for gunicorn's default bind (127.0.0.1:$PORT) and other loopback ones."""
+    if not bind:
+        return True
+    host = bind.rsplit(":", 1)[0].strip("[]") if not bind.startswith("unix:") else ""
+    return bind.startswith("unix:") or host in ("127.0.0.1", "localhost", "::1")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,10 @@ class TaskRun(db.Model):
     retries: Mapped[int] = mapped_column(sa.Integer, default=0)
     # Deliveries to a worker: 2 or more after a redelivery (worker lost, safe to repeat).
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    # The name of the API key that launched the run, and of the one that revoked it
+    # (null with CELERY_API_AUTH=off, and for runs started outside the API).
     launched_by: Mapped[str | None] = mapped_column(sa.String(200), nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(sa.String(200), nullable=True)
     company_id: Mapped[str | None] = mapped_column(sa.String(36), nullable=True)
     parent_id: Mapped[str | None] = mapped_column(sa.String(155), nullable=True)
     root_id: Mapped[str | None] = mapped_column(sa.String(155), nullable=True)
@@ -116,6 +119,8 @@ class TaskRun(db.Model):
         _sparse_index("ix_task_runs_batch_id", "batch_id"),
         _sparse_index("ix_task_runs_schedule_id", "schedule_id"),
         _sparse_index("ix_task_runs_dispatch_at", "dispatch_at"),
+        _sparse_index("ix_task_runs_launched_by_created_at", "launched_by", "created_at"),
+        _sparse_index("ix_task_runs_revoked_by_created_at", "revoked_by", "created_at"),
         # At most one unfinished retry of a run: concurrent retries of one run race
         # on this index, and all but one get a 409 naming the winner.
         sa.Index("ux_task_runs_open_retry", "retry_of", unique=True,
@@ -142,3 +147,23 @@ class TaskRunTag(db.Model):
     tag: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
 
     __table_args__ = (sa.Index("ix_task_run_tags_tag", "tag", "run_id"),)
+
+
+class ApiKey(db.Model):
+    """An API key: its public id, a SHA-256 of the whole key, its scopes (README,
+    Authentication). The key itself is shown once, when created, and never stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    # Unique across revoked keys too: runs name the key that launched or revoked them.
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    secret_hash: Mapped[str] = mapped_column(sa.String(64))
+    scopes: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Written at most once a minute per key (services.keys.touch), not on every request.
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    def __repr__(self) -> str:
+        return f"<ApiKey {self.name} {self.id}>"

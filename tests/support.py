@@ -145,6 +145,9 @@ def service_env(config: dict) -> dict:
         "SII_RETRY_BACKOFF_SECONDS": "0.2",
         "PYTHONPATH": os.pathsep.join([str(PLUGINS), str(ROOT), env.get("PYTHONPATH", "")]),
         "LOG_LEVEL": "INFO",
+        # The suite's servers run without keys, as its apps do (make_config); the
+        # authentication tests set CELERY_API_AUTH=required themselves.
+        "CELERY_API_AUTH": "off",
     })
     return env
 
@@ -321,6 +324,9 @@ def make_config(folder: Path, broker_url: str, database_url: str | None = None,
         "SII_SANDBOX_STEP_SECONDS": 0.1,
         "SII_RETRY_BACKOFF_SECONDS": 0.2,
         "CELERY": {"broker_url": broker_url, "result_backend": broker_url},
+        # Tests of other features call without keys; tests/test_auth.py passes
+        # AUTH="required" (the product's default) and sends keys.
+        "AUTH": "off",
     }
     config.update(extra)
     return config
@@ -352,6 +358,14 @@ def assert_problem(response, status, *fragments):
     for fragment in fragments:
         assert fragment in body["detail"], body["detail"]
     return body
+
+
+def create_key(app, name: str, *scopes: str) -> str:
+    """A new API key in the app's database (as ``keys create`` makes one); the key."""
+    from celery_api.services import keys
+
+    with app.app_context():
+        return keys.create(name, scopes or keys.SCOPES).key
 
 
 def stored_run(app, status: str, **fields) -> str:

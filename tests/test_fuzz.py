@@ -1,5 +1,7 @@
 """Schemathesis over the whole OpenAPI document, against the live server: no 5xx, no
-response that breaks its documented schema, no undocumented status code."""
+response that breaks its documented schema, no undocumented status code. The server
+requires API keys: schemathesis sends one with every scope, and its ignored_auth check
+sends requests without it (and with a wrong one), which must be refused."""
 
 from __future__ import annotations
 
@@ -7,7 +9,15 @@ import subprocess
 
 import pytest
 
-from tests.support import BIN, ROOT, LiveServer, build_app, make_config, service_env
+from tests.support import (
+    BIN,
+    ROOT,
+    LiveServer,
+    build_app,
+    create_key,
+    make_config,
+    service_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -16,18 +26,20 @@ pytestmark = pytest.mark.integration
 def live(tmp_path_factory, redis_server):
     folder = tmp_path_factory.mktemp("fuzz")
     config = make_config(folder, redis_server.url.replace("/0", "/8"))
-    build_app(config)
-    api = LiveServer(service_env(config), folder / "gunicorn.log").start()
-    yield api, folder
+    key = create_key(build_app(config), "schemathesis")
+    api = LiveServer(service_env(config), folder / "gunicorn.log",
+                     CELERY_API_AUTH="required").start()
+    yield api, folder, key
     api.stop()
 
 
 def test_schemathesis_finds_nothing(live):
-    api, folder = live
+    api, folder, key = live
     report = folder / "schemathesis.txt"
     done = subprocess.run(
         [str(BIN / "schemathesis"), "--config-file", str(ROOT / "tests" / "schemathesis.toml"),
          "run", f"{api.url}/api/openapi.json",
+         "--header", f"Authorization: Bearer {key}",
          "--checks", "all", "--exclude-checks", "use_after_free",
          "--max-examples", "60", "--seed", "20261129",
          "--generation-deterministic", "--request-timeout", "10",

@@ -1,5 +1,6 @@
 """A Python client generated from /api/openapi.json (openapi-python-client) drives a live
-server: catalog, launch with typed params, status, revoke, retry, and parsed errors."""
+server that requires API keys: the client sends its key (AuthenticatedClient) for the
+catalog, launch with typed params, status, revoke, retry, and parses errors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import requests
 from openapi_spec_validator import validate
 
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
-from tests.support import BIN, LiveServer, wait_for
+from tests.support import BIN, LiveServer, create_key, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory, stack):
     folder = tmp_path_factory.mktemp("client")
-    api = LiveServer(stack.env(), folder / "gunicorn.log").start()
+    # Authentication as in production: the server refuses calls without a key.
+    key = create_key(stack.app, "generated-client", "read", "launch", "control")
+    api = LiveServer(stack.env(), folder / "gunicorn.log", CELERY_API_AUTH="required").start()
     spec = requests.get(f"{api.url}/api/openapi.json", timeout=5).json()
     validate(spec)  # a valid OpenAPI 3 document, or this raises
     (folder / "spec.json").write_text(requests.get(f"{api.url}/api/openapi.json").text)
@@ -37,7 +40,7 @@ def generated(tmp_path_factory, stack):
     sys.path.insert(0, str(folder))
     try:
         package = importlib.import_module("celery_api_client")
-        yield package, api.url, stack
+        yield package, api.url, key
     finally:
         sys.path.remove(str(folder))
         for name in [m for m in sys.modules if m.startswith("celery_api_client")]:
@@ -51,14 +54,19 @@ def module(name):
 
 @pytest.mark.parametrize("stack", [("redis", "sqlite")], indirect=True, ids=["redis-sqlite"])
 def test_generated_client_runs_the_whole_flow(stack, generated):
-    package, url, _ = generated
-    client = package.Client(base_url=url, raise_on_unexpected_status=True)
+    package, url, key = generated
+    client = package.AuthenticatedClient(base_url=url, token=key,
+                                         raise_on_unexpected_status=True)
     models = module("models")
     list_tasks = module("api.tasks.list_tasks")
     launch_task = module("api.tasks.launch_task")
     get_status = module("api.status.get_task_status")
     revoke_task = module("api.status.revoke_task")
     retry_task = module("api.status.retry_task")
+
+    anonymous = list_tasks.sync(client=package.Client(base_url=url,
+                                                      raise_on_unexpected_status=True))
+    assert isinstance(anonymous, models.Problem) and anonymous.status == 401
 
     catalog = list_tasks.sync(client=client)
     assert "sii.sync_documents" in {entry.task_type for entry in catalog}

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 def start_devstack(folder: Path, port: int, log_name: str):
     env = {k: v for k, v in os.environ.items()
            if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DATABASE_URL",
-                        "REDIS_URL", "CELERY_API_TASK_MODULES")}
+                        "REDIS_URL", "CELERY_API_TASK_MODULES", "CELERY_API_AUTH")}
     env.update({"PORT": str(port), "INSTANCE_PATH": str(folder), "LOG_FORMAT": "text",
                 "SII_SANDBOX_STEP_SECONDS": "0.1", "SII_RETRY_BACKOFF_SECONDS": "0.2",
                 "WORKER_CONCURRENCY": "2"})
@@ -73,6 +73,8 @@ def devstack():
 def test_quick_start_walkthrough_then_ctrl_c_and_restart(devstack):
     process, root, folder, log_path = devstack()
     base = f"{root}/api/celery"
+    # The local demo runs without API keys, and its banner says so.
+    assert "authentication: OFF (CELERY_API_AUTH=off" in log_path.read_text()
     catalog = requests.get(f"{base}/tasks", timeout=5).json()
     assert "sii.sync_documents" in {t["task_type"] for t in catalog}
 

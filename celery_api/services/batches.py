@@ -158,7 +158,8 @@ def summary(batch_id: str) -> dict:
     }
 
 
-def revoke(batch_id: str, *, reason: str | None = None) -> dict:
+def revoke(batch_id: str, *, reason: str | None = None,
+           revoked_by: str | None = None) -> dict:
     """Revoke every run of the batch still queued; running and finished ones stay."""
     runs = runs_of(batch_id)
     queued = [run for run in runs if run.status in runstate.QUEUED]
@@ -167,7 +168,8 @@ def revoke(batch_id: str, *, reason: str | None = None) -> dict:
                        "revoke (running runs are revoked one by one with terminate=true).")
     note = f": {reason}" if reason else ""
     revoked = control.revoke_records([run.id for run in queued],
-                                     f"revoked with batch {batch_id}{note}")
+                                     f"revoked with batch {batch_id}{note}",
+                                     revoked_by=revoked_by)
     log.info("🚫 revoked %d queued run(s) of batch %s%s", len(revoked), batch_id, note)
     done = set(revoked)
     untouched = Counter(run.status for run in runs if run.id not in done)

@@ -31,7 +31,7 @@ class RevokeOutcome:
 
 
 def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
-           reason: str | None = None) -> RevokeOutcome:
+           reason: str | None = None, revoked_by: str | None = None) -> RevokeOutcome:
     """Revoke a queued run, or (``terminate``) signal the worker running it.
 
     A queued revoke only ever wins over a run no worker has claimed: the record moves
@@ -42,7 +42,7 @@ def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
     note = f": {reason}" if reason else ""
     status = _revocable_status(task_id, terminate)
     if status in runstate.QUEUED:
-        if revoke_records([task_id], f"revoked{note}"):
+        if revoke_records([task_id], f"revoked{note}", revoked_by=revoked_by):
             log.info("🚫 revoked queued task %s%s", task_id, note)
             return RevokeOutcome(task_id, "REVOKED", terminate,
                                  f"Task {task_id} revoked before it ran{note}.",
@@ -53,7 +53,7 @@ def revoke(task_id: str, *, terminate: bool = False, signal: str = "SIGTERM",
             raise Conflict(f"Task {task_id} changed while it was being revoked; "
                            "send the request again.")
     if not revoke_records([task_id], f"{runstate.TERMINATE_REQUESTED}{note}",
-                          terminate=True, signal=signal):
+                          terminate=True, signal=signal, revoked_by=revoked_by):
         raise Conflict(f"Task {task_id} finished while it was being revoked; "
                        "there is nothing to revoke.")
     log.info("🚫 terminating running task %s with %s%s", task_id, signal, note)
@@ -76,29 +76,33 @@ def _revocable_status(task_id: str, terminate: bool) -> str:
 
 
 def revoke_records(task_ids: list[str], error: str, *, terminate: bool = False,
-                   signal: str = "SIGTERM") -> list[str]:
+                   signal: str = "SIGTERM", revoked_by: str | None = None) -> list[str]:
     """Record a revoke of ``task_ids``, then tell the workers; return the ids written.
 
     Without ``terminate``: queued runs become REVOKED (runs a worker has claimed are
     left alone). With ``terminate``: runs not yet finished keep their status and get
-    ``error`` as a note, until the worker confirms the termination.
+    ``error`` as a note, until the worker confirms the termination. ``revoked_by``:
+    the API key asking (None with authentication off), kept on each record written.
 
     The record first: if the database cannot take it, nothing has been sent. If the
     broadcast fails, each record gets back what it said before (unless a worker has
     moved it on since) and the caller gets a 503.
     """
-    before = {run_id: {"status": status, "finished_at": finished_at, "error": old_error}
-              for run_id, status, finished_at, old_error in db.session.execute(
-                  sa.select(TaskRun.id, TaskRun.status, TaskRun.finished_at, TaskRun.error)
+    before = {run_id: {"status": status, "finished_at": finished_at, "error": old_error,
+                       "revoked_by": old_revoked_by}
+              for run_id, status, finished_at, old_error, old_revoked_by in db.session.execute(
+                  sa.select(TaskRun.id, TaskRun.status, TaskRun.finished_at, TaskRun.error,
+                            TaskRun.revoked_by)
                   .where(TaskRun.id.in_(task_ids)))}
     if terminate:
         written = list(db.session.execute(
             sa.update(TaskRun)
             .where(TaskRun.id.in_(before), TaskRun.status.in_(runstate.UNFINISHED))
-            .values(error=error).returning(TaskRun.id)).scalars())
+            .values(error=error, revoked_by=revoked_by).returning(TaskRun.id)).scalars())
     else:
         written = runstate.transition(before, "REVOKED", from_=runstate.QUEUED,
-                                      finished_at=utcnow(), error=error)
+                                      finished_at=utcnow(), error=error,
+                                      revoked_by=revoked_by)
     db.session.commit()
     if not written:
         return written
@@ -127,7 +131,9 @@ def _put_back(task_ids: list[str], written_error: str, before: dict) -> None:
         log.exception("❌ could not undo the revoke records of %d run(s)", len(task_ids))
 
 
-def retry(task_id: str) -> launch_service.Launched:
+def retry(task_id: str, *, launched_by: str | None = None) -> launch_service.Launched:
+    """A new run of a FAILURE/REVOKED run, linked by ``retry_of``; ``launched_by`` is
+    the API key retrying it (not the original's)."""
     view = describe(task_id, lineage=False)
     if view.status not in runstate.RETRYABLE:
         raise Conflict(f"Task {task_id} is {view.status}; only FAILURE or REVOKED runs "
@@ -138,7 +144,7 @@ def retry(task_id: str) -> launch_service.Launched:
         priority=original.priority, queue=original.queue, tags=list(original.tags or []))
     lineage = launch_service.Lineage(
         retry_of=original.id, root_id=original.root_id or original.id,
-        batch_id=original.batch_id)
+        batch_id=original.batch_id, launched_by=launched_by)
     try:
         run = launch_service.launch(original.task_type, original.params, options, lineage)
     except IntegrityError as exc:

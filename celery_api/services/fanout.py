@@ -34,7 +34,8 @@ def fan_out(task, child_type: str, children: list[dict], *, total: int, skipped:
     db.session.commit()
     root_id = task.request.root_id or parent_id
     parent = db.session.get(TaskRun, parent_id)
-    # Children run like their parent: same queue, priority and tags.
+    # Children run like their parent: same queue, priority and tags, and are recorded
+    # as launched by the API key that launched it (the history filter finds the tree).
     options = launch_service.LaunchOptions(
         priority=parent.priority if parent else None,
         queue=parent.queue if parent else None,
@@ -42,7 +43,9 @@ def fan_out(task, child_type: str, children: list[dict], *, total: int, skipped:
     for params in children:
         launch_service.launch(
             child_type, params, options,
-            lineage=launch_service.Lineage(parent_id=parent_id, root_id=root_id))
+            lineage=launch_service.Lineage(
+                parent_id=parent_id, root_id=root_id,
+                launched_by=parent.launched_by if parent else None))
     task.update_state(state="PROGRESS", meta={**plan["fanout"], "launched": len(children)})
     log.info("📤 %s fanned out %d %s run(s)", parent_id, len(children), child_type)
     raise Ignore()

@@ -38,6 +38,8 @@ class HistoryQuery:
     retry_of: str | None = None
     batch_id: str | None = None
     schedule_id: str | None = None
+    launched_by: str | None = None
+    revoked_by: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
     finished_after: datetime | None = None
@@ -78,7 +80,9 @@ def build_statement(query: HistoryQuery) -> sa.Select:
                           (TaskRun.root_id, query.root_id),
                           (TaskRun.retry_of, query.retry_of),
                           (TaskRun.batch_id, query.batch_id),
-                          (TaskRun.schedule_id, query.schedule_id)):
+                          (TaskRun.schedule_id, query.schedule_id),
+                          (TaskRun.launched_by, query.launched_by),
+                          (TaskRun.revoked_by, query.revoked_by)):
         if value is not None:
             conditions.append(column == value)
     if query.tag is not None:

@@ -6,6 +6,7 @@ import marshmallow as ma
 from flask import url_for
 from flask.views import MethodView
 
+from celery_api.auth import caller, requires
 from celery_api.resources.batches.schemas import (
     MAX_BATCH_TASKS,
     BatchRequestSchema,
@@ -36,6 +37,7 @@ BATCH_REQUEST_BODY = {
 
 @blp.route("/tasks/batch")
 class TaskBatch(MethodView):
+    @requires("launch")
     @blp.arguments(BatchRequestSchema())
     @blp.response(202, BatchResponseSchema, headers={
         "Location": {"description": "URL of the batch", "schema": {"type": "string"}}})
@@ -51,7 +53,7 @@ class TaskBatch(MethodView):
         """
         items = [batches.BatchItem(task["task_type"], task["params"], launch_options(task))
                  for task in body["tasks"]]
-        batch_id, launched = batches.launch_batch(items)
+        batch_id, launched = batches.launch_batch(items, launched_by=caller())
         location = url_for("batches.Batch", batch_id=batch_id)
         # One url_for, not one per run: a thousand of them were a fifth of the request.
         placeholder = "00000000-0000-0000-0000-000000000000"
@@ -64,6 +66,7 @@ class TaskBatch(MethodView):
 
 @blp.route("/batches/<uuid_path:batch_id>")
 class Batch(MethodView):
+    @requires("read")
     @blp.response(200, BatchSummarySchema)
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="getBatch")
@@ -71,6 +74,7 @@ class Batch(MethodView):
         """Get a batch: counts per status and every run"""
         return batches.summary(parse_uuid(batch_id, "batch_id"))
 
+    @requires("control")
     @blp.arguments(BatchRevokeArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, BatchRevokeResponseSchema)
     @error_responses(blp, 404, 409, 503)
@@ -81,4 +85,5 @@ class Batch(MethodView):
         They never run. Running and finished runs are left alone (revoke a running
         one with `DELETE /tasks/{task_id}?terminate=true`). 409 when none is queued.
         """
-        return batches.revoke(parse_uuid(batch_id, "batch_id"), reason=args.get("reason"))
+        return batches.revoke(parse_uuid(batch_id, "batch_id"), reason=args.get("reason"),
+                              revoked_by=caller())

@@ -6,6 +6,7 @@ import marshmallow as ma
 from flask.views import MethodView
 
 from celery_api import metrics
+from celery_api.auth import granted, public, requires
 from celery_api.services import health
 from celery_api.smorest import Blueprint, Schema
 
@@ -31,6 +32,7 @@ class ReadySchema(Schema):
 
 @blp.route("/healthz")
 class Healthz(MethodView):
+    @public
     @blp.response(200, LiveSchema)
     @blp.doc(operationId="getHealth")
     def get(self):
@@ -40,20 +42,26 @@ class Healthz(MethodView):
 
 @blp.route("/readyz")
 class Readyz(MethodView):
+    @requires("read", optional=True)
     @blp.response(200, ReadySchema)
     @blp.alt_response(503, schema=ReadySchema, description="A dependency is down")
     @blp.doc(operationId="getReadiness")
     def get(self):
         """Readiness: database, broker and result backend reachable
 
-        Each dependency with its status and latency; 503 when one is down.
+        Each dependency with its status and latency (and the kind of error when it is
+        down); 503 when one is down. With a `read` key (or authentication off), also what
+        each dependency is and the error's message.
         """
-        ready, body = health.readiness()
+        # Open: each dependency's status, latency and kind of error. Its address and the
+        # error's message (which names hosts and sockets) only for a read key.
+        ready, body = health.readiness(detailed=granted("read"))
         return body, 200 if ready else 503
 
 
 @blp.route("/metrics")
 class Metrics(MethodView):
+    @requires("read")
     @blp.doc(operationId="getMetrics", responses={"200": {
         "description": "Prometheus text exposition format",
         "content": {"text/plain": {"schema": {"type": "string"}}}}})

@@ -6,6 +6,7 @@ import marshmallow as ma
 from flask import request, url_for
 from flask.views import MethodView
 
+from celery_api.auth import requires
 from celery_api.resources.history.schemas import HistoryArgsSchema, HistoryPageSchema
 from celery_api.services import history
 from celery_api.smorest import Blueprint, error_responses
@@ -15,6 +16,7 @@ blp = Blueprint("history", __name__, url_prefix="/api/celery", description="Hist
 
 @blp.route("/history")
 class History(MethodView):
+    @requires("read")
     @blp.arguments(HistoryArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, HistoryPageSchema, headers={
         "Link": {"description": 'The next page, as `<url>; rel="next"`',
@@ -34,7 +36,8 @@ class History(MethodView):
             company_id=str(args["company_id"]) if args.get("company_id") else None,
             parent_id=args.get("parent_id"), root_id=args.get("root_id"),
             retry_of=args.get("retry_of"), batch_id=args.get("batch_id"),
-            schedule_id=args.get("schedule_id"), created_after=args.get("created_after"),
+            schedule_id=args.get("schedule_id"), launched_by=args.get("launched_by"),
+            revoked_by=args.get("revoked_by"), created_after=args.get("created_after"),
             created_before=args.get("created_before"),
             finished_after=args.get("finished_after"),
             finished_before=args.get("finished_before"), limit=args["limit"],

@@ -43,6 +43,12 @@ class HistoryArgsSchema(RequestSchema):
     retry_of = ID
     batch_id = ID
     schedule_id = ID
+    launched_by = ma.fields.String(
+        validate=ma.validate.Length(1, 200),
+        metadata={"description": "Runs launched (or retried) with this API key"})
+    revoked_by = ma.fields.String(
+        validate=ma.validate.Length(1, 200),
+        metadata={"description": "Runs revoked with this API key"})
     created_after = DateTime(metadata={"description": "Inclusive"})
     created_before = DateTime(metadata={"description": "Exclusive"})
     finished_after = DateTime(metadata={"description": "Inclusive"})
@@ -69,7 +75,10 @@ class HistoryRowSchema(Schema):
     worker = ma.fields.String(allow_none=True)
     retries = ma.fields.Integer()
     attempts = ma.fields.Integer(metadata={"description": "Deliveries to a worker"})
-    launched_by = ma.fields.String(allow_none=True)
+    launched_by = ma.fields.String(
+        allow_none=True, metadata={"description": "The API key that launched the run"})
+    revoked_by = ma.fields.String(
+        allow_none=True, metadata={"description": "The API key that revoked the run"})
     company_id = ma.fields.String(allow_none=True)
     parent_id = ma.fields.String(allow_none=True)
     root_id = ma.fields.String(allow_none=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import marshmallow as ma
 from flask.views import MethodView
 
+from celery_api.auth import requires
 from celery_api.services import stats
 from celery_api.smorest import Blueprint, Schema, error_responses
 
@@ -28,6 +29,7 @@ class StatsSchema(Schema):
 
 @blp.route("/stats")
 class Stats(MethodView):
+    @requires("read")
     @blp.response(200, StatsSchema)
     @error_responses(blp, 503)
     @blp.doc(operationId="getStats")

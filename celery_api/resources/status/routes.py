@@ -6,6 +6,7 @@ import marshmallow as ma
 from flask import current_app, url_for
 from flask.views import MethodView
 
+from celery_api.auth import caller, requires
 from celery_api.resources.fields import parse_task_id
 from celery_api.resources.status.schemas import (
     RevokeArgsSchema,
@@ -35,7 +36,8 @@ def _status_body(view: runs.RunView) -> dict:
         "started_at": run.started_at, "finished_at": run.finished_at,
         "runtime": run.runtime, "parent_id": run.parent_id, "root_id": run.root_id,
         "retry_of": run.retry_of, "batch_id": run.batch_id,
-        "schedule_id": run.schedule_id, "children": view.children,
+        "schedule_id": run.schedule_id, "launched_by": run.launched_by,
+        "revoked_by": run.revoked_by, "children": view.children,
         "retried_as": view.retries_of_this,
     }
 
@@ -47,6 +49,7 @@ def _json_response(data: bytes):
 
 @blp.route("/tasks/<task_id:task_id>")
 class TaskRunItem(MethodView):
+    @requires("read")
     @blp.response(200, TaskStatusResponseSchema)
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="getTaskStatus")
@@ -73,6 +76,7 @@ class TaskRunItem(MethodView):
             return _json_response(data)
         return body
 
+    @requires("control")
     @blp.arguments(RevokeArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, RevokeResponseSchema)
     @blp.alt_response(202, schema=RevokeResponseSchema,
@@ -87,7 +91,8 @@ class TaskRunItem(MethodView):
         409 when it already finished.
         """
         outcome = control.revoke(parse_task_id(task_id), terminate=args["terminate"],
-                                 signal=args["signal"], reason=args.get("reason"))
+                                 signal=args["signal"], reason=args.get("reason"),
+                                 revoked_by=caller())
         body = {"task_id": outcome.task_id, "status": outcome.status,
                 "terminate": outcome.terminate, "message": outcome.message}
         return body, 202 if outcome.accepted else 200
@@ -95,6 +100,7 @@ class TaskRunItem(MethodView):
 
 @blp.route("/tasks/<task_id:task_id>/retry")
 class TaskRunRetry(MethodView):
+    @requires("launch")
     @blp.response(202, TaskLaunchResponseSchema, headers={
         "Location": {"description": "URL of the new run's status", "schema": {"type": "string"}}})
     @error_responses(blp, 404, 409, 422, 503)
@@ -105,7 +111,7 @@ class TaskRunRetry(MethodView):
         Launches a new run with the same task type and params, linked to the original
         by `retry_of`.
         """
-        run = control.retry(parse_task_id(task_id))
+        run = control.retry(parse_task_id(task_id), launched_by=caller())
         location = url_for("status.TaskRunItem", task_id=run.id)
         body = launch_response(run, location)
         body["message"] = f"Retry of {task_id} queued as {run.id}"

@@ -40,6 +40,10 @@ class TaskStatusResponseSchema(Schema):
     retry_of = ma.fields.String(allow_none=True)
     batch_id = ma.fields.String(allow_none=True)
     schedule_id = ma.fields.String(allow_none=True)
+    launched_by = ma.fields.String(
+        allow_none=True, metadata={"description": "The API key that launched the run"})
+    revoked_by = ma.fields.String(
+        allow_none=True, metadata={"description": "The API key that revoked the run"})
     children = ma.fields.List(ma.fields.String(), metadata={"description": "Fan-out children"})
     retried_as = ma.fields.List(ma.fields.String(),
                                 metadata={"description": "Runs launched by retrying this one"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import current_app, url_for
 from flask.views import MethodView
 
+from celery_api.auth import caller, requires
 from celery_api.catalog import get_catalog
 from celery_api.resources.tasks.schemas import (
     AvailableTaskSchema,
@@ -31,6 +32,7 @@ def params_json_schema(definition) -> dict:
 
 @blp.route("/tasks")
 class TaskCatalog(MethodView):
+    @requires("read")
     @blp.response(200, AvailableTaskSchema(many=True))
     @blp.doc(operationId="listTasks")
     def get(self):
@@ -48,6 +50,7 @@ class TaskCatalog(MethodView):
 
 @blp.route("/tasks/launch")
 class TaskLaunch(MethodView):
+    @requires("launch")
     @blp.arguments(LaunchEnvelopeSchema())
     @blp.response(202, TaskLaunchResponseSchema, headers={
         "Location": {"description": "URL of the run's status", "schema": {"type": "string"}}})
@@ -59,7 +62,8 @@ class TaskLaunch(MethodView):
         Validates `params` against the task type's schema, records the run and
         publishes it. Answers 202 with the status URL in `Location`.
         """
-        run = launch_service.launch(body["task_type"], body["params"], launch_options(body))
+        run = launch_service.launch(body["task_type"], body["params"], launch_options(body),
+                                    launch_service.Lineage(launched_by=caller()))
         location = url_for("status.TaskRunItem", task_id=run.id)
         return launch_response(run, location), 202, {"Location": location}
 
