@@ -422,3 +422,73 @@ def final_record(stack, task_id) -> TaskRun:
     backend's end as soon as it is there, and does not write it into the record."""
     return wait_for(lambda: (run := record(stack, task_id)) is not None and run.finished
                     and run, timeout=30, message=f"the record of {task_id} to be final")
+
+
+def nginx_binary() -> str:
+    """The nginx binary (Debian's), or a skip/fail through ``optional_component``."""
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
+                                      else None)
+    if not found:
+        optional_component("nginx", "no nginx binary (apt-get install nginx)")
+    return found
+
+
+class Nginx:
+    """``deploy/nginx.conf`` in front of a gunicorn on ``upstream_port``, on a free port,
+    with its files in ``folder``; ``url`` is the site's prefix (``/tasks-api``)."""
+
+    def __init__(self, folder: Path, upstream_port: int, connections: int = 64):
+        self.folder, self.upstream_port, self.connections = folder, upstream_port, connections
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/tasks-api"
+
+    def start(self) -> Nginx:
+        import requests
+
+        binary, folder = nginx_binary(), self.folder
+        site = (ROOT / "deploy" / "nginx.conf").read_text()
+        site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{self.upstream_port};")
+        site = site.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{self.port};")
+        (folder / "site.conf").write_text(site)
+        user = "user root;" if os.geteuid() == 0 else ""
+        temp = "\n".join(f"{kind}_temp_path {folder}/{kind};"
+                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (folder / "nginx.conf").write_text(f"""
+{user}
+worker_processes 1;
+daemon off;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{ worker_connections {self.connections}; }}
+http {{
+    access_log {folder}/access.log;
+    {temp}
+    include {folder}/site.conf;
+}}
+""")
+        args = [binary, "-c", str(folder / "nginx.conf"), "-p", str(folder)]
+        check = subprocess.run([binary, "-t", *args[1:]], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+
+        def up():
+            try:
+                return requests.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_for(up, timeout=30, message="nginx to proxy")
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.process, 10)
+        self.process = None

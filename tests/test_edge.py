@@ -13,9 +13,7 @@ import base64
 import hashlib
 import os
 import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from urllib.parse import urlsplit
@@ -27,18 +25,14 @@ from celery_api.docs import SWAGGER_DIST
 from celery_api.services import health
 from tests.support import (
     PROBLEM,
-    ROOT,
     LiveServer,
+    Nginx,
     RedisServer,
     answered,
     assert_problem,
     build_app,
-    free_port,
     make_config,
-    optional_component,
     service_env,
-    stop_process,
-    wait_for,
 )
 
 IDLE_CONNECTIONS = 200
@@ -61,16 +55,7 @@ def gunicorn_alone(tmp_path_factory, redis_server):
 
 
 @pytest.fixture(scope="module")
-def nginx_binary():
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
-                                      else None)
-    if not found:
-        optional_component("nginx", "no nginx binary (apt-get install nginx)")
-    return found
-
-
-@pytest.fixture(scope="module")
-def behind_nginx(tmp_path_factory, redis_server, nginx_binary):
+def behind_nginx(tmp_path_factory, redis_server):
     """deploy/nginx.conf in front of gunicorn, as in tests/test_nginx.py, with room for
     a few hundred client connections (events { worker_connections })."""
     folder = tmp_path_factory.mktemp("edge-nginx")
@@ -78,44 +63,9 @@ def behind_nginx(tmp_path_factory, redis_server, nginx_binary):
     build_app(config)
     api = LiveServer(service_env(config), folder / "gunicorn.log",
                      CELERY_API_TRUSTED_PROXIES="1").start()
-    port = free_port()
-    site = (ROOT / "deploy" / "nginx.conf").read_text()
-    site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{api.port};")
-    site = site.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port};")
-    (folder / "site.conf").write_text(site)
-    user = "user root;" if os.geteuid() == 0 else ""
-    temp = "\n".join(f"{kind}_temp_path {folder}/{kind};"
-                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (folder / "nginx.conf").write_text(f"""
-{user}
-worker_processes 1;
-daemon off;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {folder}/access.log;
-    {temp}
-    include {folder}/site.conf;
-}}
-""")
-    check = subprocess.run([nginx_binary, "-t", "-c", str(folder / "nginx.conf"),
-                            "-p", str(folder)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    nginx = subprocess.Popen([nginx_binary, "-c", str(folder / "nginx.conf"),
-                              "-p", str(folder)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-
-    def up():
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/tasks-api/healthz",
-                                timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(up, timeout=30, message="nginx to proxy")
-    yield f"http://127.0.0.1:{port}/tasks-api"
-    stop_process(nginx, 10)
+    nginx = Nginx(folder, api.port, connections=1024).start()
+    yield nginx.url
+    nginx.stop()
     api.stop()
 
 

@@ -2,82 +2,31 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import requests
 
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
 from tests.support import (
-    ROOT,
     LiveServer,
+    Nginx,
     build_app,
-    free_port,
     make_config,
-    optional_component,
     service_env,
-    stop_process,
-    wait_for,
 )
 
 
 @pytest.fixture(scope="module")
-def nginx_binary():
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
-                                      else None)
-    if not found:
-        optional_component("nginx", "no nginx binary (apt-get install nginx)")
-    return found
-
-
-@pytest.fixture(scope="module")
-def behind_nginx(tmp_path_factory, redis_server, nginx_binary):
+def behind_nginx(tmp_path_factory, redis_server):
     folder = tmp_path_factory.mktemp("nginx")
     config = make_config(folder / "app", redis_server.url.replace("/0", "/5"))
     build_app(config)  # migrates the database gunicorn will use
     api = LiveServer(service_env(config), folder / "gunicorn.log",
                      CELERY_API_TRUSTED_PROXIES="1", WEB_CONCURRENCY="2").start()
-    port = free_port()
-    site = (ROOT / "deploy" / "nginx.conf").read_text()
-    site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{api.port};")
-    site = site.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port};")
-    (folder / "site.conf").write_text(site)
-    user = "user root;" if os.geteuid() == 0 else ""
-    temp = "\n".join(f"{kind}_temp_path {folder}/{kind};"
-                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (folder / "nginx.conf").write_text(f"""
-{user}
-worker_processes 1;
-daemon off;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log {folder}/access.log;
-    {temp}
-    include {folder}/site.conf;
-}}
-""")
-    check = subprocess.run([nginx_binary, "-t", "-c", str(folder / "nginx.conf"),
-                            "-p", str(folder)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    nginx = subprocess.Popen([nginx_binary, "-c", str(folder / "nginx.conf"),
-                              "-p", str(folder)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return requests.get(f"{base}/tasks-api/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(up, timeout=30, message="nginx to proxy")
-    yield base
-    stop_process(nginx, 10)
+    nginx = Nginx(folder, api.port).start()
+    yield nginx.base
+    nginx.stop()
     api.stop()
 
 
