@@ -112,8 +112,9 @@ def history_section(rows: int, repeat: int) -> str:
     url = ADMIN.rsplit("/", 1)[0] + "/" + name
     folder = Path(tempfile.mkdtemp(prefix="bench-history-"))
     try:
+        # Measured like Flower, which has no keys: authentication off.
         app = create_app({"INSTANCE_PATH": folder, "SQLALCHEMY_DATABASE_URI": url,
-                          "LOG_LEVEL": "WARNING"})
+                          "LOG_LEVEL": "WARNING", "AUTH": "off"})
         with app.app_context():
             flask_migrate.upgrade()
         seconds = fill(url, rows)
@@ -209,6 +210,7 @@ def launch_section(launches: int) -> str:
     try:
         for label, url in (("PostgreSQL", pg_url), ("SQLite (WAL)", None)):
             config = {"INSTANCE_PATH": folder / label.split()[0], "LOG_LEVEL": "WARNING",
+                      "AUTH": "off",
                       "CELERY": {"broker_url": redis.url, "result_backend": redis.url}}
             if url:
                 config["SQLALCHEMY_DATABASE_URI"] = url

@@ -408,7 +408,8 @@ def test_launch_location_is_a_path_whatever_the_host(gunicorn_alone):
 def test_readyz_names_dependencies_without_their_addresses(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     try:
-        app = build_app(make_config(tmp_path / "app", server.url))
+        # Authentication required, no key: the open view (a read key adds the details).
+        app = build_app(make_config(tmp_path / "app", server.url, AUTH="required"))
         client = app.test_client()
         up = client.get("/readyz").get_json()
         assert set(up["checks"]) == {"database", "broker", "result_backend"}
