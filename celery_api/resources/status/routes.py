@@ -5,7 +5,7 @@ the original's other paths, GET /tasks/{id}/status and POST /tasks/{id}/cancel
 from __future__ import annotations
 
 import marshmallow as ma
-from flask import current_app, request, url_for
+from flask import current_app, url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller, requires
@@ -20,7 +20,7 @@ from celery_api.resources.tasks.routes import launch_response
 from celery_api.resources.tasks.schemas import TaskLaunchResponseSchema
 from celery_api.services import control, runs
 from celery_api.services.cache import run_cache
-from celery_api.smorest import Blueprint, abort, error_responses
+from celery_api.smorest import Blueprint, error_responses
 
 blp = Blueprint("status", __name__, url_prefix="/api/celery", description="Status and control")
 
@@ -164,20 +164,11 @@ class TaskRunCancelLegacy(MethodView):
         Same behaviour and answer as `revokeTask`: a queued run is revoked at once (200)
         and never runs; a running one needs `terminate=true` (202); 409 when it already
         finished. `terminate`, `signal` and `reason` may be sent in the query, as for
-        DELETE, or in an optional JSON body; a field given in both must agree (422).
+        DELETE, or in an optional JSON body (which wins for a field given in both).
         """
         return revoke_answer(task_id, merge_cancel_args(query, body or {}))
 
 
 def merge_cancel_args(query: dict, body: dict) -> dict:
-    """The query's arguments (with their defaults), overridden by the body's; a field
-    given in both with different values is refused."""
-    args = dict(query)
-    for name, value in body.items():
-        if name in request.args and query.get(name) != value:
-            abort(422, message=f"Invalid request: {name}: given in the query "
-                               f"({query.get(name)!r}) and in the body ({value!r}) with "
-                               "different values; send it once.",
-                  errors={"json": {name: ["Differs from the query's value."]}})
-        args[name] = value
-    return args
+    """The query's arguments (with their defaults), each overridden by the body's."""
+    return {**query, **body}
