@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import http
 from collections.abc import Mapping
+from urllib.parse import quote
 
 import marshmallow as ma
-from flask import Response, json, request
+from flask import Response, current_app, json, request
 from flask_smorest import Api as BaseApi
 from flask_smorest import Blueprint as BaseBlueprint
 from flask_smorest import abort
@@ -142,6 +143,44 @@ def document_no_nul(converter, field, ret=None, **_kwargs) -> dict:
     return {}
 
 
+def document_component(converter, field, ret=None, **_kwargs) -> dict:
+    """apispec attribute function: a field with ``metadata["component"] = (name, schema)``
+    is documented as ``$ref`` to that component (registered on first use), e.g.
+    ``TaskStatus``, so generated clients share one named enum."""
+    component = field.metadata.get("component")
+    if not component or ret is None:
+        return {}
+    name, schema = component
+    if name not in converter.spec.components.schemas:
+        converter.spec.components.schema(name, component=dict(schema))
+    ret.clear()  # a $ref has no siblings in OpenAPI 3.0
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def document_nullable(converter, field, ret=None, **_kwargs) -> dict:
+    """apispec attribute function: every ``nullable`` has a ``type`` beside it.
+
+    OpenAPI 3.0 ignores ``nullable`` without ``type`` and strict validators (ajv) refuse
+    it. So a value of any type (``Raw(allow_none=True)``) is documented with no
+    ``nullable`` (a schema without ``type`` admits null already), and a nullable nested
+    object, which apispec writes as ``anyOf: [{type: object, nullable: true}, {$ref}]``
+    (an untyped object to openapi-python-client, ``unknown`` to TypeScript generators),
+    is written inline as ``{type: object, nullable: true, properties: ...}``: a typed
+    model or ``null`` in every generator tried (README, "Generated clients").
+    """
+    if ret is None:
+        return {}
+    if "nullable" in ret and "type" not in ret:
+        del ret["nullable"]
+    any_of = ret.get("anyOf")
+    if (isinstance(field, ma.fields.Nested) and field.allow_none and isinstance(any_of, list)
+            and {"type": "object", "nullable": True} in any_of and len(any_of) == 2):
+        del ret["anyOf"]
+        inline = converter.schema2jsonschema(field.schema)
+        return {**inline, "type": "object", "nullable": True}
+    return {}
+
+
 class ProblemSchema(Schema):
     """RFC 9457 problem details, as every error of this API is answered."""
 
@@ -213,6 +252,8 @@ class Api(BaseApi):
     def _init_spec(self, *args, **kwargs):
         super()._init_spec(*args, **kwargs)
         self.ma_plugin.converter.add_attribute_function(document_no_nul)
+        self.ma_plugin.converter.add_attribute_function(document_component)
+        self.ma_plugin.converter.add_attribute_function(document_nullable)
 
     def _register_responses(self):
         """Document every error status with the problem+json media type."""
@@ -237,6 +278,8 @@ class Api(BaseApi):
         self._app.register_error_handler(HTTPException, self.handle_http_exception)
 
     def handle_http_exception(self, error: HTTPException):
+        if error.code == 404 and request and request.url_rule is None:
+            return unknown_route()
         headers: dict = {}
         if error.code == 405:
             # Werkzeug puts Allow on the exception; flask-smorest drops it: keep it.
@@ -262,6 +305,39 @@ class Api(BaseApi):
         else:
             detail = error.description or http.HTTPStatus(code).phrase
         return problem_response(code, detail, errors=errors, headers=headers)
+
+
+ROUTE_ECHO_LIMIT = 200  # characters of an unknown path repeated in the 404's detail
+
+
+def unknown_route():
+    """A request that matched no route: the 404 says so, in words no one takes for an
+    unknown task's ("No task with id ..."). A path that only differs from a route by a
+    trailing slash is redirected there instead (308: method and body are kept), with a
+    relative ``Location`` made from the request's path, never from its Host header."""
+    path = request.path
+    trimmed = "/" + path.strip("/")
+    if path.endswith("/") and trimmed != "/" and "//" not in trimmed:
+        adapter = current_app.url_map.bind("localhost", script_name="/")
+        try:
+            adapter.match(trimmed, method=request.method)
+        except HTTPException:  # no such route either (RequestRedirect is one too)
+            pass
+        else:
+            location = quote(request.script_root + trimmed, safe="/:@!$&'()*+,;=-._~%")
+            if request.query_string:
+                location += "?" + request.query_string.decode("latin-1")
+            response = problem_response(
+                308, f"This resource has no trailing slash: {request.method} {location}.",
+                headers={"Location": location})
+            response.autocorrect_location_header = False
+            return response
+    shown = request.script_root + path
+    if len(shown) > ROUTE_ECHO_LIMIT:
+        shown = shown[:ROUTE_ECHO_LIMIT] + "..."
+    return problem_response(
+        404, f"No such route: {request.method} {printable_name(shown)}. The operations are "
+             f"listed at {request.script_root}/api/docs (and /api/openapi.json).")
 
 
 def _is_invalid_json(errors) -> bool:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import marshmallow as ma
 from werkzeug.routing import BaseConverter
 
+from celery_api.services import runstate
 from celery_api.services.errors import ServiceError
 
 
@@ -106,3 +107,32 @@ class Expires(ma.fields.Field):
         if isinstance(value, datetime):
             return value.isoformat()
         return value
+
+
+# Celery's states, in the order a run goes through them: the ``TaskStatus`` enum of the
+# OpenAPI document (generated clients get a closed type: comparing with "success" does
+# not compile in TypeScript).
+STATES = ("PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY", "SUCCESS", "FAILURE",
+          "REVOKED")
+TASK_STATUS_COMPONENT = {
+    "type": "string",
+    "enum": list(STATES),
+    "description": "A run's Celery state: PENDING, RECEIVED, STARTED, PROGRESS, RETRY "
+                   "(queued or running), SUCCESS, FAILURE, REVOKED (finished). A custom "
+                   "state a task reports while it runs is shown as STARTED.",
+}
+
+
+def known_state(status: str) -> str:
+    """``status`` if it is one of ``STATES``; STARTED for a custom state a task set with
+    ``update_state`` while running (the enum of the document is a promise to clients)."""
+    return status if status in runstate.ALL else "STARTED"
+
+
+class TaskStatus(ma.fields.String):
+    """A run's status, documented as ``$ref: TaskStatus`` (see ``smorest.document_component``)."""
+
+    def __init__(self, **kwargs):
+        kwargs["metadata"] = {**kwargs.get("metadata", {}),
+                              "component": ("TaskStatus", TASK_STATUS_COMPONENT)}
+        super().__init__(**kwargs)

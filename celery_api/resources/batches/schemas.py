@@ -20,7 +20,8 @@ class BatchResponseSchema(Schema):
     batch_id = ma.fields.String(required=True)
     tasks = ma.fields.List(ma.fields.Nested(TaskLaunchResponseSchema), required=True,
                            metadata={"description": "In the order of the request"})
-    status_url = ma.fields.String(metadata={"description": "Where to follow the batch"})
+    status_url = ma.fields.String(required=True,
+                                  metadata={"description": "Where to follow the batch"})
 
 
 class BatchSummarySchema(Schema):

@@ -4,12 +4,17 @@ from datetime import UTC
 
 import marshmallow as ma
 
-from celery_api.resources.fields import EARLIEST, LATEST, DateTime
+from celery_api.resources.fields import (
+    EARLIEST,
+    LATEST,
+    STATES,
+    DateTime,
+    TaskStatus,
+    known_state,
+)
 from celery_api.services.history import MAX_LIMIT, InvalidCursor, decode_cursor
 from celery_api.smorest import RequestSchema, Schema, unstorable_text
 
-STATES = ("PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY", "SUCCESS", "FAILURE",
-          "REVOKED")
 ID = ma.fields.String(validate=ma.validate.Length(1, 155))
 CURSOR_MESSAGE = ("Not a cursor this service issued: pass the next_cursor of the previous page "
                   "unchanged, or omit it for the first page.")
@@ -63,32 +68,47 @@ class HistoryArgsSchema(RequestSchema):
 
 
 class HistoryRowSchema(Schema):
+    """A run as the history lists it: every field is always sent (null where allowed)."""
+
     task_id = ma.fields.String(required=True, attribute="id")
     task_type = ma.fields.String(required=True)
-    status = ma.fields.String(required=True)
-    params = ma.fields.Dict()
-    result = ma.fields.Raw(allow_none=True)
-    error = ma.fields.String(allow_none=True)
-    queue = ma.fields.String(allow_none=True)
-    priority = ma.fields.Integer(allow_none=True)
-    tags = ma.fields.List(ma.fields.String())
-    worker = ma.fields.String(allow_none=True)
-    retries = ma.fields.Integer()
-    attempts = ma.fields.Integer(metadata={"description": "Deliveries to a worker"})
+    status = TaskStatus(required=True)
+    params = ma.fields.Dict(required=True)
+    result = ma.fields.Raw(required=True, allow_none=True)
+    error = ma.fields.String(required=True, allow_none=True)
+    queue = ma.fields.String(required=True, allow_none=True)
+    priority = ma.fields.Integer(required=True, allow_none=True)
+    tags = ma.fields.List(ma.fields.String(), required=True)
+    worker = ma.fields.String(required=True, allow_none=True)
+    retries = ma.fields.Integer(required=True)
+    attempts = ma.fields.Integer(required=True,
+                                 metadata={"description": "Deliveries to a worker"})
     launched_by = ma.fields.String(
-        allow_none=True, metadata={"description": "The API key that launched the run"})
+        required=True, allow_none=True,
+        metadata={"description": "The API key that launched the run"})
     revoked_by = ma.fields.String(
-        allow_none=True, metadata={"description": "The API key that revoked the run"})
-    company_id = ma.fields.String(allow_none=True)
-    parent_id = ma.fields.String(allow_none=True)
-    root_id = ma.fields.String(allow_none=True)
-    retry_of = ma.fields.String(allow_none=True)
-    batch_id = ma.fields.String(allow_none=True)
-    schedule_id = ma.fields.String(allow_none=True)
+        required=True, allow_none=True,
+        metadata={"description": "The API key that revoked the run"})
+    company_id = ma.fields.String(required=True, allow_none=True)
+    parent_id = ma.fields.String(required=True, allow_none=True)
+    root_id = ma.fields.String(required=True, allow_none=True)
+    retry_of = ma.fields.String(required=True, allow_none=True)
+    batch_id = ma.fields.String(required=True, allow_none=True)
+    schedule_id = ma.fields.String(required=True, allow_none=True)
     created_at = ma.fields.DateTime(required=True)
-    started_at = ma.fields.DateTime(allow_none=True)
-    finished_at = ma.fields.DateTime(allow_none=True)
-    runtime = ma.fields.Float(allow_none=True)
+    started_at = ma.fields.DateTime(required=True, allow_none=True)
+    finished_at = ma.fields.DateTime(required=True, allow_none=True)
+    runtime = ma.fields.Float(required=True, allow_none=True)
+
+    @ma.post_dump
+    def _never_missing(self, data, **_kwargs):
+        # Rows written before a column had its default may hold NULL: still a list, an
+        # object and a number, as the document promises.
+        for key, empty in (("params", {}), ("tags", []), ("retries", 0), ("attempts", 0)):
+            if data.get(key) is None:
+                data[key] = empty
+        data["status"] = known_state(data["status"])
+        return data
 
 
 class HistoryPageSchema(Schema):

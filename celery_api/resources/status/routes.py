@@ -1,4 +1,6 @@
-"""Following and controlling runs: GET/DELETE /tasks/{id}, POST /tasks/{id}/retry."""
+"""Following and controlling runs: GET/DELETE /tasks/{id}, POST /tasks/{id}/retry, and
+the original's other paths, GET /tasks/{id}/status and POST /tasks/{id}/cancel
+(deprecated aliases with the same behaviour)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ from flask import current_app, url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller, requires
-from celery_api.resources.fields import parse_task_id
+from celery_api.resources.fields import known_state, parse_task_id
 from celery_api.resources.status.schemas import (
+    CancelArgsSchema,
     RevokeArgsSchema,
     RevokeResponseSchema,
     TaskStatusResponseSchema,
@@ -28,7 +31,7 @@ STATUS_SCHEMA = TaskStatusResponseSchema()
 def _status_body(view: runs.RunView) -> dict:
     run = view.run
     return {
-        "task_id": run.id, "status": view.status, "result": view.result,
+        "task_id": run.id, "status": known_state(view.status), "result": view.result,
         "error": view.error, "traceback": view.traceback, "meta": view.meta,
         "task_type": run.task_type, "params": run.params, "progress": view.progress,
         "queue": run.queue, "priority": run.priority, "tags": run.tags or [],
@@ -47,6 +50,38 @@ def _json_response(data: bytes):
     return current_app.response_class(data, status=200, mimetype="application/json")
 
 
+def status_answer(task_id: str):
+    """GET /tasks/{task_id} (and its alias): the body, or the cached bytes of it."""
+    task_id = parse_task_id(task_id)
+    cache = run_cache()
+    if cache is not None:
+        cached = cache.get(task_id)
+        if cached is not None:
+            return _json_response(cached)
+    view = runs.describe(task_id)
+    body = _status_body(view)
+    if cache is not None and view.status == "SUCCESS" and view.recorded:
+        # A successful run never changes again (only FAILURE/REVOKED can be retried).
+        # As Flask's JSON responses are written (compact, sorted, a final newline),
+        # so a cached answer is byte for byte the uncached one.
+        data = (current_app.json.dumps(STATUS_SCHEMA.dump(body), indent=None,
+                                       separators=(",", ":")) + "\n").encode()
+        cache.put(task_id, data)
+        return _json_response(data)
+    return body
+
+
+def revoke_answer(task_id: str, args: dict):
+    """DELETE /tasks/{task_id} (and POST .../cancel): the body and 200, or 202 when a
+    running run was sent the signal."""
+    outcome = control.revoke(parse_task_id(task_id), terminate=args["terminate"],
+                             signal=args["signal"], reason=args.get("reason"),
+                             revoked_by=caller())
+    body = {"task_id": outcome.task_id, "status": known_state(outcome.status),
+            "terminate": outcome.terminate, "message": outcome.message}
+    return body, 202 if outcome.accepted else 200
+
+
 @blp.route("/tasks/<task_id:task_id>")
 class TaskRunItem(MethodView):
     @requires("read")
@@ -58,23 +93,7 @@ class TaskRunItem(MethodView):
 
         404 for an id this service never saw (Celery alone would say PENDING).
         """
-        task_id = parse_task_id(task_id)
-        cache = run_cache()
-        if cache is not None:
-            cached = cache.get(task_id)
-            if cached is not None:
-                return _json_response(cached)
-        view = runs.describe(task_id)
-        body = _status_body(view)
-        if cache is not None and view.status == "SUCCESS" and view.recorded:
-            # A successful run never changes again (only FAILURE/REVOKED can be retried).
-            # As Flask's JSON responses are written (compact, sorted, a final newline),
-            # so a cached answer is byte for byte the uncached one.
-            data = (current_app.json.dumps(STATUS_SCHEMA.dump(body), indent=None,
-                                           separators=(",", ":")) + "\n").encode()
-            cache.put(task_id, data)
-            return _json_response(data)
-        return body
+        return status_answer(task_id)
 
     @requires("control")
     @blp.arguments(RevokeArgsSchema(), location="query", unknown=ma.RAISE)
@@ -90,12 +109,7 @@ class TaskRunItem(MethodView):
         now. A running one needs `terminate=true`: the signal is sent and 202 answered.
         409 when it already finished.
         """
-        outcome = control.revoke(parse_task_id(task_id), terminate=args["terminate"],
-                                 signal=args["signal"], reason=args.get("reason"),
-                                 revoked_by=caller())
-        body = {"task_id": outcome.task_id, "status": outcome.status,
-                "terminate": outcome.terminate, "message": outcome.message}
-        return body, 202 if outcome.accepted else 200
+        return revoke_answer(task_id, args)
 
 
 @blp.route("/tasks/<task_id:task_id>/retry")
@@ -116,3 +130,45 @@ class TaskRunRetry(MethodView):
         body = launch_response(run, location)
         body["message"] = f"Retry of {task_id} queued as {run.id}"
         return body, 202, {"Location": location}
+
+
+# The original's other consumers call these paths (SPEC: deprecated aliases).
+
+@blp.route("/tasks/<task_id:task_id>/status")
+class TaskRunStatusLegacy(MethodView):
+    @requires("read")
+    @blp.response(200, TaskStatusResponseSchema)
+    @error_responses(blp, 404, 422, 503)
+    @blp.doc(operationId="getTaskStatusLegacy", deprecated=True)
+    def get(self, task_id):
+        """Get a run's status (deprecated: use GET /tasks/{task_id})
+
+        Same answer as `getTaskStatus`.
+        """
+        return status_answer(task_id)
+
+
+@blp.route("/tasks/<task_id:task_id>/cancel")
+class TaskRunCancelLegacy(MethodView):
+    @requires("control")
+    @blp.arguments(RevokeArgsSchema(), location="query", unknown=ma.RAISE)
+    @blp.arguments(CancelArgsSchema(), location="json", required=False)
+    @blp.response(200, RevokeResponseSchema)
+    @blp.alt_response(202, schema=RevokeResponseSchema,
+                      description="Running run: the stop signal was sent")
+    @error_responses(blp, 404, 409, 415, 422, 503)
+    @blp.doc(operationId="cancelTaskLegacy", deprecated=True)
+    def post(self, query, body, task_id):
+        """Cancel (revoke) a run (deprecated: use DELETE /tasks/{task_id})
+
+        Same behaviour and answer as `revokeTask`: a queued run is revoked at once (200)
+        and never runs; a running one needs `terminate=true` (202); 409 when it already
+        finished. `terminate`, `signal` and `reason` may be sent in the query, as for
+        DELETE, or in an optional JSON body (which wins for a field given in both).
+        """
+        return revoke_answer(task_id, merge_cancel_args(query, body or {}))
+
+
+def merge_cancel_args(query: dict, body: dict) -> dict:
+    """The query's arguments (with their defaults), each overridden by the body's."""
+    return {**query, **body}

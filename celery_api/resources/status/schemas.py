@@ -1,51 +1,70 @@
+"""Schemas of the status and control operations.
+
+Every field of a response is ``required``: the server always sends it (``null`` where the
+field allows it), so generated clients do not handle ``undefined`` for nothing.
+"""
+
 from __future__ import annotations
 
 import marshmallow as ma
 
+from celery_api.resources.fields import TaskStatus
 from celery_api.services.control import SIGNALS
 from celery_api.smorest import RequestSchema, Schema
 
-STATUS_DESCRIPTION = ("Celery state: PENDING, RECEIVED, STARTED, PROGRESS, RETRY, SUCCESS, "
-                      "FAILURE or REVOKED")
-
 
 class ProgressSchema(Schema):
-    current = ma.fields.Integer(allow_none=True)
-    total = ma.fields.Integer(allow_none=True)
-    percent = ma.fields.Float(allow_none=True)
-    message = ma.fields.String(allow_none=True)
+    """What a running task last reported (``report_progress``)."""
+
+    current = ma.fields.Integer(required=True, allow_none=True,
+                                metadata={"description": "Steps done"})
+    total = ma.fields.Integer(required=True, allow_none=True,
+                              metadata={"description": "Steps in all"})
+    percent = ma.fields.Float(required=True, allow_none=True,
+                              metadata={"description": "0 to 100"})
+    message = ma.fields.String(required=True, allow_none=True,
+                               metadata={"description": "The current step"})
 
 
 class TaskStatusResponseSchema(Schema):
     task_id = ma.fields.String(required=True)
-    status = ma.fields.String(required=True, metadata={"description": STATUS_DESCRIPTION})
-    result = ma.fields.Raw(allow_none=True, metadata={"description": "The task's return value"})
-    error = ma.fields.String(allow_none=True)
-    traceback = ma.fields.String(allow_none=True)
-    meta = ma.fields.Dict(allow_none=True, metadata={"description": "Progress or fan-out state"})
+    status = TaskStatus(required=True)
+    result = ma.fields.Raw(required=True, allow_none=True,
+                           metadata={"description": "The task's return value"})
+    error = ma.fields.String(required=True, allow_none=True)
+    traceback = ma.fields.String(required=True, allow_none=True)
+    meta = ma.fields.Dict(required=True, allow_none=True,
+                          metadata={"description": "Progress or fan-out state"})
     task_type = ma.fields.String(required=True)
-    params = ma.fields.Dict()
-    progress = ma.fields.Nested(ProgressSchema, allow_none=True)
-    queue = ma.fields.String(allow_none=True)
-    priority = ma.fields.Integer(allow_none=True)
-    tags = ma.fields.List(ma.fields.String())
-    worker = ma.fields.String(allow_none=True)
-    retries = ma.fields.Integer(metadata={"description": "Automatic retries so far"})
+    params = ma.fields.Dict(required=True)
+    progress = ma.fields.Nested(
+        ProgressSchema, required=True, allow_none=True,
+        metadata={"description": "What the task last reported; null when it reported nothing"})
+    queue = ma.fields.String(required=True, allow_none=True)
+    priority = ma.fields.Integer(required=True, allow_none=True)
+    tags = ma.fields.List(ma.fields.String(), required=True)
+    worker = ma.fields.String(required=True, allow_none=True)
+    retries = ma.fields.Integer(required=True,
+                                metadata={"description": "Automatic retries so far"})
     created_at = ma.fields.DateTime(required=True)
-    started_at = ma.fields.DateTime(allow_none=True)
-    finished_at = ma.fields.DateTime(allow_none=True)
-    runtime = ma.fields.Float(allow_none=True, metadata={"description": "Seconds"})
-    parent_id = ma.fields.String(allow_none=True)
-    root_id = ma.fields.String(allow_none=True)
-    retry_of = ma.fields.String(allow_none=True)
-    batch_id = ma.fields.String(allow_none=True)
-    schedule_id = ma.fields.String(allow_none=True)
+    started_at = ma.fields.DateTime(required=True, allow_none=True)
+    finished_at = ma.fields.DateTime(required=True, allow_none=True)
+    runtime = ma.fields.Float(required=True, allow_none=True,
+                              metadata={"description": "Seconds"})
+    parent_id = ma.fields.String(required=True, allow_none=True)
+    root_id = ma.fields.String(required=True, allow_none=True)
+    retry_of = ma.fields.String(required=True, allow_none=True)
+    batch_id = ma.fields.String(required=True, allow_none=True)
+    schedule_id = ma.fields.String(required=True, allow_none=True)
     launched_by = ma.fields.String(
-        allow_none=True, metadata={"description": "The API key that launched the run"})
+        required=True, allow_none=True,
+        metadata={"description": "The API key that launched the run"})
     revoked_by = ma.fields.String(
-        allow_none=True, metadata={"description": "The API key that revoked the run"})
-    children = ma.fields.List(ma.fields.String(), metadata={"description": "Fan-out children"})
-    retried_as = ma.fields.List(ma.fields.String(),
+        required=True, allow_none=True,
+        metadata={"description": "The API key that revoked the run"})
+    children = ma.fields.List(ma.fields.String(), required=True,
+                              metadata={"description": "Fan-out children"})
+    retried_as = ma.fields.List(ma.fields.String(), required=True,
                                 metadata={"description": "Runs launched by retrying this one"})
 
 
@@ -58,8 +77,19 @@ class RevokeArgsSchema(RequestSchema):
                               metadata={"description": "Kept in the history"})
 
 
+class CancelArgsSchema(RequestSchema):
+    """The optional JSON body of POST /tasks/{task_id}/cancel: RevokeArgs' fields, with
+    the defaults coming from the query's schema."""
+
+    terminate = ma.fields.Boolean(
+        metadata={"description": "Also stop the run if it has started (sends `signal`)"})
+    signal = ma.fields.String(validate=ma.validate.OneOf(SIGNALS))
+    reason = ma.fields.String(validate=ma.validate.Length(max=500),
+                              metadata={"description": "Kept in the history"})
+
+
 class RevokeResponseSchema(Schema):
     task_id = ma.fields.String(required=True)
-    status = ma.fields.String(required=True)
+    status = TaskStatus(required=True)
     terminate = ma.fields.Boolean(required=True)
     message = ma.fields.String(required=True)

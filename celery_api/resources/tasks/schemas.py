@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import marshmallow as ma
 
-from celery_api.resources.fields import DATETIME_PATTERN, DateTime, Expires
+from celery_api.resources.fields import DATETIME_PATTERN, DateTime, Expires, TaskStatus
 from celery_api.smorest import RequestSchema, Schema
 
 TAG = ma.fields.String(validate=ma.validate.Length(1, 64))
@@ -16,8 +16,10 @@ class AvailableTaskSchema(Schema):
         required=True,
         metadata={"description": "JSON Schema of `params`, generated from the task's "
                                  "marshmallow schema"})
-    queue = ma.fields.String(allow_none=True, metadata={"description": "Default queue"})
+    queue = ma.fields.String(required=True, allow_none=True,
+                             metadata={"description": "Default queue"})
     safe_to_repeat = ma.fields.Boolean(
+        required=True,
         metadata={"description": "Whether a run may be redelivered after its worker is lost"})
 
 
@@ -67,6 +69,7 @@ class TaskLaunchResponseSchema(Schema):
     success = ma.fields.Boolean(required=True)
     task_id = ma.fields.String(required=True)
     task_type = ma.fields.String(required=True)
-    status = ma.fields.String(required=True, metadata={"example": "PENDING"})
+    status = TaskStatus(required=True)
     message = ma.fields.String(required=True)
-    status_url = ma.fields.String(metadata={"description": "Where to follow the run"})
+    status_url = ma.fields.String(required=True,
+                                  metadata={"description": "Where to follow the run"})
