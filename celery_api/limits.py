@@ -76,7 +76,7 @@ class Kind:
 
 KINDS = {
     "launch": Kind("RATE_LIMIT_LAUNCH", "CELERY_API_RATE_LIMIT_LAUNCH", "600/minute",
-                   "launches (POST /tasks/launch, /tasks/batch, /tasks/{task_id}/retry)"),
+                   "launches (launch, batch, retry)"),
     "read": Kind("RATE_LIMIT_READ", "CELERY_API_RATE_LIMIT_READ", "3000/minute",
                  "reads (catalog, status, history, batches, stats)"),
 }
@@ -293,8 +293,9 @@ def rate_limit_exceeded(error: RateLimitExceeded):
     current = limiter.current_limit
     retry = _retry_after(current.window.reset_time) if current is not None else 1
     kind = KINDS.get(error.limit.scope) if isinstance(error.limit.scope, str) else None
-    what = f"{kind.what} ({kind.variable})" if kind else "this operation"
-    detail = (f"Rate limit exceeded: {error.limit.limit} for {what} by {_who()}. "
+    what = kind.what if kind else "this operation"
+    setting = f" ({kind.variable})" if kind else ""
+    detail = (f"Rate limit exceeded: {error.limit.limit} for {what} by {_who()}{setting}. "
               f"Retry after {retry} s.")
     log.info("refused %s %s: %s", request.method, request.path, detail)
     return problem_response(429, detail, headers={"Retry-After": str(retry)},
