@@ -8,7 +8,7 @@ from flask import Flask
 from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from celery_api import auth, edge, http, metrics, settings
+from celery_api import auth, edge, http, limits, metrics, settings
 from celery_api.catalog import load_catalog, queues_of
 from celery_api.celery_app import celery_init_app
 from celery_api.extensions import db, make_api, migrate
@@ -48,6 +48,7 @@ def create_app(config: dict | None = None) -> Flask:
     edge.init_app(app)  # the HTTP edge: body limits, security headers, CORS
     metrics.init_app(app, SystemCollector())
     auth.init_app(app)  # API keys and scopes (CELERY_API_AUTH)
+    limits.init_app(app)  # rate limits and load shedding, counted once the caller is known
 
     from celery_api.cli import register_cli
 

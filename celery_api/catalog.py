@@ -18,6 +18,7 @@ from typing import Any
 
 import marshmallow as ma
 from flask import current_app
+from limits import parse_many
 
 from celery_api.smorest import unstorable_text
 
@@ -40,6 +41,9 @@ class TaskDefinition:
     # True when running the task twice is harmless: it may then be redelivered
     # after a worker is lost instead of being recorded as failed.
     safe_to_repeat: bool = False
+    # Launches of this task type allowed through the API, all callers together
+    # ("10/minute"; celery_api.limits): None for no limit.
+    rate_limit: str | None = None
 
     @cached_property
     def _schema(self) -> ma.Schema:
@@ -79,6 +83,7 @@ class Catalog:
         description: str,
         queue: str | None = None,
         safe_to_repeat: bool = False,
+        rate_limit: str | None = None,
     ) -> TaskDefinition:
         if not _TASK_TYPE.match(task_type):
             raise CatalogError(f"task_type {task_type!r} must be dotted lower_snake_case")
@@ -86,6 +91,12 @@ class Catalog:
             raise CatalogError(f"task_type {task_type!r} is registered twice")
         if not (isinstance(params_schema, type) and issubclass(params_schema, ma.Schema)):
             raise CatalogError(f"{task_type}: params_schema must be a marshmallow Schema class")
+        if rate_limit is not None:
+            try:
+                parse_many(rate_limit)
+            except ValueError:
+                raise CatalogError(f"{task_type}: rate_limit must be a rate limit such as "
+                                   f"'10/minute', got {rate_limit!r}") from None
         definition = TaskDefinition(
             task_type=task_type,
             celery_name=celery_name,
@@ -94,6 +105,7 @@ class Catalog:
             params_schema=params_schema,
             queue=queue,
             safe_to_repeat=safe_to_repeat,
+            rate_limit=rate_limit,
         )
         self._entries[task_type] = definition
         self._by_celery_name[celery_name] = definition

@@ -53,7 +53,8 @@ SECURITY_HEADERS = {
 CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE"
 CORS_REQUEST_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
 CORS_EXPOSED_HEADERS = ("Location, Retry-After, X-Request-ID, Idempotent-Replayed, Link, "
-                        "WWW-Authenticate")
+                        "WWW-Authenticate, RateLimit-Limit, RateLimit-Remaining, "
+                        "RateLimit-Reset, RateLimit-Policy, X-RateLimit-Reset")
 CORS_MAX_AGE = "600"
 
 TOO_LARGE_FLAG = "celery_api.body_too_large"

@@ -148,6 +148,10 @@ def service_env(config: dict) -> dict:
         # The suite's servers run without keys, as its apps do (make_config); the
         # authentication tests set CELERY_API_AUTH=required themselves.
         "CELERY_API_AUTH": "off",
+        # No per-caller rate limits (tests/test_load.py sends 10,000 launches); the
+        # rate-limit tests set their own.
+        "CELERY_API_RATE_LIMIT_LAUNCH": "off",
+        "CELERY_API_RATE_LIMIT_READ": "off",
     })
     return env
 
@@ -327,6 +331,9 @@ def make_config(folder: Path, broker_url: str, database_url: str | None = None,
         # Tests of other features call without keys; tests/test_auth.py passes
         # AUTH="required" (the product's default) and sends keys.
         "AUTH": "off",
+        # No per-caller rate limits; tests/test_limits.py sets its own.
+        "RATE_LIMIT_LAUNCH": "off",
+        "RATE_LIMIT_READ": "off",
     }
     config.update(extra)
     return config

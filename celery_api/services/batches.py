@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from flask import current_app
 from kombu.exceptions import BatchPublishError
 
+from celery_api import limits
 from celery_api.extensions import db
 from celery_api.metrics import record_launch
 from celery_api.models import TaskRun
@@ -62,6 +63,12 @@ def launch_batch(items: list[BatchItem], *, launched_by: str | None = None
         raise InvalidParams(
             f"{len(errors)} of {len(items)} tasks are invalid; nothing was launched. {shown}",
             errors={"json": {"tasks": errors}})
+    try:
+        # Each item counts against its task type's limit and its queue's bound.
+        limits.admit(prepared)
+    except limits.Refused as exc:
+        record_launch("batch", exc.outcome)
+        raise
     launch_service.record_runs(prepared)
     published = _publish_all(batch_id, [p for p in prepared if not p.held])
     for p in prepared:

@@ -18,6 +18,7 @@ from flask import current_app
 from kombu.exceptions import OperationalError
 from sqlalchemy.exc import SQLAlchemyError
 
+from celery_api import limits
 from celery_api.catalog import get_catalog, known_queues
 from celery_api.extensions import db
 from celery_api.fences import celery as celery_fence
@@ -100,7 +101,7 @@ def launch(
     except InvalidParams:
         record_launch(task_type, "invalid")
         raise
-    except Unavailable as exc:
+    except (Unavailable, limits.Refused) as exc:
         record_launch(task_type, exc.outcome)
         raise
     record_launch(task_type, "accepted")
@@ -231,6 +232,7 @@ def _copy_runs(connection, records: list[dict]) -> None:
 
 def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Launched:
     prepared = prepare(task_type, params, options, lineage)
+    limits.admit([prepared])  # the task type's limit and the queue's bound (429)
     record = prepared.record
     task_id = record["id"]
     record_runs([prepared])

@@ -7,6 +7,7 @@ from flask import url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller, requires
+from celery_api.limits import rate_limited
 from celery_api.resources.batches.schemas import (
     MAX_BATCH_TASKS,
     BatchRequestSchema,
@@ -38,6 +39,7 @@ BATCH_REQUEST_BODY = {
 @blp.route("/tasks/batch")
 class TaskBatch(MethodView):
     @requires("launch")
+    @rate_limited("launch")
     @blp.arguments(BatchRequestSchema())
     @blp.response(202, BatchResponseSchema, headers={
         "Location": {"description": "URL of the batch", "schema": {"type": "string"}}})
@@ -67,6 +69,7 @@ class TaskBatch(MethodView):
 @blp.route("/batches/<uuid_path:batch_id>")
 class Batch(MethodView):
     @requires("read")
+    @rate_limited("read")
     @blp.response(200, BatchSummarySchema)
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="getBatch")

@@ -7,6 +7,7 @@ from flask import request, url_for
 from flask.views import MethodView
 
 from celery_api.auth import requires
+from celery_api.limits import rate_limited
 from celery_api.resources.history.schemas import HistoryArgsSchema, HistoryPageSchema
 from celery_api.services import history
 from celery_api.smorest import Blueprint, error_responses
@@ -17,6 +18,7 @@ blp = Blueprint("history", __name__, url_prefix="/api/celery", description="Hist
 @blp.route("/history")
 class History(MethodView):
     @requires("read")
+    @rate_limited("read")
     @blp.arguments(HistoryArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, HistoryPageSchema, headers={
         "Link": {"description": 'The next page, as `<url>; rel="next"`',

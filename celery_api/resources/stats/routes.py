@@ -6,6 +6,7 @@ import marshmallow as ma
 from flask.views import MethodView
 
 from celery_api.auth import requires
+from celery_api.limits import rate_limited
 from celery_api.services import stats
 from celery_api.smorest import Blueprint, Schema, error_responses
 
@@ -30,6 +31,7 @@ class StatsSchema(Schema):
 @blp.route("/stats")
 class Stats(MethodView):
     @requires("read")
+    @rate_limited("read")
     @blp.response(200, StatsSchema)
     @error_responses(blp, 503)
     @blp.doc(operationId="getStats")

@@ -9,6 +9,7 @@ from flask import current_app, url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller, requires
+from celery_api.limits import rate_limited
 from celery_api.resources.fields import known_state, parse_task_id
 from celery_api.resources.status.schemas import (
     CancelArgsSchema,
@@ -85,6 +86,7 @@ def revoke_answer(task_id: str, args: dict):
 @blp.route("/tasks/<task_id:task_id>")
 class TaskRunItem(MethodView):
     @requires("read")
+    @rate_limited("read")
     @blp.response(200, TaskStatusResponseSchema)
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="getTaskStatus")
@@ -115,6 +117,7 @@ class TaskRunItem(MethodView):
 @blp.route("/tasks/<task_id:task_id>/retry")
 class TaskRunRetry(MethodView):
     @requires("launch")
+    @rate_limited("launch")
     @blp.response(202, TaskLaunchResponseSchema, headers={
         "Location": {"description": "URL of the new run's status", "schema": {"type": "string"}}})
     @error_responses(blp, 404, 409, 422, 503)
@@ -137,6 +140,7 @@ class TaskRunRetry(MethodView):
 @blp.route("/tasks/<task_id:task_id>/status")
 class TaskRunStatusLegacy(MethodView):
     @requires("read")
+    @rate_limited("read")
     @blp.response(200, TaskStatusResponseSchema)
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="getTaskStatusLegacy", deprecated=True)

@@ -7,6 +7,7 @@ from flask.views import MethodView
 
 from celery_api.auth import caller, requires
 from celery_api.catalog import get_catalog
+from celery_api.limits import rate_limited
 from celery_api.resources.tasks.schemas import (
     AvailableTaskSchema,
     LaunchEnvelopeSchema,
@@ -33,6 +34,7 @@ def params_json_schema(definition) -> dict:
 @blp.route("/tasks")
 class TaskCatalog(MethodView):
     @requires("read")
+    @rate_limited("read")
     @blp.response(200, AvailableTaskSchema(many=True))
     @blp.doc(operationId="listTasks")
     def get(self):
@@ -51,6 +53,7 @@ class TaskCatalog(MethodView):
 @blp.route("/tasks/launch")
 class TaskLaunch(MethodView):
     @requires("launch")
+    @rate_limited("launch")
     @blp.arguments(LaunchEnvelopeSchema())
     @blp.response(202, TaskLaunchResponseSchema, headers={
         "Location": {"description": "URL of the run's status", "schema": {"type": "string"}}})
