@@ -151,8 +151,10 @@ class System:
             "CELERY_API_TASK_MODULES": "bench_tasks", "LOG_LEVEL": "WARNING",
             "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(ROOT)]),
             "FLOWER_UNAUTHENTICATED_API": "true",
-            # Like Flower's API here, this API is measured without API keys.
+            # Like Flower's API here, this API is measured without API keys and
+            # without per-caller rate limits (the load generator is one caller).
             "CELERY_API_AUTH": "off",
+            "CELERY_API_RATE_LIMIT_LAUNCH": "off", "CELERY_API_RATE_LIMIT_READ": "off",
         })
         subprocess.run([str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"], env=self.env,
                        cwd=ROOT, check=True, capture_output=True)

@@ -4,6 +4,7 @@ the helpers that launch, read and wait on runs. Tests import helpers from here o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -499,3 +500,29 @@ http {{
     def stop(self) -> None:
         stop_process(self.process, 10)
         self.process = None
+
+
+@contextlib.contextmanager
+def python_client(spec_text: str, folder: Path, package: str):
+    """The package openapi-python-client generates from ``spec_text``, imported (and
+    forgotten afterwards). Its warnings fail the test: a generated client must build
+    clean, typed models."""
+    import importlib
+
+    (folder / "spec.json").write_text(spec_text)
+    (folder / "config.yml").write_text(
+        f"post_hooks: []\nproject_name_override: {package}\n"
+        f"package_name_override: {package}\n")
+    done = subprocess.run(
+        [str(BIN / "openapi-python-client"), "generate", "--path", str(folder / "spec.json"),
+         "--config", str(folder / "config.yml"), "--meta", "none", "--output-path",
+         str(folder / package)], capture_output=True, text=True, cwd=folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Warning" not in done.stdout + done.stderr, done.stdout + done.stderr
+    sys.path.insert(0, str(folder))
+    try:
+        yield importlib.import_module(package)
+    finally:
+        sys.path.remove(str(folder))
+        for name in [m for m in sys.modules if m.split(".")[0] == package]:
+            del sys.modules[name]

@@ -16,7 +16,7 @@ from celery_api.extensions import db
 from celery_api.models import TaskRun
 from celery_api.resources.fields import STATES
 from celery_api.services import runstate
-from tests.support import assert_problem, stored_run
+from tests.support import assert_problem, python_client, stored_run
 
 BASE = "/api/celery"
 PROGRESS = {"current": 2, "total": 8, "percent": 25.0, "message": "compras 202501"}
@@ -119,23 +119,8 @@ def test_python_client_reads_progress_typed(tmp_path, app, client, spec):
     """openapi-python-client builds a model for progress (``progress.percent``)."""
     import importlib
     import json
-    import subprocess
-    import sys
 
-    from tests.support import BIN
-
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    (tmp_path / "config.yml").write_text(
-        "post_hooks: []\nproject_name_override: typed_client\n"
-        "package_name_override: typed_client\n")
-    done = subprocess.run(
-        [str(BIN / "openapi-python-client"), "generate", "--path", str(tmp_path / "spec.json"),
-         "--config", str(tmp_path / "config.yml"), "--meta", "none", "--output-path",
-         str(tmp_path / "typed_client")], capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Warning" not in done.stdout + done.stderr, done.stdout + done.stderr
-    sys.path.insert(0, str(tmp_path))
-    try:
+    with python_client(json.dumps(spec), tmp_path, "typed_client"):
         models = importlib.import_module("typed_client.models")
         task_id = stored_run(app, "PROGRESS", meta=dict(PROGRESS))
         status = models.TaskStatusResponse.from_dict(
@@ -145,10 +130,6 @@ def test_python_client_reads_progress_typed(tmp_path, app, client, spec):
         queued = models.TaskStatusResponse.from_dict(
             client.get(f"{BASE}/tasks/{stored_run(app, 'PENDING')}").get_json())
         assert queued.progress is None and queued.children == []
-    finally:
-        sys.path.remove(str(tmp_path))
-        for name in [m for m in sys.modules if m.startswith("typed_client")]:
-            del sys.modules[name]
 
 
 # 3. The original's other consumers.

@@ -5,8 +5,7 @@ catalog, launch with typed params, status, revoke, retry, and parses errors."""
 from __future__ import annotations
 
 import importlib
-import subprocess
-import sys
+import json
 import uuid
 
 import pytest
@@ -14,7 +13,7 @@ import requests
 from openapi_spec_validator import validate
 
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
-from tests.support import BIN, LiveServer, create_key, wait_for
+from tests.support import LiveServer, create_key, python_client, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,24 +26,10 @@ def generated(tmp_path_factory, stack):
     api = LiveServer(stack.env(), folder / "gunicorn.log", CELERY_API_AUTH="required").start()
     spec = requests.get(f"{api.url}/api/openapi.json", timeout=5).json()
     validate(spec)  # a valid OpenAPI 3 document, or this raises
-    (folder / "spec.json").write_text(requests.get(f"{api.url}/api/openapi.json").text)
-    (folder / "config.yml").write_text(
-        "post_hooks: []\nproject_name_override: celery_api_client\n"
-        "package_name_override: celery_api_client\n")
-    result = subprocess.run(
-        [str(BIN / "openapi-python-client"), "generate", "--path", str(folder / "spec.json"),
-         "--config", str(folder / "config.yml"), "--meta", "none", "--output-path",
-         str(folder / "celery_api_client")], capture_output=True, text=True, cwd=folder)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Warning" not in result.stdout + result.stderr, result.stdout + result.stderr
-    sys.path.insert(0, str(folder))
     try:
-        package = importlib.import_module("celery_api_client")
-        yield package, api.url, key
+        with python_client(json.dumps(spec), folder, "celery_api_client") as package:
+            yield package, api.url, key
     finally:
-        sys.path.remove(str(folder))
-        for name in [m for m in sys.modules if m.startswith("celery_api_client")]:
-            del sys.modules[name]
         api.stop()
 
 
