@@ -156,8 +156,9 @@ class Worker:
     """A real ``celery worker`` process (prefork) on the test broker."""
 
     def __init__(self, env: dict, name: str, log_path: Path, queues: str = "celery",
-                 concurrency: int = 2, statedb: Path | None = None):
+                 concurrency: int = 2, statedb: Path | None = None, events: bool = False):
         self.env = env
+        self.events = events  # -E: task events, as Flower and `celery events` read them
         self.name = name
         self.log_path = log_path
         self.queues = queues
@@ -172,6 +173,8 @@ class Worker:
                 "--without-mingle"]
         if self.statedb:
             args += ["--statedb", str(self.statedb)]
+        if self.events:
+            args.append("-E")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=self._log,
                                         stderr=subprocess.STDOUT)
