@@ -153,6 +153,15 @@ class EdgeThreadWorker(ThreadWorker):
         self.pending_conns.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._read_head, conn))
 
+    def _cap_keepalive(self, deadline):
+        """At a graceful stop gunicorn closes kept-alive connections by ``deadline`` (2 s);
+        those still waiting for a request head close by then too, so an idle client
+        (a browser's spare connection) does not hold the worker for the whole graceful
+        timeout, at the end of which the arbiter SIGKILLs it."""
+        super()._cap_keepalive(deadline)
+        for conn in self.pending_conns:  # one deadline for all: the order stays sorted
+            conn.timeout = min(conn.timeout, deadline)
+
     def _drop_pending(self, conn):
         self.poller.unregister(conn.sock)
         self.pending_conns.remove(conn)

@@ -1,12 +1,23 @@
 """``make run``: API + worker + beat in the foreground; Ctrl-C stops them all.
 
+Holds a lock on the instance folder for its lifetime, so a second ``make run`` in
+the same folder refuses to start (naming the first) instead of taking its broker.
 Starts the embedded broker first unless ``CELERY_BROKER_URL`` is set, applies the
 migrations, then runs gunicorn, one Celery worker and beat as child processes
 sharing this environment. If any of them dies, the rest are stopped too.
+
+Each child runs in its own process group: Ctrl-C in the terminal reaches this
+process only, which stops each child with the signal meant for it (SIGTERM: a
+graceful stop for gunicorn, a warm shutdown for the worker). A SIGINT sent straight
+to gunicorn's workers (as the terminal would) makes them shut their thread pool down
+from inside a signal handler, which deadlocks when the signal lands while the
+worker is handing a request to that pool; gunicorn then SIGKILLs it (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +26,12 @@ import time
 from pathlib import Path
 
 from celery_api import settings
-from celery_api.embedded import EmbeddedRedis, redis_server_binary
+from celery_api.embedded import BrokerInUse, EmbeddedRedis, redis_server_binary
+
+LOCK_NAME = ".lock"
+# The demo's gunicorn: a stop waits this long for requests in flight (the
+# production default, 10 s, is for make serve and the deployment).
+DEMO_GRACEFUL_TIMEOUT = "5"
 
 PYTHON_BIN = Path(sys.executable).parent
 
@@ -25,17 +41,61 @@ def _tool(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def hold_instance_lock(instance: Path, url: str):
+    """Lock ``instance`` for this process's lifetime (the OS releases it when the
+    process ends, however it ends); the open lock file, or None when another live
+    process holds it (the message naming it is printed)."""
+    fd = os.open(instance / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    lock = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            owner = json.loads(lock.read() or "{}")
+        except ValueError:
+            owner = {}
+        lock.close()
+        print(f"make run is already running in {instance} (pid {owner.get('pid', '?')}, "
+              f"{owner.get('url', 'URL unknown')}). Stop it first (Ctrl-C in its terminal), "
+              "or run a second one in another folder: INSTANCE_PATH=other-folder "
+              "PORT=8001 make run", file=sys.stderr, flush=True)
+        return None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"pid": os.getpid(), "url": url}))
+    lock.flush()
+    return lock
+
+
 def main() -> int:
     instance = settings.default_instance_path()
     instance.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("INSTANCE_PATH", str(instance))
+    port = os.environ.setdefault("PORT", "8000")
+    bind = os.environ.get("GUNICORN_BIND")
+    url = f"http://{bind}" if bind and not bind.startswith("unix:") else \
+        f"http://127.0.0.1:{port}"
+    lock = hold_instance_lock(instance, url)
+    if lock is None:
+        return 1
+    try:
+        return _run(instance, url)
+    finally:
+        lock.close()
+
+
+def _run(instance: Path, url: str) -> int:
     embedded = None
     if not settings.env_str("CELERY_BROKER_URL"):
-        embedded = EmbeddedRedis(instance).start()
+        try:
+            embedded = EmbeddedRedis(instance).start()
+        except BrokerInUse as exc:
+            print(f"make run: {exc}", file=sys.stderr, flush=True)
+            return 1
         print(f"embedded broker: {redis_server_binary()} on {embedded.socket}", flush=True)
         os.environ["CELERY_BROKER_URL"] = embedded.url
         os.environ.setdefault("CELERY_RESULT_BACKEND", embedded.url)
-    port = os.environ.setdefault("PORT", "8000")
+    os.environ.setdefault("GUNICORN_GRACEFUL_TIMEOUT", DEMO_GRACEFUL_TIMEOUT)
     # The local demo runs without API keys, on 127.0.0.1 only: off unless the user chose,
     # or bound the API elsewhere (GUNICORN_BIND), where the default (required) stays.
     if _loopback(os.environ.get("GUNICORN_BIND")):
@@ -58,23 +118,27 @@ def main() -> int:
                  env.get("LOG_LEVEL", "INFO"), "--schedule",
                  str(instance / "celerybeat-schedule")],
     }
-    children = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
-    print(f"celery-api on http://127.0.0.1:{port} (docs: /api/docs); Ctrl-C stops all",
-          flush=True)
+    stopping = False
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def stop(*_):
+        nonlocal stopping
+        if stopping:
+            print("stopping: waiting for the API, worker and beat to end", flush=True)
+        stopping = True
+
+    for signum in signals:  # before the children exist: no Ctrl-C goes unhandled
+        signal.signal(signum, stop)
+    # Their own process groups: the terminal's Ctrl-C reaches this process only.
+    children = {name: subprocess.Popen(cmd, env=env, process_group=0)
+                for name, cmd in commands.items()}
+    print(f"celery-api on {url} (docs: {url}/api/docs/); Ctrl-C stops all", flush=True)
     if auth == "off":
         print("authentication: OFF (CELERY_API_AUTH=off, the local demo on 127.0.0.1); "
               "make serve requires API keys", flush=True)
     else:
         print(f"authentication: {auth} (CELERY_API_AUTH): send Authorization: Bearer <key>; "
               "create one with flask --app wsgi keys create NAME --scope SCOPE", flush=True)
-    stopping = False
-
-    def stop(*_):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     code = 0
     while not stopping:
         for name, child in children.items():

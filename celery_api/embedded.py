@@ -33,12 +33,17 @@ def redis_server_binary() -> str:
                        "redis-server")
 
 
+class BrokerInUse(RuntimeError):
+    """A Redis server already answers on the embedded broker's socket."""
+
+
 class EmbeddedRedis:
     def __init__(self, folder: Path, *, persistent: bool = True, socket_name: str | None = None):
         from celery_api.settings import EMBEDDED_SOCKET_NAME
 
         self.folder = Path(folder)
         self.socket = self.folder / (socket_name or EMBEDDED_SOCKET_NAME)
+        self.pidfile = self.socket.with_suffix(".pid")
         self.persistent = persistent
         self.process: subprocess.Popen | None = None
 
@@ -48,18 +53,23 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 15.0) -> EmbeddedRedis:
         self.folder.mkdir(parents=True, exist_ok=True)
-        if self.socket.exists():
+        if self.socket.exists() or self.pidfile.exists():
             if self._ping():
-                # Left running by an earlier run that was killed: ours, so stop it
-                # (SHUTDOWN writes its append-only file) and start afresh.
-                try:
-                    redis.Redis(unix_socket_path=str(self.socket)).shutdown()
-                except (redis.RedisError, OSError):
-                    pass
+                # A live server: another stack's broker (or one a killed `make run` left
+                # behind, still holding its queued messages). Never taken over.
+                pid = self.leftover_pid()
+                raise BrokerInUse(
+                    f"a Redis server already answers on {self.socket}"
+                    f"{f' (pid {pid})' if pid else ''}: another make run uses this folder, or "
+                    f"one that was killed left it running. Stop that one first"
+                    f"{f' (kill {pid})' if pid else ''}, or use another INSTANCE_PATH.")
+            # A dead server's leftovers: its socket file and pid file.
             self.socket.unlink(missing_ok=True)
+            self.pidfile.unlink(missing_ok=True)
         args = [
             redis_server_binary(), "--port", "0", "--bind", "127.0.0.1",
             "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+            "--pidfile", str(self.pidfile),
             "--dir", str(self.folder), "--save", "",
             "--appendonly", "yes" if self.persistent else "no",
             "--appendfilename", "embedded-redis.aof",
@@ -80,6 +90,13 @@ class EmbeddedRedis:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"embedded redis did not answer on {self.socket} in {timeout} s")
+
+    def leftover_pid(self) -> int | None:
+        """The pid in the server's pid file, if there is one."""
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def _ping(self) -> bool:
         try:

@@ -157,12 +157,50 @@ def service_env(config: dict) -> dict:
     return env
 
 
+def devstack_env(folder: Path, port: int) -> dict:
+    """The environment of ``make run`` in ``folder``: no broker or database configured."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DATABASE_URL",
+                        "REDIS_URL", "CELERY_API_TASK_MODULES", "CELERY_API_AUTH")}
+    env.update({"PORT": str(port), "INSTANCE_PATH": str(folder), "LOG_FORMAT": "text",
+                "SII_SANDBOX_STEP_SECONDS": "0.1", "SII_RETRY_BACKOFF_SECONDS": "0.2",
+                "WORKER_CONCURRENCY": "2"})
+    return env
+
+
+def start_devstack(folder: Path, port: int, log_name: str):
+    """``python -m celery_api.devstack`` (what ``make run`` runs) in its own session, as
+    a terminal runs it in the foreground; waits until it serves with a worker online."""
+    import requests
+
+    env = devstack_env(folder, port)
+    log_path = folder / log_name
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "celery_api.devstack"], cwd=ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    root = f"http://127.0.0.1:{port}"
+    base = f"{root}/api/celery"
+
+    def up():
+        if process.poll() is not None:
+            raise AssertionError(f"make run exited early:\n{log_path.read_text()}")
+        try:
+            return requests.get(f"{base}/stats", timeout=5).json()["workers_online"]
+        except (requests.RequestException, ValueError, KeyError):
+            return None
+
+    wait_for(up, timeout=90, interval=0.3, message="make run to serve with a worker online")
+    return process, root, log_path
+
+
 class Worker:
     """A real ``celery worker`` process (prefork) on the test broker."""
 
     def __init__(self, env: dict, name: str, log_path: Path, queues: str = "celery",
-                 concurrency: int = 2, statedb: Path | None = None):
+                 concurrency: int = 2, statedb: Path | None = None, events: bool = False):
         self.env = env
+        self.events = events  # -E: task events, as Flower and `celery events` read them
         self.name = name
         self.log_path = log_path
         self.queues = queues
@@ -177,6 +215,8 @@ class Worker:
                 "--without-mingle"]
         if self.statedb:
             args += ["--statedb", str(self.statedb)]
+        if self.events:
+            args.append("-E")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=self._log,
                                         stderr=subprocess.STDOUT)

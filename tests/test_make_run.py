@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -20,36 +19,9 @@ import pytest
 import requests
 
 from celery_api.tasks.sii_client import SANDBOX_COMPANIES
-from tests.support import ROOT, free_port, get_until, wait_for
+from tests.support import free_port, get_until, start_devstack, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def start_devstack(folder: Path, port: int, log_name: str):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DATABASE_URL",
-                        "REDIS_URL", "CELERY_API_TASK_MODULES", "CELERY_API_AUTH")}
-    env.update({"PORT": str(port), "INSTANCE_PATH": str(folder), "LOG_FORMAT": "text",
-                "SII_SANDBOX_STEP_SECONDS": "0.1", "SII_RETRY_BACKOFF_SECONDS": "0.2",
-                "WORKER_CONCURRENCY": "2"})
-    log_path = folder / log_name
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "celery_api.devstack"], cwd=ROOT,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    root = f"http://127.0.0.1:{port}"
-    base = f"{root}/api/celery"
-
-    def up():
-        if process.poll() is not None:
-            raise AssertionError(f"make run exited early:\n{log_path.read_text()}")
-        try:
-            return requests.get(f"{base}/stats", timeout=5).json()["workers_online"]
-        except (requests.RequestException, ValueError, KeyError):
-            return None
-
-    wait_for(up, timeout=90, interval=0.3, message="make run to serve with a worker online")
-    return process, root, log_path
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ Recording never breaks a task: a database error is logged and the task goes on.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -98,9 +99,7 @@ def _record_external(task, task_id, args, kwargs, now) -> runstate.Claim:
     """A task this API did not launch (sent straight to Celery): record it, claimed."""
     request = task.request
     definition = get_catalog().by_celery_name(task.name)
-    params = kwargs or {}
-    if args:
-        params = {"args": list(args), "kwargs": kwargs or {}}
+    params = named_params(task, args, kwargs)
     delivery = request.delivery_info or {}
     db.session.add(
         TaskRun(
@@ -131,6 +130,33 @@ def _record_external(task, task_id, args, kwargs, now) -> runstate.Claim:
                               retries=request.retries or 0, now=now)
     log.info("📥 recording %s (%s), not launched through the API", task_id, task.name)
     return runstate.Claim("claimed", attempt=1)
+
+
+def named_params(task, args, kwargs) -> dict:
+    """A run's arguments as its params: positional ones named after the task's
+    signature (``send_task("sii.sync_documents", args=[company, 2])`` is recorded as
+    ``{"company_id": company, "months": 2}``), as the API records a launch. When they
+    cannot be named (too many, or ``*args``): ``{"args": [...], "kwargs": {...}}``."""
+    kwargs = dict(kwargs or {})
+    if not args:
+        return kwargs
+    unnamed = {"args": list(args), "kwargs": kwargs}
+    try:
+        # task.run of a bound task (bind=True) is a bound method: ``self`` is not in it.
+        signature = inspect.signature(task.run)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return unnamed
+    params: dict = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            return unnamed
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            params.update(value)
+        else:
+            params[name] = value
+    return params
 
 
 def _redelivered_after_loss(task, task_id: str, found: runstate.Claim) -> bool:
@@ -257,7 +283,8 @@ def _maybe_finish_parent(task, task_id: str, parent_id: str | None) -> None:
     db.session.commit()  # our own final state first, so the last child sees every sibling
     from celery_api.services import fanout
 
-    fanout.finish_if_complete(parent_id, task.app)
+    fanout.finish_if_complete(parent_id, task.app,
+                              hostname=getattr(task.request, "hostname", None))
 
 
 def on_worker_process_init(**_):
