@@ -85,6 +85,8 @@ class HistoryRowSchema(Schema):
     retry_of = ma.fields.String(allow_none=True)
     batch_id = ma.fields.String(allow_none=True)
     schedule_id = ma.fields.String(allow_none=True)
+    scheduled_for = ma.fields.DateTime(
+        allow_none=True, metadata={"description": "The schedule's tick this run was for"})
     created_at = ma.fields.DateTime(required=True)
     started_at = ma.fields.DateTime(allow_none=True)
     finished_at = ma.fields.DateTime(allow_none=True)
