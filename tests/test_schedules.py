@@ -417,3 +417,14 @@ def test_two_beats_fire_each_tick_once(stack):
     assert int(client.get(f"acme:count:{key}") or 0) == len(runs)
     assert first.log_text().count("fired the tick of") >= 1 or \
         second.log_text().count("fired the tick of") >= 1, logs[-3000:]
+
+
+def test_seed_creates_the_sii_calendar_once(app):
+    runner = app.test_cli_runner()
+    first = runner.invoke(args=["schedules", "seed"])
+    assert first.exit_code == 0 and "created sii-nightly-documents" in first.output
+    again = runner.invoke(args=["schedules", "seed"])
+    assert again.exit_code == 0 and "already there" in again.output
+    listed = runner.invoke(args=["schedules", "list"]).output
+    assert "sii-nightly-documents\tcron '0 2 * * *' in America/Santiago\tenabled" in listed
+    assert "sii-monthly-f29" in listed

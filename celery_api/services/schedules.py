@@ -451,3 +451,25 @@ def _launch(schedule_id, name, task_type, params, options, scheduled_for, follow
     log.info("📤 schedule %s fired the tick of %s as %s (%.3f s after its time)", name,
              scheduled_for.isoformat(), run.id, lateness)
     return 1
+
+
+# The SII calendar (``make run`` with CELERY_API_SEED_SCHEDULES=1, or ``flask schedules seed``).
+
+SII_SCHEDULES = (
+    {"name": "sii-nightly-documents", "task_type": "sii.sync_documents_all_companies",
+     "params": {"months": 1}, "cron": "0 2 * * *", "timezone": "America/Santiago"},
+    {"name": "sii-monthly-f29", "task_type": "sii.sync_f29_all_companies", "params": {},
+     "cron": "0 6 13 * *", "timezone": "America/Santiago"},
+)
+
+
+def seed_sii() -> list[str]:
+    """Create the SII schedules missing by name; return the names created."""
+    created = []
+    for data in SII_SCHEDULES:
+        exists = db.session.execute(
+            sa.select(Schedule.id).where(Schedule.name == data["name"])).first()
+        if exists is None:
+            create(dict(data), created_by="seed")
+            created.append(data["name"])
+    return created
