@@ -151,7 +151,7 @@ def test_unknown_and_malformed_ids(client):
         assert_problem(getattr(client, method)(f"{BASE}/{missing}{path}", **kwargs), 404)
         bad = assert_problem(getattr(client, method)(f"{BASE}/not-a-uuid{path}", **kwargs),
                              422)
-        assert "schedule_id" in bad["errors"]["path"]
+        assert "id" in bad["errors"]["path"]
 
 
 PAST = "2001-01-01T00:00:00Z"
@@ -201,7 +201,9 @@ def test_bad_patches_are_422_naming_the_field(client):
                          ({"task_type": "sii.sync_documents"}, "params")):
         answer = assert_problem(client.patch(path, json=patch), 422)
         assert field in answer["errors"]["json"], (patch, answer)
+    assert_problem(client.patch(path), 422, "JSON object")  # no body at all
     assert client.get(path).get_json() == schedule  # nothing changed
+    assert client.patch(path, json={}).get_json() == schedule
 
 
 # The next-run computation, with an injected clock.
@@ -428,3 +430,22 @@ def test_seed_creates_the_sii_calendar_once(app):
     listed = runner.invoke(args=["schedules", "list"]).output
     assert "sii-nightly-documents\tcron '0 2 * * *' in America/Santiago\tenabled" in listed
     assert "sii-monthly-f29" in listed
+
+
+def test_purge_drops_old_fire_records_but_a_one_offs(app, client):
+    from celery_api.services import maintenance
+
+    ticking = create(client, interval_seconds=10, queue="parked", overlap="allow")
+    one_off = create(client, interval_seconds=None, queue="parked",
+                     run_at=(utcnow() + timedelta(seconds=30)).isoformat())
+    due = datetime.fromisoformat(ticking["next_run_at"])
+    assert tick(app, datetime.fromisoformat(one_off["run_at"])) == 2
+    with app.app_context():
+        maintenance.purge(older_than_days=-1)  # the cutoff: tomorrow
+        left = db.session.execute(sa.select(ScheduleFire.schedule_id)).scalars().all()
+        db.session.remove()
+    assert left == [one_off["id"]]
+    client.post(f"{BASE}/{one_off['id']}/pause")
+    resumed = client.post(f"{BASE}/{one_off['id']}/resume").get_json()
+    assert resumed["next_run_at"] is None  # it fired: resuming does not fire it again
+    assert due < utcnow() + timedelta(seconds=20)

@@ -211,6 +211,8 @@ def update(schedule_id: str, changes: dict, *, now: datetime | None = None) -> S
     ``timezone`` belongs to a cron trigger. Takes effect at beat's next tick."""
     now = now or utcnow()
     schedule = get(schedule_id)
+    if not changes:
+        return schedule
     given = [t for t in TRIGGERS if t in changes]
     if len(given) > 1:
         raise InvalidParams(
@@ -473,3 +475,14 @@ def seed_sii() -> list[str]:
             create(dict(data), created_by="seed")
             created.append(data["name"])
     return created
+
+
+def purge_fires(cutoff: datetime) -> int:
+    """Delete the fire records of ticks before ``cutoff`` (the history's retention),
+    but the one of a one-off, which tells that it has fired."""
+    one_off = sa.exists().where(Schedule.id == ScheduleFire.schedule_id,
+                                Schedule.run_at == ScheduleFire.scheduled_for)
+    removed = db.session.execute(sa.delete(ScheduleFire).where(
+        ScheduleFire.scheduled_for < cutoff, ~one_off)).rowcount
+    db.session.commit()
+    return removed

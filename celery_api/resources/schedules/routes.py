@@ -1,9 +1,9 @@
-"""Schedules: /schedules, /schedules/{schedule_id} and the actions pause, resume, run."""
+"""Schedules: /schedules, /schedules/{id} and the actions pause, resume, run."""
 
 from __future__ import annotations
 
 import marshmallow as ma
-from flask import url_for
+from flask import request, url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller, requires
@@ -17,6 +17,7 @@ from celery_api.resources.schedules.schemas import (
     ScheduleSchema,
 )
 from celery_api.services import schedules
+from celery_api.services.errors import InvalidParams
 from celery_api.smorest import Blueprint, error_responses
 
 blp = Blueprint("schedules", __name__, url_prefix="/api/celery", description="Schedules")
@@ -29,8 +30,8 @@ CREATE_BODY = {
 LOCATION = {"Location": {"description": "URL of the schedule", "schema": {"type": "string"}}}
 
 
-def _id(schedule_id: str) -> str:
-    return parse_uuid(schedule_id, "schedule_id")
+def _id(value: str) -> str:
+    return parse_uuid(value, "id")
 
 
 @blp.route("/schedules")
@@ -68,26 +69,26 @@ class Schedules(MethodView):
         two, a name already taken.
         """
         schedule = schedules.create(body, created_by=caller())
-        location = url_for("schedules.ScheduleItem", schedule_id=schedule.id)
+        location = url_for("schedules.ScheduleItem", id=schedule.id)
         return schedules.view(schedule), 201, {"Location": location}
 
 
-@blp.route("/schedules/<uuid_path:schedule_id>")
+@blp.route("/schedules/<uuid_path:id>")
 class ScheduleItem(MethodView):
     @requires("admin")
     @blp.response(200, ScheduleSchema)
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="getSchedule")
-    def get(self, schedule_id):
+    def get(self, id):
         """Get a schedule: its trigger, next run, last run and counts"""
-        return schedules.view(schedules.get(_id(schedule_id)))
+        return schedules.view(schedules.get(_id(id)))
 
     @requires("admin")
     @blp.arguments(ScheduleFieldsSchema())
     @blp.response(200, ScheduleSchema)
     @error_responses(blp, 404, 413, 415, 503)
     @blp.doc(operationId="updateSchedule")
-    def patch(self, body, schedule_id):
+    def patch(self, body, id):
         """Change a schedule
 
         Only the fields sent change. A trigger field (`cron`, `interval_seconds` or
@@ -95,64 +96,67 @@ class ScheduleItem(MethodView):
         trigger or `enabled` recomputes `next_run_at` from now. Beat sees the change at
         its next tick (within `CELERY_API_DISPATCH_INTERVAL`).
         """
-        return schedules.view(schedules.update(_id(schedule_id), body))
+        if not request.get_data(cache=True):
+            raise InvalidParams("Send a JSON object with the fields to change ({} changes "
+                                "nothing).", errors={"json": ["Missing request body."]})
+        return schedules.view(schedules.update(_id(id), body))
 
     @requires("admin")
     @blp.response(204)
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="deleteSchedule")
-    def delete(self, schedule_id):
+    def delete(self, id):
         """Delete a schedule
 
         Its runs stay in the history (`GET /history?schedule_id=`).
         """
-        schedules.delete(_id(schedule_id))
+        schedules.delete(_id(id))
         return None
 
 
-@blp.route("/schedules/<uuid_path:schedule_id>/pause")
+@blp.route("/schedules/<uuid_path:id>/pause")
 class SchedulePause(MethodView):
     @requires("admin")
     @blp.response(200, ScheduleSchema)
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="pauseSchedule")
-    def post(self, schedule_id):
+    def post(self, id):
         """Pause a schedule (idempotent): beat fires none of its ticks"""
-        return schedules.view(schedules.set_enabled(_id(schedule_id), False))
+        return schedules.view(schedules.set_enabled(_id(id), False))
 
 
-@blp.route("/schedules/<uuid_path:schedule_id>/resume")
+@blp.route("/schedules/<uuid_path:id>/resume")
 class ScheduleResume(MethodView):
     @requires("admin")
     @blp.response(200, ScheduleSchema)
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="resumeSchedule")
-    def post(self, schedule_id):
+    def post(self, id):
         """Resume a schedule (idempotent)
 
         It fires from its next tick after now; ticks missed while paused are not run.
         A one-off whose `run_at` passed while paused fires at beat's next tick.
         """
-        return schedules.view(schedules.set_enabled(_id(schedule_id), True))
+        return schedules.view(schedules.set_enabled(_id(id), True))
 
 
-@blp.route("/schedules/<uuid_path:schedule_id>/run")
+@blp.route("/schedules/<uuid_path:id>/run")
 class ScheduleRun(MethodView):
     @requires("admin")
     @blp.response(202, ScheduleRunSchema, headers={
         "Location": {"description": "URL of the run's status", "schema": {"type": "string"}}})
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="runSchedule")
-    def post(self, schedule_id):
+    def post(self, id):
         """Run a schedule now
 
         One run with the schedule's task, params and options, recorded as its run
         (`schedule_id`, `scheduled_for` = now), whether paused or not; the overlap rule
         does not apply. Its trigger and `next_run_at` are unchanged.
         """
-        run = schedules.run_now(_id(schedule_id), launched_by=caller())
+        run = schedules.run_now(_id(id), launched_by=caller())
         location = url_for("status.TaskRunItem", task_id=run.id)
-        return ({"task_id": run.id, "schedule_id": _id(schedule_id), "status": run.status,
+        return ({"task_id": run.id, "schedule_id": _id(id), "status": run.status,
                  "status_url": location}, 202, {"Location": location})
 
 
