@@ -132,12 +132,14 @@ def _register_blueprints(app: Flask, api) -> None:
     from celery_api.resources.batches.routes import blp as batches_blp
     from celery_api.resources.health.routes import blp as health_blp
     from celery_api.resources.history.routes import blp as history_blp
+    from celery_api.resources.schedules.routes import blp as schedules_blp
     from celery_api.resources.stats.routes import blp as stats_blp
     from celery_api.resources.status.routes import blp as status_blp
     from celery_api.resources.tasks.routes import blp as tasks_blp
 
     for blp in (tasks_blp, batches_blp, status_blp, history_blp, stats_blp, health_blp):
         api.register_blueprint(blp)
+    api.register_blueprint(schedules_blp)
     from celery_api import docs
 
     app.register_blueprint(docs.blp)
@@ -153,3 +155,6 @@ def _register_params_components(app: Flask, api) -> None:
         if definition.schema_name not in api.spec.components.schemas:
             api.spec.components.schema(definition.schema_name, schema=definition.params_schema)
     register_launch_request(api, catalog, app.extensions["celery_api.queues"])
+    from celery_api.resources.schedules.routes import register_schedule_request
+
+    register_schedule_request(api, catalog)

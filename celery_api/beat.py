@@ -1,9 +1,15 @@
-"""Celery beat with one more duty: publishing the delayed runs held in the database.
+"""Celery beat with two more duties: publishing the delayed runs held in the database,
+and firing the schedules stored there (``services.schedules``).
 
 Configured as ``beat_scheduler`` (settings.celery_config), so ``make beat`` and
 ``make run`` use it with no option. Beat already runs once per deployment and wakes
 on a timer; the held runs are published from its loop rather than from a periodic
 task, so a queue of busy workers does not make them late.
+
+Every ``CELERY_API_DISPATCH_INTERVAL`` seconds (1 s by default) a tick publishes the
+held runs that are due, then fires the due schedules: a change made through the API
+takes effect at the next tick. Two beats may run: the held runs are claimed with
+``SKIP LOCKED`` (PostgreSQL) and each schedule tick by its unique fire record.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ log = logging.getLogger("celery_api.beat")
 
 
 class Scheduler(PersistentScheduler):
-    """Celery's file-backed scheduler, which also calls ``dispatch.publish_due``."""
+    """Celery's file-backed scheduler, which also calls ``dispatch.publish_due`` and
+    ``schedules.fire_all_due``."""
 
     def __init__(self, *args, **kwargs):
         self._next_dispatch = 0.0
@@ -33,6 +40,7 @@ class Scheduler(PersistentScheduler):
         if now >= self._next_dispatch:
             self._next_dispatch = now + every
             self._publish_due(flask_app)
+            self._fire_schedules(flask_app)
         return min(interval, max(0.05, self._next_dispatch - time.monotonic()))
 
     @staticmethod
@@ -46,5 +54,19 @@ class Scheduler(PersistentScheduler):
                     pass
             except Exception:  # noqa: BLE001 - beat keeps running; the next tick retries
                 log.exception("❌ could not publish the held runs that are due")
+            finally:
+                db.session.remove()
+
+    @staticmethod
+    def _fire_schedules(flask_app) -> None:
+        from celery_api.extensions import db
+        from celery_api.services import schedules
+
+        with flask_app.app_context():
+            try:
+                schedules.fire_all_due()
+            except Exception:  # noqa: BLE001 - beat keeps running; the next tick retries
+                log.exception("❌ could not fire the schedules that are due")
+                db.session.rollback()
             finally:
                 db.session.remove()

@@ -39,6 +39,9 @@ def register_cli(app: Flask) -> None:
         click.echo(f"checked {outcome['checked']} running run(s), {outcome['lost']} lost")
 
     register_keys_cli(app)
+    from celery_api.schedules_cli import register_schedules_cli
+
+    register_schedules_cli(app)
 
 
 def register_keys_cli(app: Flask) -> None:

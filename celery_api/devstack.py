@@ -104,6 +104,10 @@ def _run(instance: Path, url: str) -> int:
     env = dict(os.environ)
     try:
         subprocess.run([_tool("flask"), "--app", "wsgi", "db", "upgrade"], check=True, env=env)
+        if settings.env_str("CELERY_API_SEED_SCHEDULES", "0") not in ("0", "false", "no"):
+            # The SII calendar (README, Schedules): created once, kept across runs.
+            subprocess.run([_tool("flask"), "--app", "wsgi", "schedules", "seed"], check=True,
+                           env=env)
     except subprocess.CalledProcessError:
         if embedded:
             embedded.stop()

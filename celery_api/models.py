@@ -102,6 +102,8 @@ class TaskRun(db.Model):
     # Set while a delayed run is held here rather than in the broker: beat publishes
     # it at this time (services.dispatch).
     dispatch_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The tick a schedule fired this run for (schedule_id names the schedule).
+    scheduled_for: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     # The history is read newest first, (created_at, id) being the cursor: every index
     # that serves a filter ends with created_at so rows come out already in order.
@@ -167,3 +169,64 @@ class ApiKey(db.Model):
 
     def __repr__(self) -> str:
         return f"<ApiKey {self.name} {self.id}>"
+
+
+class Schedule(db.Model):
+    """A task launched on a trigger: a cron expression in a time zone, a fixed interval,
+    or once at ``run_at`` (services.schedules; beat fires them, celery_api.beat)."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    task_type: Mapped[str] = mapped_column(sa.String(200))
+    params: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    # Launch options of every run it fires.
+    queue: Mapped[str | None] = mapped_column(sa.String(200), nullable=True)
+    priority: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    tags: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
+    expires: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    # Exactly one trigger: cron (+ timezone), interval_seconds or run_at.
+    cron: Mapped[str | None] = mapped_column(sa.String(200), nullable=True)
+    timezone: Mapped[str] = mapped_column(sa.String(64), default="UTC")
+    interval_seconds: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    enabled: Mapped[bool] = mapped_column(sa.Boolean, default=True)
+    overlap: Mapped[str] = mapped_column(sa.String(8), default="skip")
+    # When beat fires it next: null when paused out of time (a one-off already fired).
+    next_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_run_id: Mapped[str | None] = mapped_column(sa.String(155), nullable=True)
+    last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_skipped_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    runs_fired: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    runs_skipped: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    created_by: Mapped[str | None] = mapped_column(sa.String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    # Beat's query each tick: the enabled schedules that are due, soonest first.
+    __table_args__ = (
+        sa.Index("ix_schedules_next_run_at", "next_run_at",
+                 postgresql_where=sa.text("enabled"), sqlite_where=sa.text("enabled")),
+        sa.Index("ix_schedules_task_type", "task_type"),
+    )
+
+    def __repr__(self) -> str:
+        return f"<Schedule {self.name} {self.id}>"
+
+
+class ScheduleFire(db.Model):
+    """One tick of one schedule, fired (a run) or skipped (overlap). The primary key
+    is the guarantee that two beats never fire one tick twice: the second insert fails."""
+
+    __tablename__ = "schedule_fires"
+
+    schedule_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    scheduled_for: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    fired_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    outcome: Mapped[str] = mapped_column(sa.String(16), default="fired")
+    run_id: Mapped[str | None] = mapped_column(sa.String(155), nullable=True)
+    error: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+
+    def __repr__(self) -> str:
+        return f"<ScheduleFire {self.schedule_id} {self.scheduled_for} {self.outcome}>"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -235,6 +236,37 @@ class Worker:
         if self.process:
             self._log.close()
         self.process = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Beat:
+    """A real ``celery beat`` process with the project's scheduler (held runs and
+    schedules): ``with Beat(env, folder):``. Each beat needs its own ``folder`` (its
+    schedule file and ``beat.log``)."""
+
+    def __init__(self, env: dict, folder: Path):
+        self.env, self.folder = env, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log_path = folder / "beat.log"
+
+    def __enter__(self) -> Beat:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in __exit__
+        self.process = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "wsgi:celery_app", "beat", "--loglevel", "INFO",
+             "--schedule", str(self.folder / "beat-schedule")],
+            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

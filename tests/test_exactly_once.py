@@ -24,8 +24,7 @@ from celery_api.services import control, maintenance
 from celery_api.services import launch as launch_service
 from celery_api.services.errors import Conflict
 from tests.support import (
-    BIN,
-    ROOT,
+    Beat,
     Worker,
     final_record,
     launch,
@@ -230,31 +229,6 @@ def test_delays_past_the_visibility_timeout_execute_once(stack):
             worker.stop()
     assert counted(stack, key) == (4, set(ids))
     assert [record(stack, task_id).attempts for task_id in ids] == [1, 1, 1, 1]
-
-
-class Beat:
-    """A real ``celery beat`` process with the project's scheduler."""
-
-    def __init__(self, env: dict, folder):
-        self.env, self.folder = env, folder
-        self.log_path = folder / "beat.log"
-
-    def __enter__(self) -> Beat:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in __exit__
-        self.process = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "wsgi:celery_app", "beat", "--loglevel", "INFO",
-             "--schedule", str(self.folder / "beat-schedule")],
-            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self._log.close()
 
 
 def test_long_delays_are_held_in_the_database_and_published_when_due(stack, monkeypatch):

@@ -10,6 +10,7 @@ from werkzeug.routing import BaseConverter
 
 from celery_api.services import runstate
 from celery_api.services.errors import ServiceError
+from celery_api.smorest import Schema
 
 
 class TaskIdConverter(BaseConverter):
@@ -136,3 +137,23 @@ class TaskStatus(ma.fields.String):
         kwargs["metadata"] = {**kwargs.get("metadata", {}),
                               "component": ("TaskStatus", TASK_STATUS_COMPONENT)}
         super().__init__(**kwargs)
+
+
+class RunLineageSchema(Schema):
+    """Where a run comes from and who acted on it: the fields a run's status and its
+    history row share (all always sent, null where they do not apply)."""
+
+    parent_id = ma.fields.String(required=True, allow_none=True)
+    root_id = ma.fields.String(required=True, allow_none=True)
+    retry_of = ma.fields.String(required=True, allow_none=True)
+    batch_id = ma.fields.String(required=True, allow_none=True)
+    schedule_id = ma.fields.String(required=True, allow_none=True)
+    scheduled_for = ma.fields.DateTime(
+        required=True, allow_none=True,
+        metadata={"description": "The schedule's tick this run was for"})
+    launched_by = ma.fields.String(
+        required=True, allow_none=True,
+        metadata={"description": "The API key that launched the run"})
+    revoked_by = ma.fields.String(
+        required=True, allow_none=True,
+        metadata={"description": "The API key that revoked the run"})

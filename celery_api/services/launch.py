@@ -55,6 +55,7 @@ class Lineage:
     batch_id: str | None = None
     schedule_id: str | None = None
     launched_by: str | None = None
+    scheduled_for: datetime | None = None  # the schedule's tick this run is for
 
 
 def validate(task_type: str, params) -> tuple:
@@ -178,6 +179,7 @@ def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
         "retry_of": lineage.retry_of,
         "batch_id": lineage.batch_id,
         "schedule_id": lineage.schedule_id,
+        "scheduled_for": lineage.scheduled_for,
         "launched_by": lineage.launched_by,
         "retries": 0,
         "attempts": 0,

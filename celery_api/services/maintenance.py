@@ -193,6 +193,10 @@ def purge(*, older_than_days: float | None = None, batch_size: int = 5000) -> in
         if cache is not None:
             cache.forget(*ids)
         removed += len(ids)
-    if removed:
-        log.info("purged %d run(s) finished before %s", removed, cutoff.isoformat())
+    from celery_api.services import schedules  # the schedules' fire records, same cutoff
+
+    fires = schedules.purge_fires(cutoff)
+    if removed or fires:
+        log.info("purged %d run(s) finished before %s, and %d schedule fire record(s)",
+                 removed, cutoff.isoformat(), fires)
     return removed

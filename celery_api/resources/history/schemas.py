@@ -9,6 +9,7 @@ from celery_api.resources.fields import (
     LATEST,
     STATES,
     DateTime,
+    RunLineageSchema,
     TaskStatus,
     known_state,
 )
@@ -67,7 +68,7 @@ class HistoryArgsSchema(RequestSchema):
         metadata={"description": "The `next_cursor` of the previous page"})
 
 
-class HistoryRowSchema(Schema):
+class HistoryRowSchema(RunLineageSchema):
     """A run as the history lists it: every field is always sent (null where allowed)."""
 
     task_id = ma.fields.String(required=True, attribute="id")
@@ -83,18 +84,7 @@ class HistoryRowSchema(Schema):
     retries = ma.fields.Integer(required=True)
     attempts = ma.fields.Integer(required=True,
                                  metadata={"description": "Deliveries to a worker"})
-    launched_by = ma.fields.String(
-        required=True, allow_none=True,
-        metadata={"description": "The API key that launched the run"})
-    revoked_by = ma.fields.String(
-        required=True, allow_none=True,
-        metadata={"description": "The API key that revoked the run"})
     company_id = ma.fields.String(required=True, allow_none=True)
-    parent_id = ma.fields.String(required=True, allow_none=True)
-    root_id = ma.fields.String(required=True, allow_none=True)
-    retry_of = ma.fields.String(required=True, allow_none=True)
-    batch_id = ma.fields.String(required=True, allow_none=True)
-    schedule_id = ma.fields.String(required=True, allow_none=True)
     created_at = ma.fields.DateTime(required=True)
     started_at = ma.fields.DateTime(required=True, allow_none=True)
     finished_at = ma.fields.DateTime(required=True, allow_none=True)

@@ -40,7 +40,8 @@ def _status_body(view: runs.RunView) -> dict:
         "started_at": run.started_at, "finished_at": run.finished_at,
         "runtime": run.runtime, "parent_id": run.parent_id, "root_id": run.root_id,
         "retry_of": run.retry_of, "batch_id": run.batch_id,
-        "schedule_id": run.schedule_id, "launched_by": run.launched_by,
+        "schedule_id": run.schedule_id, "scheduled_for": run.scheduled_for,
+        "launched_by": run.launched_by,
         "revoked_by": run.revoked_by, "children": view.children,
         "retried_as": view.retries_of_this,
     }

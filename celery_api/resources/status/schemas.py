@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import marshmallow as ma
 
-from celery_api.resources.fields import TaskStatus
+from celery_api.resources.fields import RunLineageSchema, TaskStatus
 from celery_api.services.control import SIGNALS
 from celery_api.smorest import RequestSchema, Schema
 
@@ -26,7 +26,7 @@ class ProgressSchema(Schema):
                                metadata={"description": "The current step"})
 
 
-class TaskStatusResponseSchema(Schema):
+class TaskStatusResponseSchema(RunLineageSchema):
     task_id = ma.fields.String(required=True)
     status = TaskStatus(required=True)
     result = ma.fields.Raw(required=True, allow_none=True,
@@ -51,17 +51,6 @@ class TaskStatusResponseSchema(Schema):
     finished_at = ma.fields.DateTime(required=True, allow_none=True)
     runtime = ma.fields.Float(required=True, allow_none=True,
                               metadata={"description": "Seconds"})
-    parent_id = ma.fields.String(required=True, allow_none=True)
-    root_id = ma.fields.String(required=True, allow_none=True)
-    retry_of = ma.fields.String(required=True, allow_none=True)
-    batch_id = ma.fields.String(required=True, allow_none=True)
-    schedule_id = ma.fields.String(required=True, allow_none=True)
-    launched_by = ma.fields.String(
-        required=True, allow_none=True,
-        metadata={"description": "The API key that launched the run"})
-    revoked_by = ma.fields.String(
-        required=True, allow_none=True,
-        metadata={"description": "The API key that revoked the run"})
     children = ma.fields.List(ma.fields.String(), required=True,
                               metadata={"description": "Fan-out children"})
     retried_as = ma.fields.List(ma.fields.String(), required=True,
