@@ -30,6 +30,9 @@ def celery_init_app(app: Flask) -> Celery:
                         self.backend.mark_as_revoked(
                             self.request.id, "revoked before it started",
                             request=self.request)
+                        # Flower and other event consumers saw it start: say it ended.
+                        self.send_event("task-revoked", terminated=False, signum=None,
+                                        expired=False)
                     raise Ignore()
                 return self.run(*args, **kwargs)
 
