@@ -31,8 +31,12 @@ def celery_init_app(app: Flask) -> Celery:
                             self.request.id, "revoked before it started",
                             request=self.request)
                         # Flower and other event consumers saw it start: say it ended.
-                        self.send_event("task-revoked", terminated=False, signum=None,
-                                        expired=False)
+                        try:
+                            self.send_event("task-revoked", terminated=False, signum=None,
+                                            expired=False)
+                        except Exception as exc:  # noqa: BLE001 - advisory, like progress
+                            log.warning("task-revoked event for %s not sent: %s",
+                                        self.request.id, exc)
                     raise Ignore()
                 return self.run(*args, **kwargs)
 
