@@ -27,7 +27,7 @@ from flask_smorest import Blueprint, abort
 
 from celery_api.services import keys
 from celery_api.services.keys import SCOPES
-from celery_api.settings import env_float
+from celery_api.settings import ConfigurationError, env_float
 
 log = logging.getLogger("celery_api.auth")
 
@@ -46,10 +46,10 @@ def auth_mode(value: str | None) -> str:
     """``required`` (also when unset) or ``off``; anything else is refused."""
     mode = (value if value not in (None, "") else "required").strip().lower()
     if mode not in MODES:
-        raise ValueError(f"CELERY_API_AUTH must be 'required' or 'off', got {value!r}. "
-                         "Set CELERY_API_AUTH=required (the default) to demand an API key "
-                         "on every call, or CELERY_API_AUTH=off on a machine no one else "
-                         "can reach.")
+        raise ConfigurationError(
+            f"CELERY_API_AUTH must be 'required' or 'off', got {value!r}. "
+            "Set CELERY_API_AUTH=required (the default) to demand an API key on every "
+            "call, or CELERY_API_AUTH=off on a machine no one else can reach.")
     return mode
 
 

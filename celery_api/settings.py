@@ -13,6 +13,10 @@ from pathlib import Path
 EMBEDDED_SOCKET_NAME = "embedded-redis.sock"
 
 
+class ConfigurationError(ValueError):
+    """A setting the service cannot start with; the message says how to fix it."""
+
+
 def env_str(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
@@ -25,7 +29,7 @@ def _env_number(name: str, default, cast, kind: str):
     try:
         return cast(value)
     except ValueError as exc:
-        raise ValueError(f"{name} must be {kind}, got {value!r}") from exc
+        raise ConfigurationError(f"{name} must be {kind}, got {value!r}") from exc
 
 
 def env_int(name: str, default: int) -> int:
