@@ -37,8 +37,25 @@ def celery_init_app(app: Flask) -> Celery:
                         except Exception as exc:  # noqa: BLE001 - advisory, like progress
                             log.warning("task-revoked event for %s not sent: %s",
                                         self.request.id, exc)
+                    if dropped.outcome == "running" and recorder.redelivered_on_purpose(self):
+                        self._keep_watching(dropped)
                     raise Ignore()
                 return self.run(*args, **kwargs)
+
+        def _keep_watching(self, dropped) -> None:
+            """A copy of a run another worker is running, of a task type redelivered on
+            purpose: the broker gave it out because the run outlived the visibility
+            timeout, and it is now the run's only message. Acknowledging it would leave
+            nothing to redeliver if that worker's process dies later, so a copy is sent
+            again, due in half the visibility timeout, to ask again then."""
+            transport = app.config["CELERY"].get("broker_transport_options") or {}
+            countdown = transport.get("visibility_timeout", 3600) / 2
+            try:
+                self.signature_from_request(self.request).apply_async(countdown=countdown)
+                log.info("%s runs on %s: a copy asks again in %.0f s", self.request.id,
+                         dropped.worker, countdown)
+            except Exception as exc:  # noqa: BLE001 - reconcile still watches the run
+                log.warning("could not keep watching %s: %s", self.request.id, exc)
 
         def report_progress(self, current: int, total: int, message: str = "") -> None:
             """Publish PROGRESS with ``{current, total, percent, message}`` as meta."""

@@ -324,3 +324,82 @@ def test_reconcile_reports_pending_runs_that_no_queue_holds(stack):
     assert lost.record["id"] in outcome["stranded_ids"]
     assert kept.id not in outcome["stranded_ids"]
     assert stack.client.delete(f"/api/celery/tasks/{kept.id}").status_code == 200
+
+
+def _pair_with_short_visibility(stack, label: str) -> list[Worker]:
+    """Two one-process workers on "parked" whose broker hands out again, after 3 s, a
+    message a worker holds unacknowledged (a run that outlives the visibility timeout)."""
+    env = dict(stack.env(), CELERY_API_VISIBILITY_TIMEOUT="3",
+               CELERY_API_UNACKED_RESTORE_INTERVAL="1")
+    node = os.uname().nodename
+    return [Worker(env, f"{label}{i}-{stack.kind}-{stack.database}@{node}",
+                   stack.folder / f"{label}{i}.log", queues="parked", concurrency=1)
+            .start(stack.celery) for i in (1, 2)]
+
+
+def _running_on(stack, workers: list[Worker], task_id: str) -> Worker:
+    return wait_for(lambda: next((w for w in workers
+                                  if record(stack, task_id).worker == w.name), None),
+                    timeout=30, message=f"{task_id} claimed by a worker")
+
+
+def test_a_worker_that_does_not_answer_keeps_its_run(stack):
+    """A safe-to-repeat run outlives the visibility timeout, so the broker hands its
+    message to the other worker, which asks the running worker whether it still runs
+    it. That worker's main process is stopped (SIGSTOP): no answer is not an answer,
+    and the copy does not run. The run executes once."""
+    if stack.kind not in ("redis", "embedded"):
+        pytest.skip("the visibility timeout belongs to the Redis transport")
+    workers = _pair_with_short_visibility(stack, "mute")
+    try:
+        key = uuid.uuid4().hex
+        task_id = launch(stack, "acme.count_slowly", {"key": key, "seconds": 12},
+                         queue="parked")
+        wait_status(stack, task_id, "PROGRESS")
+        owner = _running_on(stack, workers, task_id)
+        other = next(w for w in workers if w is not owner)
+        os.kill(owner.process.pid, signal.SIGSTOP)  # its pool process keeps running
+        try:
+            wait_for(lambda: f"did not answer whether it still runs {task_id}"
+                     in other.log_text(), timeout=60, message="the copy to ask and hold")
+        finally:
+            os.kill(owner.process.pid, signal.SIGCONT)
+        wait_status(stack, task_id, "SUCCESS", timeout=60)
+        run = final_record(stack, task_id)
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert counted(stack, key) == (1, {task_id})
+    assert (run.attempts, run.worker) == (1, owner.name)
+
+
+def test_a_long_safe_run_whose_process_dies_after_a_redelivery_runs_again(stack):
+    """The broker handed out the run's message again while it ran (visibility
+    timeout), so the copy is its only message; the copy is dropped but keeps a copy
+    that asks again later. When the running pool process is then killed, that copy
+    finds the worker alive without the run and takes it over: attempt 2 finishes."""
+    if stack.kind not in ("redis", "embedded"):
+        pytest.skip("the visibility timeout belongs to the Redis transport")
+    workers = _pair_with_short_visibility(stack, "watch")
+    try:
+        key = uuid.uuid4().hex
+        task_id = launch(stack, "acme.count_slowly", {"key": key, "seconds": 8},
+                         queue="parked")
+        wait_status(stack, task_id, "PROGRESS")
+        owner = _running_on(stack, workers, task_id)
+        other = next(w for w in workers if w is not owner)
+        wait_for(lambda: f"{task_id} runs on {owner.name}: a copy asks again"
+                 in other.log_text() + owner.log_text(), timeout=60,
+                 message="a copy to be dropped and kept watching")
+        children = _children(owner.process.pid)
+        assert children, "the owner's pool process"
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        wait_status(stack, task_id, "SUCCESS", timeout=90)
+        run = final_record(stack, task_id)
+    finally:
+        for worker in workers:
+            worker.stop()
+    count, ids = counted(stack, key)
+    assert (count, ids) == (2, {task_id})  # the killed attempt, and the one that finished
+    assert run.attempts == 2 and run.result == 2

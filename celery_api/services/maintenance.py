@@ -83,6 +83,14 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
             celery_app.backend.mark_as_failure(
                 run.id, RuntimeError(f"worker lost: {run.worker}"))
             log.error("❌ %s failed: worker lost (%s)", run.id, run.worker)
+    if lost:
+        # Fence them: a worker that was only slow to answer (stopped, overloaded) and
+        # still runs one kills it when it reads this, before a retry can run it again.
+        try:
+            celery_app.control.revoke([run.id for run in lost], terminate=True,
+                                      signal="SIGKILL")
+        except Exception as exc:  # noqa: BLE001 - the record already says lost
+            log.warning("could not fence %d lost run(s): %s", len(lost), exc)
     for run in lost:
         if run.parent_id:
             fanout.finish_if_complete(run.parent_id, celery_app)

@@ -159,28 +159,44 @@ def named_params(task, args, kwargs) -> dict:
     return params
 
 
+def redelivered_on_purpose(task) -> bool:
+    """Task types safe to repeat are acknowledged late and requeued when their worker
+    process is lost: only their copies may take over a run recorded as running."""
+    return bool(task.acks_late and task.reject_on_worker_lost)
+
+
 def _redelivered_after_loss(task, task_id: str, found: runstate.Claim) -> bool:
-    """A run recorded as running met another delivery of its message. Only task types
-    safe to repeat are redelivered on purpose (their worker process was lost); the
-    delivery takes the run over only when no live worker process is running it."""
-    if not (task.acks_late and task.reject_on_worker_lost):
+    """A run recorded as running met another delivery of its message. The delivery
+    takes the run over only when the worker the record names *answers* and does not
+    list the run among its active tasks (its pool process was lost). No answer is not
+    an answer: a busy or stopped worker may still be running it, so the copy does not
+    run (FlaskTask keeps a deferred copy that asks again later)."""
+    if not redelivered_on_purpose(task) or not found.worker:
         return False
     db.session.commit()  # hold no write lock across the broadcast below
-    me = (task.request.hostname, os.getpid())
+    timeout = current_app.config["INSPECT_TIMEOUT"]
     try:
-        inspect = task.app.control.inspect(
-            destination=[found.worker] if found.worker else None,
-            timeout=current_app.config["INSPECT_TIMEOUT"])
-        replies = inspect.active() or {}
+        replies = {}
+        for wait in (timeout, 3 * timeout):  # a missed reply is asked once more
+            replies = task.app.control.inspect(
+                destination=[found.worker], timeout=wait).active() or {}
+            if found.worker in replies:
+                break
     except Exception as exc:  # noqa: BLE001 - cannot tell: never risk a second execution
         log.warning("could not ask %s whether it runs %s: %s", found.worker, task_id, exc)
         return False
-    for host, active in replies.items():
-        for running in active or []:
-            pid = running.get("worker_pid")
-            if running.get("id") == task_id and pid and (host, pid) != me:
-                return False
-    return True
+    if found.worker not in replies:
+        log.warning("%s did not answer whether it still runs %s: not taken over",
+                    found.worker, task_id)
+        return False
+    # This delivery may be listed too (same node, this process): leave one such entry
+    # out. Any other entry of the run is the original, still running.
+    entries = [(host, running.get("worker_pid")) for host, active in replies.items()
+               for running in active or [] if running.get("id") == task_id]
+    me = (task.request.hostname, os.getpid())
+    if me in entries:
+        entries.remove(me)
+    return not entries
 
 
 def _finish_started(request) -> datetime | None:
@@ -233,7 +249,10 @@ def on_revoked(task, request=None, terminated=False, signum=None, expired=False,
     else:
         reason = "revoked"
     # A run the API already marked REVOKED keeps its record (and the caller's reason).
-    runstate.finish(task_id, "REVOKED", error=reason)
+    # Only a termination stops a running run: an expired or revoked *copy* of a run
+    # that another delivery is running says nothing about that run.
+    runstate.finish(task_id, "REVOKED", error=reason,
+                    from_=runstate.UNFINISHED if terminated else runstate.QUEUED)
     log.info("🚫 %s revoked (%s)", task_id, reason)
     _maybe_finish_parent(task, task_id, getattr(request, "parent_id", None))
 

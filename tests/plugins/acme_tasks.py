@@ -50,6 +50,20 @@ def count(self, key: str) -> int:
     return client.incr(f"acme:count:{key}")
 
 
+class CountSlowlyParamsSchema(CountParamsSchema):
+    seconds = ma.fields.Float(required=True, validate=ma.validate.Range(0, 600))
+
+
+@shared_task(bind=True, name="acme.count_slowly")
+def count_slowly(self, key: str, seconds: float) -> int:
+    """Safe to repeat: counts each execution as it starts, then works for a while."""
+    client = self.app.backend.client
+    client.sadd(f"acme:runs:{key}", self.request.id)
+    count = client.incr(f"acme:count:{key}")
+    _sleep(self, seconds)
+    return count
+
+
 def _sleep(task, seconds: float) -> dict:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -79,6 +93,10 @@ def register(catalog):
                 name="Fails with unstorable text", description="Raises with NUL in its message.")
     catalog.add("acme.count", celery_name="acme.count", params_schema=CountParamsSchema,
                 name="Count", description="Counts its executions (load tests).")
+    catalog.add("acme.count_slowly", celery_name="acme.count_slowly",
+                params_schema=CountSlowlyParamsSchema, name="Count, then work",
+                description="Counts its executions, then sleeps; safe to repeat.",
+                safe_to_repeat=True)
     catalog.add("acme.sleep", celery_name="acme.sleep", params_schema=SleepParamsSchema,
                 name="Sleep", description="Sleeps; not safe to repeat.")
     catalog.add("acme.sleep_safely", celery_name="acme.sleep_safely",
