@@ -186,10 +186,15 @@ def _answer_duplicate(row, key: str, fingerprint: str):
 def _store(scope: str, key: str, response) -> None:
     headers = {name: response.headers[name] for name in STORED_HEADERS
                if name in response.headers}
-    with db.engine.begin() as conn:
-        conn.execute(TABLE.update().where(_key_filter(scope, key)).values(
-            status_code=response.status_code, headers=headers,
-            body=response.get_data(as_text=True)))
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(TABLE.update().where(_key_filter(scope, key)).values(
+                status_code=response.status_code, headers=headers,
+                body=response.get_data(as_text=True)))
+    except sa_exc.SQLAlchemyError as exc:
+        # The work is done: answer it. The key stays in progress (409) until it
+        # expires rather than be released and let a repeat run it twice.
+        log.error("could not store the answer of %s %r: %s", HEADER, key, exc)
 
 
 def _release(scope: str, key: str) -> None:
