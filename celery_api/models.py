@@ -230,3 +230,30 @@ class ScheduleFire(db.Model):
 
     def __repr__(self) -> str:
         return f"<ScheduleFire {self.schedule_id} {self.scheduled_for} {self.outcome}>"
+
+
+class IdempotencyKey(db.Model):
+    """One ``Idempotency-Key`` of one caller on one operation (celery_api.idempotency).
+
+    The primary key is the guarantee: the first request inserts the row (in progress:
+    ``status_code`` null) before it does any work; a duplicate's insert fails, and it
+    replays the stored answer, or is refused (409 in progress, 422 another request)."""
+
+    __tablename__ = "idempotency_keys"
+
+    # The caller's API key name ("" with CELERY_API_AUTH=off), the method and the route.
+    scope: Mapped[str] = mapped_column(sa.String(400), primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    # SHA-256 of the path and the canonical JSON body.
+    request_hash: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The stored answer; null while the first request is in progress.
+    status_code: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    headers: Mapped[dict[str, str] | None] = mapped_column(sa.JSON, nullable=True)
+    body: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+
+    __table_args__ = (sa.Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+    def __repr__(self) -> str:
+        return f"<IdempotencyKey {self.scope} {self.key} {self.status_code}>"

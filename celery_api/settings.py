@@ -98,6 +98,7 @@ def from_environment(instance_path: Path) -> dict:
         "RECONCILE_GRACE_SECONDS": env_float("CELERY_API_RECONCILE_GRACE_SECONDS", 30.0),
         "DELAY_HOLD_SECONDS": env_float("CELERY_API_DELAY_HOLD_SECONDS", 60.0),
         "DISPATCH_INTERVAL": env_float("CELERY_API_DISPATCH_INTERVAL", 1.0),
+        "IDEMPOTENCY_SECONDS": env_float("CELERY_API_IDEMPOTENCY_SECONDS", 24 * 3600.0),
         "CELERY": celery_config(broker_url, result_backend, broker_timeout),
     }
 

@@ -5,6 +5,7 @@ sends requests without it (and with a wrong one), which must be refused."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -47,6 +48,7 @@ def test_schemathesis_finds_nothing(live):
          # ("AST constructor recursion depth mismatch") under threads.
          "--workers", "1",
          "--suppress-health-check", "all"],
-        capture_output=True, text=True, timeout=900, cwd=folder)
+        capture_output=True, text=True, timeout=900, cwd=folder,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": str(ROOT / "tests" / "schemathesis_hooks.py")})
     report.write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

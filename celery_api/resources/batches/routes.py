@@ -7,6 +7,7 @@ from flask import url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller, requires
+from celery_api.idempotency import idempotent
 from celery_api.limits import rate_limited
 from celery_api.resources.batches.schemas import (
     MAX_BATCH_TASKS,
@@ -40,6 +41,7 @@ BATCH_REQUEST_BODY = {
 class TaskBatch(MethodView):
     @requires("launch")
     @rate_limited("launch")
+    @idempotent
     @blp.arguments(BatchRequestSchema())
     @blp.response(202, BatchResponseSchema, headers={
         "Location": {"description": "URL of the batch", "schema": {"type": "string"}}})

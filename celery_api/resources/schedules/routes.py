@@ -7,6 +7,7 @@ from flask import request, url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller, requires
+from celery_api.idempotency import idempotent
 from celery_api.resources.fields import parse_uuid
 from celery_api.resources.schedules.schemas import (
     ScheduleCreateSchema,
@@ -143,6 +144,7 @@ class ScheduleResume(MethodView):
 @blp.route("/schedules/<uuid_path:id>/run")
 class ScheduleRun(MethodView):
     @requires("admin")
+    @idempotent
     @blp.response(202, ScheduleRunSchema, headers={
         "Location": {"description": "URL of the run's status", "schema": {"type": "string"}}})
     @error_responses(blp, 404, 422, 503)

@@ -9,6 +9,7 @@ from flask import current_app, url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller, requires
+from celery_api.idempotency import idempotent
 from celery_api.limits import rate_limited
 from celery_api.resources.fields import known_state, parse_task_id
 from celery_api.resources.status.schemas import (
@@ -119,6 +120,7 @@ class TaskRunItem(MethodView):
 class TaskRunRetry(MethodView):
     @requires("launch")
     @rate_limited("launch")
+    @idempotent
     @blp.response(202, TaskLaunchResponseSchema, headers={
         "Location": {"description": "URL of the new run's status", "schema": {"type": "string"}}})
     @error_responses(blp, 404, 409, 422, 503)

@@ -7,6 +7,7 @@ from flask.views import MethodView
 
 from celery_api.auth import caller, requires
 from celery_api.catalog import get_catalog
+from celery_api.idempotency import idempotent
 from celery_api.limits import rate_limited
 from celery_api.resources.tasks.schemas import (
     AvailableTaskSchema,
@@ -54,6 +55,7 @@ class TaskCatalog(MethodView):
 class TaskLaunch(MethodView):
     @requires("launch")
     @rate_limited("launch")
+    @idempotent
     @blp.arguments(LaunchEnvelopeSchema())
     @blp.response(202, TaskLaunchResponseSchema, headers={
         "Location": {"description": "URL of the run's status", "schema": {"type": "string"}}})
