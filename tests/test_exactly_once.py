@@ -8,6 +8,7 @@ id in the result backend's Redis), never by the history.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -326,21 +327,33 @@ def test_reconcile_reports_pending_runs_that_no_queue_holds(stack):
     assert stack.client.delete(f"/api/celery/tasks/{kept.id}").status_code == 200
 
 
-def _pair_with_short_visibility(stack, label: str) -> list[Worker]:
-    """Two one-process workers on "parked" whose broker hands out again, after 3 s, a
-    message a worker holds unacknowledged (a run that outlives the visibility timeout)."""
+@contextlib.contextmanager
+def long_safe_run(stack, label: str, seconds: float):
+    """A safe-to-repeat run of ``seconds`` on one of two one-process workers on "parked"
+    whose broker hands out again, after 3 s, a message held unacknowledged (the run
+    outlives the visibility timeout). Yields (key, task_id, owner, other worker)."""
+    if stack.kind not in ("redis", "embedded"):
+        pytest.skip("the visibility timeout belongs to the Redis transport")
     env = dict(stack.env(), CELERY_API_VISIBILITY_TIMEOUT="3",
                CELERY_API_UNACKED_RESTORE_INTERVAL="1")
     node = os.uname().nodename
-    return [Worker(env, f"{label}{i}-{stack.kind}-{stack.database}@{node}",
-                   stack.folder / f"{label}{i}.log", queues="parked", concurrency=1)
-            .start(stack.celery) for i in (1, 2)]
-
-
-def _running_on(stack, workers: list[Worker], task_id: str) -> Worker:
-    return wait_for(lambda: next((w for w in workers
-                                  if record(stack, task_id).worker == w.name), None),
-                    timeout=30, message=f"{task_id} claimed by a worker")
+    workers = []
+    try:
+        for i in (1, 2):
+            workers.append(Worker(env, f"{label}{i}-{stack.kind}-{stack.database}@{node}",
+                                  stack.folder / f"{label}{i}.log", queues="parked",
+                                  concurrency=1).start(stack.celery))
+        key = uuid.uuid4().hex
+        task_id = launch(stack, "acme.count_slowly", {"key": key, "seconds": seconds},
+                         queue="parked")
+        wait_status(stack, task_id, "PROGRESS")
+        owner = wait_for(lambda: next((w for w in workers
+                                       if record(stack, task_id).worker == w.name), None),
+                         timeout=30, message=f"{task_id} claimed by a worker")
+        yield key, task_id, owner, next(w for w in workers if w is not owner)
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def test_a_worker_that_does_not_answer_keeps_its_run(stack):
@@ -348,16 +361,7 @@ def test_a_worker_that_does_not_answer_keeps_its_run(stack):
     message to the other worker, which asks the running worker whether it still runs
     it. That worker's main process is stopped (SIGSTOP): no answer is not an answer,
     and the copy does not run. The run executes once."""
-    if stack.kind not in ("redis", "embedded"):
-        pytest.skip("the visibility timeout belongs to the Redis transport")
-    workers = _pair_with_short_visibility(stack, "mute")
-    try:
-        key = uuid.uuid4().hex
-        task_id = launch(stack, "acme.count_slowly", {"key": key, "seconds": 12},
-                         queue="parked")
-        wait_status(stack, task_id, "PROGRESS")
-        owner = _running_on(stack, workers, task_id)
-        other = next(w for w in workers if w is not owner)
+    with long_safe_run(stack, "mute", 12) as (key, task_id, owner, other):
         os.kill(owner.process.pid, signal.SIGSTOP)  # its pool process keeps running
         try:
             wait_for(lambda: f"did not answer whether it still runs {task_id}"
@@ -366,9 +370,6 @@ def test_a_worker_that_does_not_answer_keeps_its_run(stack):
             os.kill(owner.process.pid, signal.SIGCONT)
         wait_status(stack, task_id, "SUCCESS", timeout=60)
         run = final_record(stack, task_id)
-    finally:
-        for worker in workers:
-            worker.stop()
     assert counted(stack, key) == (1, {task_id})
     assert (run.attempts, run.worker) == (1, owner.name)
 
@@ -378,16 +379,7 @@ def test_a_long_safe_run_whose_process_dies_after_a_redelivery_runs_again(stack)
     timeout), so the copy is its only message; the copy is dropped but keeps a copy
     that asks again later. When the running pool process is then killed, that copy
     finds the worker alive without the run and takes it over: attempt 2 finishes."""
-    if stack.kind not in ("redis", "embedded"):
-        pytest.skip("the visibility timeout belongs to the Redis transport")
-    workers = _pair_with_short_visibility(stack, "watch")
-    try:
-        key = uuid.uuid4().hex
-        task_id = launch(stack, "acme.count_slowly", {"key": key, "seconds": 8},
-                         queue="parked")
-        wait_status(stack, task_id, "PROGRESS")
-        owner = _running_on(stack, workers, task_id)
-        other = next(w for w in workers if w is not owner)
+    with long_safe_run(stack, "watch", 8) as (key, task_id, owner, other):
         wait_for(lambda: f"{task_id} runs on {owner.name}: a copy asks again"
                  in other.log_text() + owner.log_text(), timeout=60,
                  message="a copy to be dropped and kept watching")
@@ -397,9 +389,6 @@ def test_a_long_safe_run_whose_process_dies_after_a_redelivery_runs_again(stack)
             os.kill(pid, signal.SIGKILL)
         wait_status(stack, task_id, "SUCCESS", timeout=90)
         run = final_record(stack, task_id)
-    finally:
-        for worker in workers:
-            worker.stop()
     count, ids = counted(stack, key)
     assert (count, ids) == (2, {task_id})  # the killed attempt, and the one that finished
     assert run.attempts == 2 and run.result == 2
