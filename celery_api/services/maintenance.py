@@ -59,15 +59,9 @@ def reconcile(*, grace_seconds: float | None = None) -> dict:
                                 run.started_at > now - timedelta(seconds=visibility + grace)):
             continue
         suspects.append(run)
-    # A worker whose reply to the broadcast was missed (a busy machine) is asked again,
-    # alone and with more time, before any of its runs is called lost: a reply that
-    # does not list a run is an answer; no reply is not.
-    silent = sorted({run.worker for run in suspects if run.worker and run.worker not in replies})
-    if silent:
-        again = celery_app.control.inspect(
-            destination=silent, timeout=3 * config["INSPECT_TIMEOUT"]).active() or {}
-        replies = {**replies, **again}
-        active |= {task["id"] for tasks in again.values() for task in tasks or []}
+    replies = ask_silent_again(celery_app, replies, {run.worker for run in suspects},
+                               config["INSPECT_TIMEOUT"])
+    active = {task["id"] for tasks in replies.values() for task in tasks or []}
     lost: list[TaskRun] = []
     for run in suspects:
         if run.id in active:
@@ -151,6 +145,18 @@ def _held_by_broker(celery_app, queues: list[str]) -> tuple[set[str], set[str]]:
             return (set(), set(queues)) if ids is None else (ids, set())
     lengths = queue_lengths(celery_app, queues)
     return set(), {queue for queue, length in lengths.items() if length}
+
+
+def ask_silent_again(celery_app, replies: dict, workers, timeout: float) -> dict:
+    """``replies`` to an ``inspect active``, with the ``workers`` missing from them asked
+    again, alone and with three times ``timeout``: a reply can be missed on a busy
+    machine. A reply that does not list a run is an answer; no reply is not. Used
+    before a run is called lost (reconcile) or taken over (the worker's claim)."""
+    silent = sorted({worker for worker in workers if worker and worker not in replies})
+    if not silent:
+        return replies
+    again = celery_app.control.inspect(destination=silent, timeout=3 * timeout).active()
+    return {**replies, **(again or {})}
 
 
 def _settle_from_backend(celery_app, before, limit: int = 1000) -> int:

@@ -173,15 +173,14 @@ def _redelivered_after_loss(task, task_id: str, found: runstate.Claim) -> bool:
     run (FlaskTask keeps a deferred copy that asks again later)."""
     if not redelivered_on_purpose(task) or not found.worker:
         return False
+    from celery_api.services.maintenance import ask_silent_again
+
     db.session.commit()  # hold no write lock across the broadcast below
     timeout = current_app.config["INSPECT_TIMEOUT"]
     try:
-        replies = {}
-        for wait in (timeout, 3 * timeout):  # a missed reply is asked once more
-            replies = task.app.control.inspect(
-                destination=[found.worker], timeout=wait).active() or {}
-            if found.worker in replies:
-                break
+        replies = task.app.control.inspect(
+            destination=[found.worker], timeout=timeout).active() or {}
+        replies = ask_silent_again(task.app, replies, [found.worker], timeout)
     except Exception as exc:  # noqa: BLE001 - cannot tell: never risk a second execution
         log.warning("could not ask %s whether it runs %s: %s", found.worker, task_id, exc)
         return False
