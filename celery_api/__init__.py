@@ -15,7 +15,7 @@ from celery_api.extensions import db, make_api, migrate
 from celery_api.logging import configure_logging
 from celery_api.metrics_collector import SystemCollector
 from celery_api.resources.fields import UUID_PARAMETER, TaskIdConverter, UuidPathConverter
-from celery_api.services import cache, stats
+from celery_api.services import cache, result_cache, stats
 
 __version__ = "0.1.0"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +39,7 @@ def create_app(config: dict | None = None) -> Flask:
     celery_init_app(app)
     cache.init_app(app)
     stats.init_app(app)
+    result_cache.init_app(app)
 
     api = _init_api(app)
     _register_blueprints(app, api)

@@ -23,6 +23,7 @@ from limits import parse_many
 from celery_api.smorest import unstorable_text
 
 BUILTIN_MODULES = ("celery_api.tasks.sii",)
+MAX_CACHE_TTL = 30 * 86400  # seconds: a task type's cache_ttl, and a launch's
 _TASK_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 
 
@@ -44,6 +45,10 @@ class TaskDefinition:
     # Launches of this task type allowed through the API, all callers together
     # ("10/minute"; celery_api.limits): None for no limit.
     rate_limit: str | None = None
+    # Seconds a successful run answers identical launches (services.result_cache); an
+    # identical run in flight answers them too. None: launches run anew unless they ask
+    # for the cache with cache_ttl.
+    cache_ttl: int | None = None
 
     @cached_property
     def _schema(self) -> ma.Schema:
@@ -84,6 +89,7 @@ class Catalog:
         queue: str | None = None,
         safe_to_repeat: bool = False,
         rate_limit: str | None = None,
+        cache_ttl: int | None = None,
     ) -> TaskDefinition:
         if not _TASK_TYPE.match(task_type):
             raise CatalogError(f"task_type {task_type!r} must be dotted lower_snake_case")
@@ -97,6 +103,11 @@ class Catalog:
             except ValueError:
                 raise CatalogError(f"{task_type}: rate_limit must be a rate limit such as "
                                    f"'10/minute', got {rate_limit!r}") from None
+        if cache_ttl is not None and not (
+                isinstance(cache_ttl, int) and not isinstance(cache_ttl, bool)
+                and 0 < cache_ttl <= MAX_CACHE_TTL):
+            raise CatalogError(f"{task_type}: cache_ttl must be whole seconds from 1 to "
+                               f"{MAX_CACHE_TTL} (or None), got {cache_ttl!r}")
         definition = TaskDefinition(
             task_type=task_type,
             celery_name=celery_name,
@@ -106,6 +117,7 @@ class Catalog:
             queue=queue,
             safe_to_repeat=safe_to_repeat,
             rate_limit=rate_limit,
+            cache_ttl=cache_ttl,
         )
         self._entries[task_type] = definition
         self._by_celery_name[celery_name] = definition

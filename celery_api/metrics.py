@@ -32,6 +32,9 @@ HTTP_LATENCY = Histogram("celery_api_http_request_duration_seconds",
                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
 LAUNCHES = Counter("celery_api_task_launches_total", "Launch attempts by outcome",
                    ["task_type", "outcome"])
+RESULT_CACHE = Counter("celery_api_result_cache_total",
+                       "Launches that used the result cache: answered by an identical run "
+                       "(hit) or starting one (miss)", ["task_type", "outcome"])
 
 # Label values come from a fixed set whatever clients send, so the number of series
 # stays bounded: a method outside this set is "OTHER", a path no route matches is
@@ -53,6 +56,10 @@ def status_label(status: int) -> str:
 
 def record_launch(task_type: str, outcome: str) -> None:
     LAUNCHES.labels(task_type=task_type, outcome=outcome).inc()
+
+
+def record_result_cache(task_type: str, outcome: str) -> None:
+    RESULT_CACHE.labels(task_type=task_type, outcome=outcome).inc()
 
 
 def init_app(app: Flask, system_collector) -> None:

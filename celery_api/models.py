@@ -60,6 +60,8 @@ def _sparse_index(name: str, column: str, *more: str) -> sa.Index:
 
 OPEN_RETRY = ("retry_of IS NOT NULL AND status IN "
               "('PENDING', 'RECEIVED', 'RETRY', 'STARTED', 'PROGRESS')")
+OPEN_CACHE_KEY = ("cache_key IS NOT NULL AND status IN "
+                  "('PENDING', 'RECEIVED', 'RETRY', 'STARTED', 'PROGRESS')")
 
 
 class TaskRun(db.Model):
@@ -104,6 +106,9 @@ class TaskRun(db.Model):
     dispatch_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # The tick a schedule fired this run for (schedule_id names the schedule).
     scheduled_for: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The result cache's identity of the run (services.result_cache): set on runs a
+    # launch may be served from, cleared when a termination is requested.
+    cache_key: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
 
     # The history is read newest first, (created_at, id) being the cursor: every index
     # that serves a filter ends with created_at so rows come out already in order.
@@ -127,6 +132,13 @@ class TaskRun(db.Model):
         # on this index, and all but one get a 409 naming the winner.
         sa.Index("ux_task_runs_open_retry", "retry_of", unique=True,
                  postgresql_where=sa.text(OPEN_RETRY), sqlite_where=sa.text(OPEN_RETRY)),
+        # At most one unfinished run per result-cache identity: concurrent identical
+        # launches race on this index, and all but one are served the winner.
+        sa.Index("ux_task_runs_open_cache_key", "cache_key", unique=True,
+                 postgresql_where=sa.text(OPEN_CACHE_KEY),
+                 sqlite_where=sa.text(OPEN_CACHE_KEY)),
+        # The result cache's lookup: an identity's newest runs.
+        _sparse_index("ix_task_runs_cache_key_created_at", "cache_key", "created_at"),
     )
 
     @property

@@ -40,6 +40,17 @@ def env_float(name: str, default: float) -> float:
     return _env_number(name, default, float, "a number")
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """``on`` or ``off`` (also true/false, 1/0); anything else is refused."""
+    value = env_str(name)
+    if value is None:
+        return default
+    words = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+    if value.strip().lower() not in words:
+        raise ConfigurationError(f"{name} must be 'on' or 'off', got {value!r}")
+    return words[value.strip().lower()]
+
+
 def env_list(name: str) -> list[str]:
     value = env_str(name, "") or ""
     return [item.strip() for item in value.split(",") if item.strip()]
@@ -99,6 +110,7 @@ def from_environment(instance_path: Path) -> dict:
         "DELAY_HOLD_SECONDS": env_float("CELERY_API_DELAY_HOLD_SECONDS", 60.0),
         "DISPATCH_INTERVAL": env_float("CELERY_API_DISPATCH_INTERVAL", 1.0),
         "IDEMPOTENCY_SECONDS": env_float("CELERY_API_IDEMPOTENCY_SECONDS", 24 * 3600.0),
+        "RESULT_CACHE": env_switch("CELERY_API_RESULT_CACHE", True),
         "CELERY": celery_config(broker_url, result_backend, broker_timeout),
     }
 

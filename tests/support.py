@@ -154,6 +154,9 @@ def service_env(config: dict) -> dict:
         # rate-limit tests set their own.
         "CELERY_API_RATE_LIMIT_LAUNCH": "off",
         "CELERY_API_RATE_LIMIT_READ": "off",
+        # Every launch a new run (the SII task types declare a cache_ttl);
+        # tests/test_result_cache.py turns the result cache on.
+        "CELERY_API_RESULT_CACHE": "off",
     })
     return env
 
@@ -407,6 +410,8 @@ def make_config(folder: Path, broker_url: str, database_url: str | None = None,
         # No per-caller rate limits; tests/test_limits.py sets its own.
         "RATE_LIMIT_LAUNCH": "off",
         "RATE_LIMIT_READ": "off",
+        # Every launch a new run; tests/test_result_cache.py turns the result cache on.
+        "RESULT_CACHE": False,
     }
     config.update(extra)
     return config

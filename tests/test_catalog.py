@@ -16,13 +16,14 @@ class P(ma.Schema):
 def test_builtin_and_external_modules_register():
     catalog = load_catalog(["acme_tasks"])
     assert [d.task_type for d in catalog] == [
-        "acme.add", "acme.boom", "acme.count", "acme.count_slowly", "acme.garble",
+        "acme.add", "acme.boom", "acme.count", "acme.count_cached", "acme.count_slowly",
+        "acme.garble",
         "acme.sleep", "acme.sleep_safely",
         "sii.sync_documents",
         "sii.sync_documents_all_companies",
         "sii.sync_f29", "sii.sync_f29_all_companies"]
     assert catalog.by_celery_name("acme.add").task_type == "acme.add"
-    assert "acme.add" in catalog and len(catalog) == 11
+    assert "acme.add" in catalog and len(catalog) == 12
 
 
 def test_validate_returns_json_ready_params_with_defaults():
@@ -37,6 +38,9 @@ def test_validate_returns_json_ready_params_with_defaults():
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"task_type": "Bad Name"}, "lower_snake_case"),
     ({"task_type": "ok.name", "params_schema": dict}, "marshmallow Schema"),
+    ({"task_type": "ok.name", "cache_ttl": 0}, "cache_ttl"),
+    ({"task_type": "ok.name", "cache_ttl": 1.5}, "cache_ttl"),
+    ({"task_type": "ok.name", "cache_ttl": 31 * 86400}, "cache_ttl"),
 ])
 def test_invalid_registrations_are_refused(kwargs, message):
     catalog = Catalog()

@@ -98,7 +98,9 @@ def revoke_records(task_ids: list[str], error: str, *, terminate: bool = False,
         written = list(db.session.execute(
             sa.update(TaskRun)
             .where(TaskRun.id.in_(before), TaskRun.status.in_(runstate.UNFINISHED))
-            .values(error=error, revoked_by=revoked_by).returning(TaskRun.id)).scalars())
+            # A run asked to stop no longer answers identical launches (result cache).
+            .values(error=error, revoked_by=revoked_by, cache_key=None)
+            .returning(TaskRun.id)).scalars())
     else:
         written = runstate.transition(before, "REVOKED", from_=runstate.QUEUED,
                                       finished_at=utcnow(), error=error,

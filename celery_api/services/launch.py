@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from celery.utils.nodenames import anon_nodename
 from flask import current_app
 from kombu.exceptions import OperationalError
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from celery_api import limits
 from celery_api.catalog import get_catalog, known_queues
@@ -24,10 +24,10 @@ from celery_api.extensions import db
 from celery_api.fences import celery as celery_fence
 from celery_api.fences import kombu as kombu_fence
 from celery_api.logging import current_request_id
-from celery_api.metrics import record_launch
+from celery_api.metrics import record_launch, record_result_cache
 from celery_api.models import TaskRun, TaskRunTag, company_id_of, utcnow
-from celery_api.services import database
-from celery_api.services.errors import InvalidParams, Unavailable, UnknownTaskType
+from celery_api.services import database, result_cache
+from celery_api.services.errors import Conflict, InvalidParams, Unavailable, UnknownTaskType
 
 log = logging.getLogger("celery_api.launch")
 # Table-level inserts: compiled once and cached, unlike an ORM insert built per call.
@@ -45,6 +45,10 @@ class LaunchOptions:
     expires: datetime | float | None = None
     queue: str | None = None
     tags: list[str] = field(default_factory=list)
+    # Seconds a successful identical run may answer this launch instead of a new run
+    # (0: never; None: the task type's). Only launches made with ``cache=True`` (the
+    # API's single launch) read it: see services.result_cache.
+    cache_ttl: int | None = None
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Launched:
     id: str
     task_type: str
     status: str = "PENDING"
+    cached: bool = False  # an identical run answered it (services.result_cache)
 
 
 def launch(
@@ -92,10 +97,17 @@ def launch(
     params,
     options: LaunchOptions | None = None,
     lineage: Lineage | None = None,
+    *,
+    cache: bool = False,
 ) -> Launched:
-    """Validate, record (PENDING) and publish one run; undo the record if publishing fails."""
+    """Validate, record (PENDING) and publish one run; undo the record if publishing fails.
+
+    ``cache``: the launch may be answered by an identical run (the result cache; the
+    API's launches). Retries, schedules, fan-out and batches always start a run.
+    """
     try:
-        launched = _launch(task_type, params, options or LaunchOptions(), lineage or Lineage())
+        launched = _launch(task_type, params, options or LaunchOptions(), lineage or Lineage(),
+                           cache)
     except UnknownTaskType:
         record_launch("unknown", "unknown_task_type")
         raise
@@ -105,7 +117,7 @@ def launch(
     except (Unavailable, limits.Refused) as exc:
         record_launch(task_type, exc.outcome)
         raise
-    record_launch(task_type, "accepted")
+    record_launch(task_type, "cached" if launched.cached else "accepted")
     return launched
 
 
@@ -185,6 +197,7 @@ def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
         "attempts": 0,
         "created_at": now,
         "dispatch_at": dispatch_at,
+        "cache_key": None,
     }
     return Prepared(record, sorted(set(options.tags)), definition.celery_name, options)
 
@@ -232,8 +245,66 @@ def _copy_runs(connection, records: list[dict]) -> None:
                             for c in columns])
 
 
-def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Launched:
+def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage,
+            cache: bool) -> Launched:
     prepared = prepare(task_type, params, options, lineage)
+    if cache:
+        definition = get_catalog().get(prepared.record["task_type"])
+        ttl = result_cache.ttl_of(
+            definition.cache_ttl, options.cache_ttl,
+            delayed=bool(options.countdown or options.eta or options.expires is not None))
+        if ttl:
+            return _launch_once(prepared, ttl)
+    return _start(prepared)
+
+
+CACHE_ATTEMPTS = 5
+
+
+def _launch_once(prepared: Prepared, ttl: int) -> Launched:
+    """The run answering this launch's identity, or a new one (services.result_cache)."""
+    record = prepared.record
+    key = record["cache_key"] = result_cache.identity(record)
+    store = result_cache.store()
+    for _attempt in range(CACHE_ATTEMPTS):
+        try:
+            hit, seen = store.find(key, ttl)
+            if hit is None and not store.claim(key, record["id"], seen, ttl):
+                continue  # another launch named its run first: read it
+        except redis.exceptions.RedisError as exc:
+            store.failed("lookup", exc)
+            store = result_cache.DatabaseStore()
+            continue
+        if hit is not None:
+            record_result_cache(record["task_type"], "hit")
+            log.info("📤 %s answered by run %s (%s) from the result cache",
+                     record["task_type"], hit.id, hit.status)
+            return Launched(id=hit.id, task_type=hit.task_type, status=hit.status, cached=True)
+        try:
+            launched = _start(prepared)
+        except IntegrityError:
+            # An unfinished run of this identity is in the database (the unique index),
+            # one this launch's lookup did not see: it answers.
+            winner = result_cache.find_in_database(key, ttl)
+            if winner is None:
+                continue  # it finished meanwhile: look again
+            store.point(key, winner.id, record["id"], ttl)
+            record_result_cache(record["task_type"], "hit")
+            return Launched(id=winner.id, task_type=winner.task_type, status=winner.status,
+                            cached=True)
+        except BaseException:
+            store.release(key, record["id"])
+            raise
+        record_result_cache(record["task_type"], "miss")
+        return launched
+    raise Conflict(f"Identical launches of {record['task_type']} kept racing; "
+                   "send the request again.")
+
+
+def _start(prepared: Prepared) -> Launched:
+    """Admit, record and publish a prepared run."""
+    task_type = prepared.record["task_type"]
+    options = prepared.options
     limits.admit([prepared])  # the task type's limit and the queue's bound (429)
     record = prepared.record
     task_id = record["id"]

@@ -134,25 +134,35 @@ def sync_f29_all_companies(self, year: str | None = None) -> dict:
                    total=len(companies), skipped=len(companies) - len(ready))
 
 
+# The result cache (README, "Result caching"): an identical launch made while a sync is
+# in flight, or shortly after one succeeded, is answered by that run. Documents of the
+# current month keep arriving at SII during the day, so a documents sync answers for
+# 5 minutes; F29 declarations are filed monthly, so an F29 sync answers for an hour.
+DOCUMENTS_CACHE_TTL = 300
+F29_CACHE_TTL = 3600
+
+
 def register(catalog: Catalog) -> None:
     catalog.add(
         "sii.sync_documents", celery_name=sync_documents.name,
         params_schema=SyncDocumentsParamsSchema, name="Sync SII documents",
         description="Download the purchase (compras), sales (ventas) and fee (honorarios) "
                     "books of one company from SII for one or more months.",
-        safe_to_repeat=True)
+        safe_to_repeat=True, cache_ttl=DOCUMENTS_CACHE_TTL)
     catalog.add(
         "sii.sync_documents_all_companies", celery_name=sync_documents_all_companies.name,
         params_schema=SyncDocumentsAllParamsSchema, name="Sync SII documents, all companies",
         description="Launch one sii.sync_documents run per company with SII credentials and "
-                    "report {total_companies, synced, failed, skipped} when all have ended.")
+                    "report {total_companies, synced, failed, skipped} when all have ended.",
+        cache_ttl=DOCUMENTS_CACHE_TTL)
     catalog.add(
         "sii.sync_f29", celery_name=sync_f29.name,
         params_schema=SyncF29ParamsSchema, name="Sync SII F29",
         description="Download the F29 (monthly VAT) declarations of one company for a year.",
-        safe_to_repeat=True)
+        safe_to_repeat=True, cache_ttl=F29_CACHE_TTL)
     catalog.add(
         "sii.sync_f29_all_companies", celery_name=sync_f29_all_companies.name,
         params_schema=SyncF29AllParamsSchema, name="Sync SII F29, all companies",
         description="Launch one sii.sync_f29 run per company with SII credentials and "
-                    "report {total_companies, synced, failed, skipped} when all have ended.")
+                    "report {total_companies, synced, failed, skipped} when all have ended.",
+        cache_ttl=F29_CACHE_TTL)

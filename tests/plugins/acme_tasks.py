@@ -84,6 +84,22 @@ def sleep_safely(self, seconds: float) -> dict:
     return _sleep(self, seconds)
 
 
+class CountCachedParamsSchema(CountParamsSchema):
+    step = ma.fields.Integer(strict=True, load_default=1, validate=ma.validate.Range(1, 10))
+    seconds = ma.fields.Float(load_default=0.0, validate=ma.validate.Range(0, 600))
+
+
+@shared_task(bind=True, name="acme.count_cached")
+def count_cached(self, key: str, step: int = 1, seconds: float = 0.0) -> int:
+    """Counts its executions (INCRBY step), then works ``seconds``: its catalog entry
+    declares a cache_ttl (tests/test_result_cache.py)."""
+    client = self.app.backend.client
+    client.sadd(f"acme:runs:{key}", self.request.id)
+    count = client.incrby(f"acme:count:{key}", step)
+    _sleep(self, seconds)
+    return count
+
+
 def register(catalog):
     catalog.add("acme.add", celery_name="acme.add", params_schema=AddParamsSchema,
                 name="Add two numbers", description="Adds a and b (b >= 0).")
@@ -102,3 +118,7 @@ def register(catalog):
     catalog.add("acme.sleep_safely", celery_name="acme.sleep_safely",
                 params_schema=SleepParamsSchema, name="Sleep, safe to repeat",
                 description="Sleeps; redelivered if its worker is lost.", safe_to_repeat=True)
+    catalog.add("acme.count_cached", celery_name="acme.count_cached",
+                params_schema=CountCachedParamsSchema, name="Count, cached",
+                description="Counts its executions; answers identical launches for 60 s.",
+                cache_ttl=60)

@@ -20,6 +20,8 @@ from celery_api.smorest import Blueprint, error_responses
 
 blp = Blueprint("tasks", __name__, url_prefix="/api/celery", description="Catalog and launch")
 
+LOCATION = {"Location": {"description": "URL of the run's status",
+                         "schema": {"type": "string"}}}
 LAUNCH_REQUEST_BODY = {
     "required": True,
     "content": {"application/json": {
@@ -46,7 +48,7 @@ class TaskCatalog(MethodView):
         return [
             {"task_type": d.task_type, "name": d.name, "description": d.description,
              "parameters": params_json_schema(d), "queue": d.queue,
-             "safe_to_repeat": d.safe_to_repeat}
+             "safe_to_repeat": d.safe_to_repeat, "cache_ttl": d.cache_ttl}
             for d in get_catalog()
         ]
 
@@ -57,27 +59,33 @@ class TaskLaunch(MethodView):
     @rate_limited("launch")
     @idempotent
     @blp.arguments(LaunchEnvelopeSchema())
-    @blp.response(202, TaskLaunchResponseSchema, headers={
-        "Location": {"description": "URL of the run's status", "schema": {"type": "string"}}})
+    @blp.response(202, TaskLaunchResponseSchema, headers=LOCATION)
+    @blp.alt_response(200, schema=TaskLaunchResponseSchema, headers=LOCATION,
+                      success=True,
+                      description="Answered by an identical run (result cache): no new run")
     @error_responses(blp, 400, 413, 415, 503)
     @blp.doc(operationId="launchTask", requestBody=LAUNCH_REQUEST_BODY)
     def post(self, body):
         """Launch a task
 
         Validates `params` against the task type's schema, records the run and
-        publishes it. Answers 202 with the status URL in `Location`.
+        publishes it. Answers 202 with the status URL in `Location`. With the result
+        cache (the task type's `cache_ttl`, or the launch's), an identical run in
+        flight or one that succeeded within the TTL answers instead: 200, `cached: true`,
+        its id and status, and no new run.
         """
         run = launch_service.launch(body["task_type"], body["params"], launch_options(body),
-                                    launch_service.Lineage(launched_by=caller()))
+                                    launch_service.Lineage(launched_by=caller()), cache=True)
         location = url_for("status.TaskRunItem", task_id=run.id)
-        return launch_response(run, location), 202, {"Location": location}
+        return launch_response(run, location), 200 if run.cached else 202, {
+            "Location": location}
 
 
 def launch_options(body: dict) -> launch_service.LaunchOptions:
     return launch_service.LaunchOptions(
         priority=body.get("priority"), countdown=body.get("countdown"),
         eta=body.get("eta"), expires=body.get("expires"), queue=body.get("queue"),
-        tags=body.get("tags") or [])
+        tags=body.get("tags") or [], cache_ttl=body.get("cache_ttl"))
 
 
 def register_launch_request(api, catalog, queues: list[str]) -> None:
@@ -121,7 +129,10 @@ def register_launch_request(api, catalog, queues: list[str]) -> None:
 
 
 def launch_response(run, location: str) -> dict:
+    message = (f"Task {run.task_type} answered by the identical run {run.id} ({run.status}) "
+               "from the result cache" if run.cached
+               else f"Task {run.task_type} queued as {run.id}")
     return {
         "success": True, "task_id": run.id, "task_type": run.task_type, "status": run.status,
-        "message": f"Task {run.task_type} queued as {run.id}", "status_url": location,
+        "message": message, "status_url": location, "cached": run.cached,
     }

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import marshmallow as ma
 
+from celery_api.catalog import MAX_CACHE_TTL
 from celery_api.resources.fields import DATETIME_PATTERN, DateTime, Expires, TaskStatus
 from celery_api.smorest import RequestSchema, Schema
 
@@ -21,6 +22,10 @@ class AvailableTaskSchema(Schema):
     safe_to_repeat = ma.fields.Boolean(
         required=True,
         metadata={"description": "Whether a run may be redelivered after its worker is lost"})
+    cache_ttl = ma.fields.Integer(
+        required=True, allow_none=True,
+        metadata={"description": "Seconds a successful run answers identical launches "
+                                 "(result cache); null: only launches sending `cache_ttl`"})
 
 
 class LaunchOptionsSchema(RequestSchema):
@@ -44,6 +49,13 @@ class LaunchOptionsSchema(RequestSchema):
         metadata={"description": "Queue to publish to; one of the configured queues"})
     tags = ma.fields.List(TAG, validate=ma.validate.Length(max=20),
                           metadata={"description": "Free labels kept in the history"})
+    cache_ttl = ma.fields.Integer(
+        strict=True, validate=ma.validate.Range(0, MAX_CACHE_TTL),
+        metadata={"description": "Result cache: answer this launch (200, `cached: true`) "
+                                 "with an identical run in flight or one that succeeded "
+                                 "less than this many seconds ago. 0: always a new run. "
+                                 "Default: the task type's `cache_ttl`. Ignored with "
+                                 "countdown, eta or expires, and in a batch"})
 
     @ma.validates_schema
     def _one_start_time(self, data, **kwargs):
@@ -73,3 +85,8 @@ class TaskLaunchResponseSchema(Schema):
     message = ma.fields.String(required=True)
     status_url = ma.fields.String(required=True,
                                   metadata={"description": "Where to follow the run"})
+    cached = ma.fields.Boolean(
+        required=True,
+        metadata={"description": "true: no new run; an identical run (in flight, or "
+                                 "succeeded within the cache_ttl) answers, with its "
+                                 "status (200)"})

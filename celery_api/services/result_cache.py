@@ -1,0 +1,211 @@
+"""The result cache: a launch answered by an identical run instead of a new one.
+
+A launch *uses the cache* when its task type declares a ``cache_ttl`` in the catalog or
+the launch sends ``cache_ttl`` (0 opts out), and it has no ``countdown``, ``eta`` or
+``expires`` (README, "Result caching"). Its *identity* is the SHA-256 of the canonical
+JSON (sorted keys, compact) of its task type, its params as the task's schema loaded
+them (defaults applied), its queue and its priority. Such a launch is answered by the
+newest run of the same identity that is unfinished (not revoked, no termination asked)
+or that succeeded less than ``cache_ttl`` seconds ago; otherwise it starts a run, which
+carries the identity in ``task_runs.cache_key``.
+
+Who starts the run when identical launches race:
+
+- with ``REDIS_URL``, a Redis key per identity names the run answering it. A launch
+  that finds no key, or one naming a run that can no longer answer (failed, revoked,
+  too old, purged), replaces it in one Lua compare-and-set; of two racing launches one
+  sets it, and the other reads it again and is answered by the winner's run. The key
+  lives ``cache_ttl`` plus an hour; the database record is always what says whether
+  its run may answer.
+- in every case, a unique index over the unfinished runs of an identity
+  (``ux_task_runs_open_cache_key``) refuses a second one: the insert that loses is
+  answered by the run that won. Without ``REDIS_URL`` (or while Redis does not answer)
+  this index decides alone, and the lookup is an indexed query of ``task_runs``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import redis
+import sqlalchemy as sa
+from flask import Flask, current_app
+
+from celery_api.extensions import db
+from celery_api.models import TaskRun, utcnow
+from celery_api.services import runstate
+
+log = logging.getLogger("celery_api.result_cache")
+
+PREFIX = "celery-api:result-cache:"
+# A key outlives its success by cache_ttl; this much more covers the run's time in
+# flight. A run in flight for longer is still deduplicated by the database's index.
+IN_FLIGHT_SECONDS = 3600
+_QUIET_SECONDS = 30.0  # one warning per this long while Redis is down
+
+# Set KEYS[1] to ARGV[1] (for ARGV[3] s) when it is missing or names ARGV[2].
+_COMPARE_AND_SET = """
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
+  return 1
+end
+return 0
+"""
+# Delete KEYS[1] if it names ARGV[1].
+_COMPARE_AND_DELETE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def now() -> datetime:
+    """The clock of cache_ttl (tests move it)."""
+    return utcnow()
+
+
+def identity(record: dict) -> str:
+    """The cache key of a prepared run's record: what makes two launches the same."""
+    canonical = json.dumps(
+        {"task_type": record["task_type"], "params": record["params"],
+         "queue": record["queue"], "priority": record["priority"]},
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def ttl_of(definition_ttl: int | None, cache_ttl: int | None, *, delayed: bool) -> int | None:
+    """Seconds a success may answer this launch, or None when it does not use the cache.
+
+    ``cache_ttl``: the launch's (None: the task type's ``definition_ttl``; 0: opted
+    out). ``delayed``: it has a countdown, eta or expires.
+    """
+    if delayed or not current_app.config.get("RESULT_CACHE", True):
+        return None
+    ttl = definition_ttl if cache_ttl is None else cache_ttl
+    return ttl or None
+
+
+@dataclass(frozen=True)
+class Hit:
+    """The run that answers a launch."""
+
+    id: str
+    task_type: str
+    status: str
+
+
+def _servable(row, key: str, ttl: int, moment: datetime) -> bool:
+    if row is None or row.cache_key != key:
+        return False  # purged, or its termination was asked (the key is cleared)
+    if row.status in runstate.UNFINISHED:
+        return True
+    return (row.status == "SUCCESS" and row.finished_at is not None
+            and moment - row.finished_at < timedelta(seconds=ttl))
+
+
+_COLUMNS = (TaskRun.id, TaskRun.task_type, TaskRun.status, TaskRun.finished_at,
+            TaskRun.cache_key)
+
+
+def find_in_database(key: str, ttl: int) -> Hit | None:
+    """The newest run of identity ``key`` that may answer (unfinished, or succeeded
+    less than ``ttl`` seconds ago)."""
+    moment = now()
+    with db.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(*_COLUMNS)
+            .where(TaskRun.cache_key == key, sa.or_(
+                TaskRun.status.in_(runstate.UNFINISHED),
+                sa.and_(TaskRun.status == "SUCCESS",
+                        TaskRun.finished_at > moment - timedelta(seconds=ttl))))
+            .order_by(TaskRun.created_at.desc()).limit(1)).first()
+    if row is None or not _servable(row, key, ttl, moment):
+        return None
+    return Hit(row.id, row.task_type, row.status)
+
+
+def _run(run_id: str):
+    with db.engine.connect() as conn:
+        return conn.execute(sa.select(*_COLUMNS).where(TaskRun.id == run_id)).first()
+
+
+class DatabaseStore:
+    """No REDIS_URL: the unique index decides; nothing to claim or release."""
+
+    def find(self, key: str, ttl: int) -> tuple[Hit | None, str | None]:
+        return find_in_database(key, ttl), None
+
+    def claim(self, key: str, run_id: str, seen: str | None, ttl: int) -> bool:
+        return True
+
+    def point(self, key: str, run_id: str, expected: str, ttl: int) -> None:
+        pass
+
+    def release(self, key: str, run_id: str) -> None:
+        pass
+
+
+class RedisStore:
+    """``REDIS_URL``: one key per identity names the run that answers it."""
+
+    def __init__(self, url: str, timeout: float):
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout,
+                                           socket_connect_timeout=timeout)
+        self._set = self.client.register_script(_COMPARE_AND_SET)
+        self._delete = self.client.register_script(_COMPARE_AND_DELETE)
+        self._warned_at = 0.0
+
+    def failed(self, action: str, exc: Exception) -> None:
+        moment = time.monotonic()
+        if moment - self._warned_at > _QUIET_SECONDS:
+            self._warned_at = moment
+            log.warning("Redis unavailable for the result cache (%s): the database "
+                        "decides meanwhile: %s", action, exc)
+
+    def find(self, key: str, ttl: int) -> tuple[Hit | None, str | None]:
+        """The run the key names if it may answer; else None and what the key named."""
+        named = self.client.get(PREFIX + key)
+        if named is None:
+            return None, None
+        run_id = named.decode()
+        row = _run(run_id)
+        if _servable(row, key, ttl, now()):
+            return Hit(row.id, row.task_type, row.status), run_id
+        return None, run_id
+
+    def claim(self, key: str, run_id: str, seen: str | None, ttl: int) -> bool:
+        """Name ``run_id`` in the key if it still names ``seen`` (or nothing)."""
+        return bool(self._set(keys=[PREFIX + key],
+                              args=[run_id, seen or "", ttl + IN_FLIGHT_SECONDS]))
+
+    def point(self, key: str, run_id: str, expected: str, ttl: int) -> None:
+        """The database named another run: let the key name it (if still ours)."""
+        try:
+            self.claim(key, run_id, expected, ttl)
+        except redis.RedisError as exc:
+            self.failed("repoint", exc)
+
+    def release(self, key: str, run_id: str) -> None:
+        """The run was not started: forget the key if it still names it."""
+        try:
+            self._delete(keys=[PREFIX + key], args=[run_id])
+        except redis.RedisError as exc:
+            # The key names a run that does not exist: the next launch replaces it.
+            self.failed("release", exc)
+
+
+def init_app(app: Flask) -> None:
+    url = app.config.get("REDIS_URL")
+    app.extensions["celery_api.result_cache"] = (
+        RedisStore(url, app.config["BROKER_TIMEOUT"]) if url else DatabaseStore())
+
+
+def store() -> DatabaseStore | RedisStore:
+    return current_app.extensions["celery_api.result_cache"]

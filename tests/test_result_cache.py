@@ -1,0 +1,420 @@
+"""The result cache (services.result_cache): a launch answered by an identical run in
+flight or recently succeeded, with REDIS_URL (Redis decides) and without it (the
+database's unique index decides), against a real worker and real gunicorn servers.
+
+Executions are counted by the task itself (``acme.count_cached``: an INCRBY and an SADD
+of its id in the result backend's Redis), never by the history.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+import sqlalchemy as sa
+
+from celery_api.extensions import db
+from celery_api.models import TaskRun
+from celery_api.services import maintenance, result_cache, runstate
+from tests.support import (
+    LiveServer,
+    RedisServer,
+    Worker,
+    build_app,
+    database_url,
+    final_record,
+    make_config,
+    record,
+    service_env,
+    wait_for,
+    wait_status,
+)
+
+pytestmark = pytest.mark.integration
+
+LAUNCH = "/api/celery/tasks/launch"
+
+
+@dataclass
+class CacheStack:
+    """An app with the result cache on (``mode``: redis or database), a real worker on
+    the ``celery`` queue (``parked`` is never consumed: runs there stay in flight)."""
+
+    mode: str
+    app: object
+    config: dict
+    worker: Worker
+    folder: Path
+    redis_url: str | None
+
+    def __post_init__(self):
+        self.client = self.app.test_client()
+        self.celery = self.app.extensions["celery"]
+
+    def env(self) -> dict:
+        env = dict(service_env(self.config), CELERY_API_RESULT_CACHE="on")
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        return env
+
+
+@pytest.fixture(scope="module")
+def cache_redis(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("cache-redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=[("redis", "sqlite"), ("database", "sqlite"),
+                                        ("database", "postgres")],
+                ids=["redis-sqlite", "database-sqlite", "database-postgres"])
+def cs(request, tmp_path_factory, cache_redis):
+    mode, database = request.param
+    folder = tmp_path_factory.mktemp(f"cache-{mode}-{database}")
+    broker = cache_redis.url.replace("/0", f"/{request.param_index}")
+    redis_url = cache_redis.url.replace("/0", "/5") if mode == "redis" else None
+    config = make_config(folder, broker, database_url(request, database),
+                         RESULT_CACHE=True, REDIS_URL=redis_url)
+    app = build_app(config)
+    worker = Worker(service_env(config), f"cache-{mode}-{database}@{os.uname().nodename}",
+                    folder / "worker.log")
+    worker.start(app.extensions["celery"])
+    yield CacheStack(mode, app, config, worker, folder, redis_url)
+    worker.stop()
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+def post(cs, task_type="acme.count_cached", params=None, client=None, headers=None,
+         **options):
+    body = {"task_type": task_type, "params": params if params is not None else {}, **options}
+    return (client or cs.client).post(LAUNCH, json=body, headers=headers)
+
+
+def new(response) -> str:
+    """The id of a new run (202, not cached)."""
+    assert response.status_code == 202, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["cached"] is False
+    return body["task_id"]
+
+
+def served(response) -> dict:
+    """A launch answered by an identical run: 200, cached, its Location."""
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["cached"] is True and body["success"] is True
+    assert response.headers["Location"] == f"/api/celery/tasks/{body['task_id']}"
+    assert body["status_url"] == response.headers["Location"]
+    return body
+
+
+def counted(cs, key: str) -> tuple[int, set[str]]:
+    client = cs.celery.backend.client
+    count = int(client.get(f"acme:count:{key}") or 0)
+    return count, {member.decode() for member in client.smembers(f"acme:runs:{key}")}
+
+
+def runs_of(cs, task_type: str, key: str) -> list[str]:
+    """The recorded runs of ``task_type`` whose params name ``key``."""
+    with cs.app.app_context():
+        rows = db.session.execute(sa.select(TaskRun.id, TaskRun.params)
+                                  .where(TaskRun.task_type == task_type)).all()
+        db.session.remove()
+    return [run_id for run_id, params in rows if params.get("key") == key]
+
+
+def pointer(cs, task_id: str) -> str | None:
+    """What the Redis key of ``task_id``'s identity names (redis mode)."""
+    run = record(cs, task_id)
+    client = redis.Redis.from_url(cs.redis_url)
+    named = client.get(result_cache.PREFIX + run.cache_key)
+    return named.decode() if named else None
+
+
+def test_an_identical_launch_in_flight_is_answered_by_it(cs):
+    key = uuid.uuid4().hex
+    first = new(post(cs, params={"key": key}, queue="parked"))
+    # The same params in another order, and with the defaults the schema applies.
+    again = served(post(cs, params={"seconds": 0, "step": 1, "key": key}, queue="parked"))
+    assert again["task_id"] == first and again["status"] == "PENDING"
+    assert "result cache" in again["message"]
+    # Other params, another queue, a delay, an opt-out: each a run of its own.
+    others = [post(cs, params={"key": key, "step": 2}, queue="parked"),
+              post(cs, params={"key": key}, queue="parked", priority=3),
+              post(cs, params={"key": key}, queue="parked", countdown=600),
+              post(cs, params={"key": key}, queue="parked", expires=600),
+              post(cs, params={"key": key}, queue="parked", cache_ttl=0),
+              post(cs, params={"key": key}, queue="parked", cache_ttl=0)]
+    ids = {new(response) for response in others}
+    assert len(ids) == 6 and first not in ids
+    assert len(runs_of(cs, "acme.count_cached", key)) == 7
+    # Revoked: never served again; the next launch is a new run, which then answers.
+    assert cs.client.delete(f"/api/celery/tasks/{first}").status_code == 200
+    second = new(post(cs, params={"key": key}, queue="parked"))
+    assert served(post(cs, params={"key": key}, queue="parked"))["task_id"] == second
+    for run_id in ids | {second}:
+        cs.client.delete(f"/api/celery/tasks/{run_id}")
+
+
+def test_a_success_answers_for_its_ttl_and_not_a_moment_longer(cs, monkeypatch):
+    key = uuid.uuid4().hex
+    first = new(post(cs, params={"key": key}))
+    run = final_record(cs, first)
+    assert (run.status, run.result) == ("SUCCESS", 1)
+    again = served(post(cs, params={"key": key}))
+    assert (again["task_id"], again["status"]) == (first, "SUCCESS")
+    # acme.count_cached declares 60 s: served until 60 s after the run finished...
+    monkeypatch.setattr(result_cache, "now",
+                        lambda: run.finished_at + timedelta(seconds=60, microseconds=-1))
+    assert served(post(cs, params={"key": key}))["task_id"] == first
+    # ... and a new run from that moment on, which then answers in its turn.
+    monkeypatch.setattr(result_cache, "now", lambda: run.finished_at + timedelta(seconds=60))
+    second = new(post(cs, params={"key": key}))
+    assert served(post(cs, params={"key": key}))["task_id"] == second
+    assert final_record(cs, second).result == 2
+    assert counted(cs, key) == (2, {first, second})
+    # A launch's own cache_ttl is the age it accepts: a shorter one asks for a new run.
+    finished = final_record(cs, second).finished_at
+    monkeypatch.setattr(result_cache, "now", lambda: finished + timedelta(seconds=5))
+    third = new(post(cs, params={"key": key}, cache_ttl=5))
+    wait_status(cs, third, "SUCCESS")
+    assert counted(cs, key)[0] == 3
+
+
+def test_failures_are_never_served_and_types_without_a_ttl_opt_in(cs):
+    # acme.boom declares no cache_ttl: the launch opts in with its own.
+    failed = new(post(cs, "acme.boom", cache_ttl=60))
+    assert final_record(cs, failed).status == "FAILURE"
+    again = new(post(cs, "acme.boom", cache_ttl=60))
+    assert again != failed
+    # Without cache_ttl, a type that declares none is never deduplicated...
+    key = uuid.uuid4().hex
+    plain = [new(post(cs, "acme.count", {"key": key}, queue="parked")) for _ in range(2)]
+    assert plain[0] != plain[1]
+    # ... and with it, it is.
+    opted = new(post(cs, "acme.count", {"key": key}, queue="parked", cache_ttl=30))
+    assert served(post(cs, "acme.count", {"key": key}, queue="parked",
+                       cache_ttl=30))["task_id"] == opted
+    for run_id in [*plain, opted]:
+        cs.client.delete(f"/api/celery/tasks/{run_id}")
+
+
+def test_a_served_run_that_then_fails_answers_no_more(cs):
+    key = uuid.uuid4().hex
+    first = new(post(cs, params={"key": key}, queue="parked"))
+    assert served(post(cs, params={"key": key}, queue="parked"))["task_id"] == first
+    with cs.app.app_context():  # the end its worker would write
+        assert runstate.finish(first, "FAILURE", error="RuntimeError: it failed")
+        db.session.commit()
+    second = new(post(cs, params={"key": key}, queue="parked"))
+    assert second != first
+    if cs.mode == "redis":
+        assert pointer(cs, second) == second
+    cs.client.delete(f"/api/celery/tasks/{second}")
+
+
+def test_a_run_asked_to_terminate_answers_no_more(cs):
+    key = uuid.uuid4().hex
+    first = new(post(cs, params={"key": key, "seconds": 30}))
+    wait_status(cs, first, {"STARTED", "PROGRESS"})
+    stop = cs.client.delete(f"/api/celery/tasks/{first}?terminate=true")
+    assert stop.status_code == 202, stop.get_data(as_text=True)
+    # Still running until the worker confirms, but no longer an answer.
+    second = new(post(cs, params={"key": key, "seconds": 30}))
+    assert second != first
+    assert final_record(cs, first).status == "REVOKED"
+    stop = cs.client.delete(f"/api/celery/tasks/{second}?terminate=true")
+    assert stop.status_code in (200, 202)
+    final_record(cs, second)
+
+
+def test_a_purged_run_answers_no_more(cs):
+    """Its record is gone; with REDIS_URL the key still names it until replaced."""
+    key = uuid.uuid4().hex
+    first = new(post(cs, params={"key": key}))
+    run = final_record(cs, first)
+    if cs.mode == "redis":
+        assert pointer(cs, first) == first
+    wait_for(lambda: result_cache.now() > run.finished_at, message="the clock to pass it")
+    with cs.app.app_context():
+        purged = maintenance.purge(older_than_days=0)
+        db.session.remove()
+    assert purged >= 1 and record(cs, first) is None
+    second = new(post(cs, params={"key": key}))
+    assert served(post(cs, params={"key": key}))["task_id"] == second
+    if cs.mode == "redis":
+        assert pointer(cs, second) == second
+    wait_status(cs, second, "SUCCESS")
+
+
+def test_a_batch_always_launches_its_runs(cs):
+    key = uuid.uuid4().hex
+    first = new(post(cs, params={"key": key}, queue="parked"))
+    item = {"task_type": "acme.count_cached", "params": {"key": key}, "queue": "parked",
+            "cache_ttl": 60}
+    answer = cs.client.post("/api/celery/tasks/batch", json={"tasks": [item, item]})
+    assert answer.status_code == 202, answer.get_data(as_text=True)
+    tasks = answer.get_json()["tasks"]
+    assert [t["cached"] for t in tasks] == [False, False]
+    ids = {t["task_id"] for t in tasks}
+    assert len(ids) == 2 and first not in ids
+    # Batch runs carry no identity: the single launch is still answered by its own.
+    assert served(post(cs, params={"key": key}, queue="parked"))["task_id"] == first
+    cs.client.delete(f"/api/celery/batches/{answer.get_json()['batch_id']}")
+    cs.client.delete(f"/api/celery/tasks/{first}")
+
+
+def test_idempotency_key_replays_its_own_first_answer(cs):
+    key = uuid.uuid4().hex
+    params = {"key": key}
+
+    def keyed(name):
+        return {"Idempotency-Key": f"{key}-{name}"}
+
+    first = post(cs, params=params, queue="parked", headers=keyed("a"))
+    run_id = new(first)
+    by_cache = post(cs, params=params, queue="parked", headers=keyed("b"))
+    assert served(by_cache)["task_id"] == run_id
+    # Each key replays the answer it got first: 202 for a, 200 (cached) for b.
+    replay_a = post(cs, params=params, queue="parked", headers=keyed("a"))
+    assert replay_a.status_code == 202 and replay_a.headers["Idempotent-Replayed"] == "true"
+    assert replay_a.get_json() == first.get_json()
+    assert cs.client.delete(f"/api/celery/tasks/{run_id}").status_code == 200
+    replay_b = post(cs, params=params, queue="parked", headers=keyed("b"))
+    assert replay_b.status_code == 200 and replay_b.headers["Idempotent-Replayed"] == "true"
+    assert replay_b.get_json() == by_cache.get_json()
+    # A new key after the revoke: a new run.
+    fresh = new(post(cs, params=params, queue="parked", headers=keyed("c")))
+    assert fresh != run_id
+    cs.client.delete(f"/api/celery/tasks/{fresh}")
+
+
+def test_a_launch_held_between_its_lookup_and_its_claim_is_answered_by_the_winner(
+        cs, monkeypatch):
+    """The race, reproduced: launch A looks up (a miss) and is held there while launch B
+    looks up (a miss), starts its run and answers. A's lookup is then stale (a run of
+    the identity exists); A must still not start a second run: the claim (Redis) or the
+    unique index (database) refuses it, and B's run answers A."""
+    key = uuid.uuid4().hex
+    params = {"key": key}
+    store_class = type(cs.app.extensions["celery_api.result_cache"])
+    real_find = store_class.find
+    held, first_call = threading.Event(), threading.Lock()
+    answers: dict = {}
+    stale: list = []
+
+    def find(self, cache_key, ttl):
+        found = real_find(self, cache_key, ttl)
+        if first_call.acquire(blocking=False):  # launch A, once
+            assert found[0] is None
+            held.set()
+            wait_for(lambda: "b" in answers, timeout=30, message="launch B to answer")
+            stale.append(runs_of(cs, "acme.count_cached", key))
+        return found
+
+    monkeypatch.setattr(store_class, "find", find)
+
+    def launch_a():
+        answers["a"] = post(cs, params=params, queue="parked", client=cs.app.test_client())
+
+    thread = threading.Thread(target=launch_a)
+    thread.start()
+    assert held.wait(30)
+    answers["b"] = post(cs, params=params, queue="parked", client=cs.app.test_client())
+    thread.join(30)
+    winner = new(answers["b"])
+    # A really was in the window: it saw a miss, yet B's run was recorded by then.
+    assert stale == [[winner]]
+    assert served(answers["a"])["task_id"] == winner
+    assert runs_of(cs, "acme.count_cached", key) == [winner]
+    cs.client.delete(f"/api/celery/tasks/{winner}")
+
+
+def test_concurrent_duplicates_on_two_gunicorns_make_one_run(cs):
+    key = uuid.uuid4().hex
+    servers = []
+    for n in (1, 2):
+        metrics = cs.folder / f"metrics-{n}-{key}"
+        metrics.mkdir()
+        servers.append(LiveServer(cs.env(), cs.folder / f"api-{n}.log", WEB_CONCURRENCY="2",
+                                  PROMETHEUS_MULTIPROC_DIR=str(metrics)).start())
+    try:
+        start = threading.Barrier(20)
+
+        def send(n: int):
+            start.wait(30)
+            return requests.post(f"{servers[n % 2].url}{LAUNCH}", timeout=30, json={
+                "task_type": "acme.count_cached", "params": {"key": key, "seconds": 0.5}})
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(send, range(20)))
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200] * 19 + [202], [a.text for a in answers]
+        assert len({a.json()["task_id"] for a in answers}) == 1
+        assert [a.json()["cached"] for a in answers].count(False) == 1
+        task_id = answers[0].json()["task_id"]
+        assert runs_of(cs, "acme.count_cached", key) == [task_id]
+        assert final_record(cs, task_id).status == "SUCCESS"
+        assert counted(cs, key) == (1, {task_id})
+        metrics = requests.get(f"{servers[0].url}/metrics", timeout=10).text
+        assert 'celery_api_result_cache_total{outcome="hit",task_type="acme.count_cached"}' \
+            in metrics or 'celery_api_result_cache_total{task_type="acme.count_cached",' \
+            'outcome="hit"}' in metrics
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_the_contract_documents_the_cache(cs):
+    spec = cs.client.get("/api/openapi.json").get_json()
+    launch = spec["paths"]["/api/celery/tasks/launch"]["post"]
+    assert {"200", "202"} <= launch["responses"].keys()
+    for code in ("200", "202"):
+        assert {"Location", "Idempotent-Replayed"} <= launch["responses"][code]["headers"].keys()
+    response = spec["components"]["schemas"]["TaskLaunchResponse"]
+    assert "cached" in response["required"]
+    options = spec["components"]["schemas"]["LaunchOptions"]["properties"]
+    assert options["cache_ttl"]["minimum"] == 0
+    catalog = {t["task_type"]: t for t in cs.client.get("/api/celery/tasks").get_json()}
+    assert catalog["acme.count_cached"]["cache_ttl"] == 60
+    assert catalog["acme.count"]["cache_ttl"] is None
+    assert catalog["sii.sync_documents"]["cache_ttl"] == 300
+    assert catalog["sii.sync_f29"]["cache_ttl"] == 3600
+
+
+def test_the_cache_can_be_turned_off(cs, tmp_path):
+    off = build_app(dict(cs.config, RESULT_CACHE=False, INSTANCE_PATH=tmp_path))
+    client = off.test_client()
+    key = uuid.uuid4().hex
+    ids = [new(post(cs, params={"key": key}, queue="parked", client=client))
+           for _ in range(2)]
+    assert ids[0] != ids[1]
+    for run_id in ids:
+        client.delete(f"/api/celery/tasks/{run_id}")
+
+
+def test_a_redis_that_does_not_answer_leaves_the_database_to_decide(cs, tmp_path):
+    if cs.mode != "redis":
+        pytest.skip("REDIS_URL only")
+    from tests.support import free_port
+
+    down = build_app(dict(cs.config, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+                          INSTANCE_PATH=tmp_path))
+    client = down.test_client()
+    key = uuid.uuid4().hex
+    first = new(post(cs, params={"key": key}, queue="parked", client=client))
+    assert served(post(cs, params={"key": key}, queue="parked", client=client))[
+        "task_id"] == first
+    # The Redis-backed app still finds it: its insert meets the database's index.
+    assert served(post(cs, params={"key": key}, queue="parked"))["task_id"] == first
+    client.delete(f"/api/celery/tasks/{first}")
