@@ -418,3 +418,48 @@ def test_a_redis_that_does_not_answer_leaves_the_database_to_decide(cs, tmp_path
     # The Redis-backed app still finds it: its insert meets the database's index.
     assert served(post(cs, params={"key": key}, queue="parked"))["task_id"] == first
     client.delete(f"/api/celery/tasks/{first}")
+
+
+def test_with_redis_the_claim_alone_decides(cs, monkeypatch):
+    """The same race with the database's index dropped: Redis's compare-and-set alone
+    keeps it to one run (without it, and without the index, A starts a second run)."""
+    if cs.mode != "redis":
+        pytest.skip("REDIS_URL only")
+    index = next(i for i in TaskRun.__table__.indexes if i.name == "ux_task_runs_open_cache_key")
+    with cs.app.app_context():
+        index.drop(db.engine)
+    try:
+        test_a_launch_held_between_its_lookup_and_its_claim_is_answered_by_the_winner(
+            cs, monkeypatch)
+    finally:
+        with cs.app.app_context():
+            index.create(db.engine)
+
+
+def test_a_generated_client_reads_a_cached_answer(cs, tmp_path):
+    """openapi-python-client types both success codes of launchTask: 202 and 200."""
+    if cs.mode != "redis":
+        pytest.skip("the contract is the same on every store: once")
+    import importlib
+    import json
+
+    from tests.support import python_client
+
+    api = LiveServer(cs.env(), tmp_path / "api.log").start()
+    try:
+        spec = requests.get(f"{api.url}/api/openapi.json", timeout=5).json()
+        with python_client(json.dumps(spec), tmp_path, "cache_client") as package:
+            client = package.Client(base_url=api.url, raise_on_unexpected_status=True)
+            models = importlib.import_module("cache_client.models")
+            launch_task = importlib.import_module("cache_client.api.tasks.launch_task")
+            body = models.LaunchAcmeCountCached.from_dict({
+                "task_type": "acme.count_cached", "params": {"key": uuid.uuid4().hex},
+                "queue": "parked"})
+            first = launch_task.sync_detailed(client=client, body=body)
+            again = launch_task.sync_detailed(client=client, body=body)
+    finally:
+        api.stop()
+    assert first.status_code == 202 and first.parsed.cached is False
+    assert again.status_code == 200 and isinstance(again.parsed, models.TaskLaunchResponse)
+    assert again.parsed.cached is True and again.parsed.task_id == first.parsed.task_id
+    cs.client.delete(f"/api/celery/tasks/{first.parsed.task_id}")
