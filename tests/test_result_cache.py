@@ -340,6 +340,45 @@ def test_a_launch_held_between_its_lookup_and_its_claim_is_answered_by_the_winne
     cs.client.delete(f"/api/celery/tasks/{winner}")
 
 
+def test_a_run_whose_publish_fails_after_answering_others_says_it_never_ran(
+        cs, monkeypatch):
+    """Launch A's publish fails (the broker, after its timeout) once launch B has been
+    answered by A's run: B's id must not become a 404. A answers 503; its run stays, a
+    FAILURE that says it never ran, and answers no more."""
+    from kombu.exceptions import OperationalError
+
+    from celery_api.services import launch as launch_service
+
+    key = uuid.uuid4().hex
+    answers: dict = {}
+
+    def publish(*args, **kwargs):
+        wait_for(lambda: "b" in answers, timeout=30, message="launch B to answer")
+        raise OperationalError("the broker is down (injected)")
+
+    monkeypatch.setattr(launch_service, "publish", publish)
+
+    def launch_a():
+        answers["a"] = post(cs, params={"key": key}, client=cs.app.test_client())
+
+    thread = threading.Thread(target=launch_a)
+    thread.start()
+    wait_for(lambda: runs_of(cs, "acme.count_cached", key), timeout=30,
+             message="launch A to record its run")
+    answers["b"] = post(cs, params={"key": key}, client=cs.app.test_client())
+    thread.join(30)
+    assert answers["a"].status_code == 503, answers["a"].get_data(as_text=True)
+    doomed = served(answers["b"])["task_id"]
+    monkeypatch.undo()
+    shown = cs.client.get(f"/api/celery/tasks/{doomed}")
+    assert shown.status_code == 200 and shown.get_json()["status"] == "FAILURE"
+    assert "not published, never ran" in shown.get_json()["error"]
+    fresh = new(post(cs, params={"key": key}))
+    assert fresh != doomed
+    wait_status(cs, fresh, "SUCCESS")
+    assert counted(cs, key) == (1, {fresh})
+
+
 def test_concurrent_duplicates_on_two_gunicorns_make_one_run(cs):
     key = uuid.uuid4().hex
     servers = []
@@ -390,6 +429,17 @@ def test_the_contract_documents_the_cache(cs):
     assert catalog["acme.count"]["cache_ttl"] is None
     assert catalog["sii.sync_documents"]["cache_ttl"] == 300
     assert catalog["sii.sync_f29"]["cache_ttl"] == 3600
+
+
+def test_the_setting_is_on_or_off(monkeypatch):
+    from celery_api.settings import ConfigurationError, env_switch
+
+    for value, expected in (("on", True), (" OFF ", False), ("1", True), ("false", False)):
+        monkeypatch.setenv("CELERY_API_RESULT_CACHE", value)
+        assert env_switch("CELERY_API_RESULT_CACHE", True) is expected
+    monkeypatch.setenv("CELERY_API_RESULT_CACHE", "sometimes")
+    with pytest.raises(ConfigurationError, match="CELERY_API_RESULT_CACHE must be 'on' or"):
+        env_switch("CELERY_API_RESULT_CACHE", True)
 
 
 def test_the_cache_can_be_turned_off(cs, tmp_path):

@@ -25,8 +25,8 @@ from celery_api.fences import celery as celery_fence
 from celery_api.fences import kombu as kombu_fence
 from celery_api.logging import current_request_id
 from celery_api.metrics import record_launch, record_result_cache
-from celery_api.models import TaskRun, TaskRunTag, company_id_of, utcnow
-from celery_api.services import database, result_cache
+from celery_api.models import TaskRun, TaskRunTag, company_id_of, storable_text, utcnow
+from celery_api.services import database, result_cache, runstate
 from celery_api.services.errors import Conflict, InvalidParams, Unavailable, UnknownTaskType
 
 log = logging.getLogger("celery_api.launch")
@@ -318,15 +318,32 @@ def _start(prepared: Prepared) -> Launched:
         publish(record, prepared.celery_name, options)
     except BROKER_ERRORS as exc:
         log.error("❌ could not publish %s (%s): %s", task_id, task_type, exc)
-        forget([task_id])
+        _unpublished(record, f"the task broker was unreachable: {exc}")
         raise Unavailable(
             "The task broker is unreachable; the task was not launched. Retry later.",
             outcome="broker_unavailable") from exc
-    except BaseException:
+    except BaseException as exc:
         log.exception("❌ could not publish %s (%s)", task_id, task_type)
-        forget([task_id])
+        _unpublished(record, f"{type(exc).__name__}: {exc}")
         raise
     return Launched(id=task_id, task_type=record["task_type"])
+
+
+def _unpublished(record: dict, reason: str) -> None:
+    """Undo the record of a run whose publish failed. A run under the result cache may
+    have answered identical launches meanwhile (its publish can take the broker's
+    timeout): it stays, as a FAILURE saying it never ran, so they do not hold an id
+    that answers 404. Any other is removed."""
+    if record["cache_key"] is None:
+        forget([record["id"]])
+        return
+    try:
+        runstate.finish(record["id"], "FAILURE", from_=runstate.QUEUED,
+                        error=storable_text(f"not published, never ran: {reason}"))
+        db.session.commit()
+    except SQLAlchemyError:
+        db.session.rollback()
+        log.exception("❌ could not record that %s was not published", record["id"])
 
 
 def forget(task_ids: list[str]) -> None:
