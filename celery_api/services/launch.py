@@ -268,7 +268,8 @@ def _launch_once(prepared: Prepared, ttl: int) -> Launched:
     store = result_cache.store()
     for _attempt in range(CACHE_ATTEMPTS):
         try:
-            hit, seen = store.find(key, ttl)
+            with _database_reads():
+                hit, seen = store.find(key, ttl)
             if hit is None and not store.claim(key, record["id"], seen, ttl):
                 continue  # another launch named its run first: read it
         except redis.exceptions.RedisError as exc:
@@ -285,7 +286,8 @@ def _launch_once(prepared: Prepared, ttl: int) -> Launched:
         except IntegrityError:
             # An unfinished run of this identity is in the database (the unique index),
             # one this launch's lookup did not see: it answers.
-            winner = result_cache.find_in_database(key, ttl)
+            with _database_reads():
+                winner = result_cache.find_in_database(key, ttl)
             if winner is None:
                 continue  # it finished meanwhile: look again
             store.point(key, winner.id, record["id"], ttl)
@@ -299,6 +301,13 @@ def _launch_once(prepared: Prepared, ttl: int) -> Launched:
         return launched
     raise Conflict(f"Identical launches of {record['task_type']} kept racing; "
                    "send the request again.")
+
+
+def _database_reads():
+    """The cache's lookups: a database that does not answer is a 503, as for a record."""
+    return database.unavailable_as(
+        "The database is unreachable; nothing was launched. Retry later.",
+        outcome="database_unavailable")
 
 
 def _start(prepared: Prepared) -> Launched:
