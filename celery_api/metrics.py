@@ -32,6 +32,10 @@ HTTP_LATENCY = Histogram("celery_api_http_request_duration_seconds",
                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
 LAUNCHES = Counter("celery_api_task_launches_total", "Launch attempts by outcome",
                    ["task_type", "outcome"])
+STATS_ROUNDS = Counter("celery_api_stats_rounds_total",
+                       "Rounds of inspect broadcasts for /stats, by who sent them: the "
+                       "refresher (one process for all) or a request (no fresh snapshot)",
+                       ["by"])
 
 # Label values come from a fixed set whatever clients send, so the number of series
 # stays bounded: a method outside this set is "OTHER", a path no route matches is
@@ -53,6 +57,10 @@ def status_label(status: int) -> str:
 
 def record_launch(task_type: str, outcome: str) -> None:
     LAUNCHES.labels(task_type=task_type, outcome=outcome).inc()
+
+
+def record_stats_round(by: str) -> None:
+    STATS_ROUNDS.labels(by=by).inc()
 
 
 def init_app(app: Flask, system_collector) -> None:
