@@ -24,10 +24,10 @@ class StatsSchema(Schema):
     inspect_timeout = ma.fields.Float(metadata={"description": "Seconds workers had to answer"})
     collected_in_seconds = ma.fields.Float()
     snapshot_at = ma.fields.DateTime(
-        metadata={"description": "When the broadcasts behind the workers' part were sent "
-                                 "(queues are read at each call)"})
+        metadata={"description": "When the broadcasts (and queue reads) of this snapshot "
+                                 "were sent"})
     snapshot_age_seconds = ma.fields.Float(
-        metadata={"description": "Age of the workers' part, never above "
+        metadata={"description": "Age of this snapshot, never above "
                                  "snapshot_max_age_seconds"})
     snapshot_max_age_seconds = ma.fields.Float(
         metadata={"description": "The bound on snapshot_age_seconds "
