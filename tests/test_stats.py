@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 
 import pytest
 import requests
@@ -212,3 +213,27 @@ def test_without_redis_each_process_refreshes_its_own(tmp_path, rabbitmq_vhost, 
     finally:
         api.stop()
         worker.stop()
+
+
+def test_the_refresher_starts_on_the_first_call_and_stops_cleanly(tmp_path):
+    """No thread at app creation (so none in a worker, a CLI or before gunicorn's
+    fork); one after the first call; close() (run at exit) stops it and frees the lock."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        app = build_app(make_config(tmp_path, server.url, STATS_MAX_AGE_SECONDS=5,
+                                    STATS_REFRESH_SECONDS=0.3))
+        state = app.extensions["celery_api.stats"]
+
+        def refreshers():
+            return [t for t in threading.enumerate() if t.name == "stats-refresher"]
+
+        assert refreshers() == [] and state.refresher is None
+        body = app.test_client().get("/api/celery/stats").get_json()
+        assert body["snapshot_age_seconds"] <= body["snapshot_max_age_seconds"] == 5
+        assert len(refreshers()) == 1
+        assert state.store.client.get(state.store.lock_key).decode() == state.owner
+        state.close()
+        assert refreshers() == []
+        assert state.store.client.get(state.store.lock_key) is None
+    finally:
+        server.stop()
