@@ -35,6 +35,10 @@ LAUNCHES = Counter("celery_api_task_launches_total", "Launch attempts by outcome
 RESULT_CACHE = Counter("celery_api_result_cache_total",
                        "Launches that used the result cache: answered by an identical run "
                        "(hit) or starting one (miss)", ["task_type", "outcome"])
+STATS_ROUNDS = Counter("celery_api_stats_rounds_total",
+                       "Rounds of inspect broadcasts for /stats, by who sent them: the "
+                       "refresher (one process for all) or a request (no fresh snapshot)",
+                       ["by"])
 
 # Label values come from a fixed set whatever clients send, so the number of series
 # stays bounded: a method outside this set is "OTHER", a path no route matches is
@@ -60,6 +64,10 @@ def record_launch(task_type: str, outcome: str) -> None:
 
 def record_result_cache(task_type: str, outcome: str) -> None:
     RESULT_CACHE.labels(task_type=task_type, outcome=outcome).inc()
+
+
+def record_stats_round(by: str) -> None:
+    STATS_ROUNDS.labels(by=by).inc()
 
 
 def init_app(app: Flask, system_collector) -> None:

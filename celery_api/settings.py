@@ -99,7 +99,12 @@ def from_environment(instance_path: Path) -> dict:
         "CACHE_SIZE": env_int("CELERY_API_CACHE_SIZE", 10_000),
         "DATABASE_CONNECT_TIMEOUT": env_int("CELERY_API_DATABASE_CONNECT_TIMEOUT", 2),
         "INSPECT_TIMEOUT": env_float("CELERY_API_INSPECT_TIMEOUT", 1.0),
-        "STATS_CACHE_SECONDS": env_float("CELERY_API_STATS_CACHE_SECONDS", 2.0),
+        # /stats: an answer is never older than STATS_MAX_AGE_SECONDS (0: every call
+        # collects); the snapshot is refreshed every STATS_REFRESH_SECONDS while anyone
+        # asked within STATS_IDLE_SECONDS (services/stats.py).
+        "STATS_MAX_AGE_SECONDS": env_float("CELERY_API_STATS_MAX_AGE_SECONDS", 5.0),
+        "STATS_REFRESH_SECONDS": env_float("CELERY_API_STATS_REFRESH_SECONDS", 1.0),
+        "STATS_IDLE_SECONDS": env_float("CELERY_API_STATS_IDLE_SECONDS", 60.0),
         "SII_CLIENT": env_str("SII_CLIENT", "celery_api.tasks.sii_client:SandboxSIIClient"),
         "SII_SANDBOX_STEP_SECONDS": env_float("SII_SANDBOX_STEP_SECONDS", 0.2),
         "SII_RETRY_BACKOFF_SECONDS": env_float("SII_RETRY_BACKOFF_SECONDS", 2.0),

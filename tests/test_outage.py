@@ -161,7 +161,7 @@ def private_postgres(tmp_path):
 
 def _start_stack(tmp_path, broker_url: str, backend_url: str, database_url: str | None,
                  name: str) -> OutageStack:
-    config = make_config(tmp_path / "app", broker_url, database_url, STATS_CACHE_SECONDS=0)
+    config = make_config(tmp_path / "app", broker_url, database_url, STATS_MAX_AGE_SECONDS=0)
     config["CELERY"]["result_backend"] = backend_url
     app = build_app(config)
     worker = Worker(service_env(config), f"{name}@{os.uname().nodename}",

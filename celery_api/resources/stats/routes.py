@@ -23,8 +23,15 @@ class StatsSchema(Schema):
                             metadata={"description": "Messages waiting, by queue"})
     inspect_timeout = ma.fields.Float(metadata={"description": "Seconds workers had to answer"})
     collected_in_seconds = ma.fields.Float()
+    snapshot_at = ma.fields.DateTime(
+        metadata={"description": "When the broadcasts (and queue reads) of this snapshot "
+                                 "were sent"})
     snapshot_age_seconds = ma.fields.Float(
-        metadata={"description": "Age of this snapshot (it is cached briefly)"})
+        metadata={"description": "Age of this snapshot, never above "
+                                 "snapshot_max_age_seconds"})
+    snapshot_max_age_seconds = ma.fields.Float(
+        metadata={"description": "The bound on snapshot_age_seconds "
+                                 "(CELERY_API_STATS_MAX_AGE_SECONDS; 0: collected per call)"})
     note = ma.fields.String(metadata={"description": "Present when no worker answered"})
 
 
