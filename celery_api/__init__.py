@@ -140,6 +140,9 @@ def _register_blueprints(app: Flask, api) -> None:
     for blp in (tasks_blp, batches_blp, status_blp, history_blp, stats_blp, health_blp):
         api.register_blueprint(blp)
     api.register_blueprint(schedules_blp)
+    from celery_api.resources.webhooks.routes import blp as webhooks_blp
+
+    api.register_blueprint(webhooks_blp)
     from celery_api import docs
 
     app.register_blueprint(docs.blp)

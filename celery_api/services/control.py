@@ -141,7 +141,8 @@ def retry(task_id: str, *, launched_by: str | None = None) -> launch_service.Lau
     original = view.run
     _refuse_if_retrying(task_id)
     options = launch_service.LaunchOptions(
-        priority=original.priority, queue=original.queue, tags=list(original.tags or []))
+        priority=original.priority, queue=original.queue, tags=list(original.tags or []),
+        webhook_url=original.webhook_url)
     lineage = launch_service.Lineage(
         retry_of=original.id, root_id=original.root_id or original.id,
         batch_id=original.batch_id, launched_by=launched_by)

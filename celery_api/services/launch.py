@@ -45,6 +45,7 @@ class LaunchOptions:
     expires: datetime | float | None = None
     queue: str | None = None
     tags: list[str] = field(default_factory=list)
+    webhook_url: str | None = None  # signed with CELERY_API_WEBHOOK_SECRET
 
 
 @dataclass
@@ -141,6 +142,9 @@ def hold_seconds(config) -> float:
 def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Prepared:
     """Validate and build the run's record; raise UnknownTaskType or InvalidParams."""
     definition, clean = validate(task_type, params)
+    from celery_api.services.webhooks import check_launch_webhook
+
+    check_launch_webhook(options.webhook_url)
     task_id = str(uuid.uuid4())
     queue = options.queue or definition.queue or current_app.config["CELERY"]["task_default_queue"]
     allowed = known_queues()
@@ -185,6 +189,7 @@ def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
         "attempts": 0,
         "created_at": now,
         "dispatch_at": dispatch_at,
+        "webhook_url": options.webhook_url,
     }
     return Prepared(record, sorted(set(options.tags)), definition.celery_name, options)
 

@@ -44,6 +44,13 @@ class LaunchOptionsSchema(RequestSchema):
         metadata={"description": "Queue to publish to; one of the configured queues"})
     tags = ma.fields.List(TAG, validate=ma.validate.Length(max=20),
                           metadata={"description": "Free labels kept in the history"})
+    webhook_url = ma.fields.Url(
+        schemes={"http", "https"}, require_tld=False, validate=ma.validate.Length(max=2048),
+        metadata={"description": "Also send this run's events (task.succeeded, task.failed, "
+                                 "task.revoked, task.retried) here, signed with the "
+                                 "deployment's CELERY_API_WEBHOOK_SECRET (Standard "
+                                 "Webhooks). Refused (422) when that setting is unset or "
+                                 "the URL fails the SSRF guard"})
 
     @ma.validates_schema
     def _one_start_time(self, data, **kwargs):
