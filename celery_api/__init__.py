@@ -107,6 +107,9 @@ def _init_api(app: Flask):
     api.init_app(app)
     api.register_converter(TaskIdConverter, lambda _c: dict(UUID_PARAMETER))
     api.register_converter(UuidPathConverter, lambda _c: dict(UUID_PARAMETER))
+    from celery_api.resources.webhooks.routes import register_converter
+
+    register_converter(app, api)
     app.extensions["celery_api.api"] = api
     return api
 

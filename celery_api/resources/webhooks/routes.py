@@ -6,10 +6,11 @@ from __future__ import annotations
 import marshmallow as ma
 from flask import request, url_for
 from flask.views import MethodView
+from werkzeug.routing import BaseConverter
 
 from celery_api.auth import caller, requires
 from celery_api.limits import rate_limited
-from celery_api.resources.fields import parse_task_id, parse_uuid
+from celery_api.resources.fields import ECHO_LIMIT, parse_task_id, parse_uuid
 from celery_api.resources.webhooks.schemas import (
     DeliveryArgsSchema,
     DeliveryPageSchema,
@@ -30,12 +31,35 @@ from celery_api.smorest import Blueprint, error_responses
 blp = Blueprint("webhooks", __name__, url_prefix="/api/celery", description="Webhooks")
 
 LOCATION = {"Location": {"description": "URL of the webhook", "schema": {"type": "string"}}}
-# Delivery ids are 64-bit: a larger number is no delivery (404), not a database error.
-DELIVERY = "<int(max=9223372036854775807):delivery_id>"
+DELIVERY = "<delivery_id:delivery_id>"
+MAX_DELIVERY_ID = 2**63 - 1  # 64-bit ids
+
+
+class DeliveryIdConverter(BaseConverter):
+    """Any path segment, documented as a delivery id (a positive 64-bit integer); the
+    view checks it is one and answers a 422 naming it if not (as path UUIDs are)."""
+
+
+DELIVERY_PARAMETER = {"type": "integer", "format": "int64", "minimum": 1,
+                      "maximum": MAX_DELIVERY_ID}
+
+
+def register_converter(app, api) -> None:
+    app.url_map.converters["delivery_id"] = DeliveryIdConverter
+    api.register_converter(DeliveryIdConverter, lambda _c: dict(DELIVERY_PARAMETER))
 
 
 def _id(value: str) -> str:
     return parse_uuid(value, "id")
+
+
+def _delivery_id(value: str) -> int:
+    if value.isascii() and value.isdigit() and len(value) <= 19 \
+            and 1 <= int(value) <= MAX_DELIVERY_ID:
+        return int(value)
+    raise InvalidParams(f"delivery_id must be a positive integer (a delivery's id), got "
+                        f"{value[:ECHO_LIMIT]!r}.",
+                        errors={"path": {"delivery_id": ["Not a valid delivery id."]}})
 
 
 @blp.route("/webhooks")
@@ -181,7 +205,7 @@ class WebhookResend(MethodView):
         the message's retry schedule if it fails. 409 while an attempt of the message
         is still pending.
         """
-        return webhooks.delivery_view(webhooks.resend(delivery_id, _id(id)))
+        return webhooks.delivery_view(webhooks.resend(_delivery_id(delivery_id), _id(id)))
 
 
 @blp.route("/tasks/<task_id:task_id>/webhook-deliveries")
@@ -211,4 +235,4 @@ class TaskWebhookResend(MethodView):
     def post(self, task_id, delivery_id):
         """Send an event of the run to its `webhook_url` again (a new attempt)"""
         return webhooks.delivery_view(
-            webhooks.resend(delivery_id, None, run_id=parse_task_id(task_id)))
+            webhooks.resend(_delivery_id(delivery_id), None, run_id=parse_task_id(task_id)))
