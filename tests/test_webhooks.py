@@ -8,7 +8,9 @@ what could not be published when the run finished."""
 from __future__ import annotations
 
 import os
+import threading
 import uuid
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -470,3 +472,65 @@ def test_an_event_that_could_not_be_published_is_sent_by_the_sweeper(hooks):
     [shown] = [r for r in hooks.deliveries(hook["id"]) if r["task_id"] == task_id]
     assert shown["status"] == "succeeded"
     wait_status(hooks.stack, task_id, "SUCCESS")
+
+
+def test_two_last_runs_finishing_at_once_still_finish_the_batch(history_app):
+    """PostgreSQL, READ COMMITTED: the last two runs of a batch finish in concurrent
+    transactions, each before the other commits, so neither sees the batch finished and
+    neither writes ``batch.finished`` (reproduced by holding the first transaction open
+    across the second). The sweeper writes it, once."""
+    if history_app.config["TEST_DATABASE"] != "postgres":
+        pytest.skip("SQLite serializes the two writers: the second sees the first's end")
+    app, batch_id = history_app, str(uuid.uuid4())
+    first, second = (stored_run(app, "STARTED", batch_id=batch_id) for _ in range(2))
+    with app.app_context():
+        subscription = WebhookSubscription(
+            id=str(uuid.uuid4()), url="https://hooks.example.com/b",
+            event_types=["batch.finished"], enabled=True, secret=webhooks.new_secret(),
+            created_at=webhooks.utcnow() - timedelta(minutes=1),
+            updated_at=webhooks.utcnow())
+        db.session.add(subscription)
+        db.session.commit()
+        subscription_id = subscription.id
+    written, go_on = threading.Event(), threading.Event()
+
+    def finish_first():
+        with app.app_context():
+            runstate.finish(first, "SUCCESS", result=1)
+            written.set()
+            go_on.wait(30)
+            db.session.commit()
+            db.session.remove()
+
+    holder = threading.Thread(target=finish_first)
+    holder.start()
+    assert written.wait(30)
+    with app.app_context():
+        runstate.finish(second, "SUCCESS", result=2)  # sees the first still STARTED
+        db.session.commit()
+        db.session.remove()
+    go_on.set()
+    holder.join(30)
+
+    def events():
+        with app.app_context():
+            rows = db.session.execute(sa.select(WebhookDelivery).where(
+                WebhookDelivery.subscription_id == subscription_id)).scalars().all()
+            db.session.expunge_all()
+            return rows
+
+    try:
+        assert events() == []  # the race: neither transaction wrote it
+        with app.app_context():
+            now = webhooks.utcnow()
+            assert webhooks.sweep_batches(now - timedelta(minutes=1), now) == 1
+            db.session.commit()
+            assert webhooks.sweep_batches(now - timedelta(minutes=1), now) == 0  # once
+            db.session.commit()
+        [event] = events()
+        assert event.payload["data"]["counts"] == {"SUCCESS": 2}
+    finally:
+        with app.app_context():
+            db.session.execute(sa.delete(WebhookSubscription).where(
+                WebhookSubscription.id == subscription_id))
+            db.session.commit()

@@ -338,10 +338,16 @@ def record_run_events(run_ids: list[str], status: str) -> int:
 def _batch_finished(batch_id: str, now: datetime) -> list[dict]:
     """``batch.finished`` rows when no run of the batch is unfinished (in this
     transaction's view). Their message ids are derived from the batch: if two last runs
-    finish at once and both see the batch finished, the second insert is skipped."""
+    finish at once and both see the batch finished, the second insert is skipped; if
+    neither sees it (PostgreSQL, each before the other commits), the sweeper writes it
+    (:func:`sweep_batches`)."""
     subscribers = _subscribers("batch.finished")
     if not subscribers:
         return []
+    last = db.session.execute(sa.select(sa.func.max(TaskRun.finished_at))
+                              .where(TaskRun.batch_id == batch_id)).scalar()
+    # Only the subscriptions that existed when it finished.
+    subscribers = [s for s in subscribers if last is None or s.created_at <= last]
     counts = dict(db.session.execute(
         sa.select(TaskRun.status, sa.func.count()).where(TaskRun.batch_id == batch_id)
         .group_by(TaskRun.status)).all())
@@ -519,14 +525,49 @@ def _forget_rolled_back(session) -> None:
     session.info.pop(OUTBOX, None)
 
 
+BATCH_WINDOW_SECONDS = 600  # how far back a starting sweeper looks for finished batches
+_batches_swept_until: datetime | None = None  # this process's sweeper, so far
+
+
+def sweep_batches(since: datetime, until: datetime) -> int:
+    """``batch.finished`` for the batches with a run that finished in ``(since,
+    until]`` and that are finished but have no such event: their last two runs finished
+    in concurrent transactions, each of which saw the other unfinished. The message
+    ids are the ones those transactions would have used, so a batch whose event exists
+    is skipped by the insert."""
+    if not _subscribers("batch.finished"):
+        return 0
+    batches = db.session.execute(
+        sa.select(TaskRun.batch_id)
+        .where(TaskRun.batch_id.is_not(None), TaskRun.finished_at > since,
+               TaskRun.finished_at <= until)
+        .distinct()).scalars().all()
+    now = utcnow()
+    written = 0
+    for batch_id in batches:
+        written += len(_insert(_batch_finished(batch_id, now)))
+    if written:
+        log.info("🪝 sweeper wrote %d batch.finished event(s) no transaction wrote", written)
+    return written
+
+
 def sweep(now: datetime | None = None, *, limit: int = PAGE) -> int:
     """Publish the pending deliveries that are due and were not taken by a webhook
     worker within CELERY_API_WEBHOOK_SWEEP_SECONDS of being due (or of their last
     publish): their task was never published, or was lost. Also gives back to
     ``pending`` the attempts left ``sending`` by a worker that died mid-delivery.
     Returns how many were published."""
+    global _batches_swept_until
     now = now or utcnow()
     grace = timedelta(seconds=current_app.config["WEBHOOK_SWEEP_SECONDS"])
+    # Each finished run is looked at once, after the grace: the transactions that
+    # finish a batch have written its event by then, if one of them could.
+    until = now - grace
+    since = _batches_swept_until or until - timedelta(seconds=BATCH_WINDOW_SECONDS)
+    if until > since:
+        sweep_batches(since, until)
+        db.session.commit()  # published when committed, like any event
+        _batches_swept_until = until
     stuck = now - grace - timedelta(seconds=current_app.config["WEBHOOK_TIMEOUT"] * 2)
     db.session.execute(
         sa.update(WebhookDelivery)
