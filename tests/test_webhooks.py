@@ -28,6 +28,7 @@ from tests.support import (
     build_app,
     free_port,
     launch,
+    make_config,
     status,
     stored_run,
     wait_for,
@@ -139,6 +140,24 @@ def test_a_result_past_the_size_limit_is_left_out_with_a_link(app, monkeypatch):
     assert documents[small]["result"] == {"n": 1} and not documents[small]["result_omitted"]
     assert documents[large]["result"] is None and documents[large]["result_omitted"]
     assert documents[large]["status_url"] == f"https://tasks.example.com/api/celery/tasks/{large}"
+
+
+def test_a_revoke_undone_because_the_broker_is_down_sends_no_event(tmp_path):
+    """The revoke's record (and its task.revoked event) commits first; the broadcast then
+    fails and the record is put back: its event must not be sent later by the sweeper."""
+    app = build_app(make_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0"))
+    task_id = stored_run(app, "PENDING")
+    with app.app_context():
+        db.session.add(WebhookSubscription(
+            id=str(uuid.uuid4()), url="https://hooks.example.com/r", enabled=True,
+            event_types=["task.revoked"], secret=webhooks.new_secret(),
+            created_at=webhooks.utcnow(), updated_at=webhooks.utcnow()))
+        db.session.commit()
+    assert_problem(app.test_client().delete(f"/api/celery/tasks/{task_id}"), 503, "broker")
+    with app.app_context():
+        assert db.session.get(TaskRun, task_id).status == "PENDING"
+        assert db.session.execute(sa.select(WebhookDelivery).where(
+            WebhookDelivery.run_id == task_id)).scalars().all() == []
 
 
 def test_the_retry_schedule_is_jittered_and_ends():

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
 from celery_api.services import launch as launch_service
-from celery_api.services import runstate
+from celery_api.services import runstate, webhooks
 from celery_api.services.errors import Conflict, Unavailable
 from celery_api.services.runs import describe
 
@@ -123,6 +123,8 @@ def _put_back(task_ids: list[str], written_error: str, before: dict) -> None:
                 .where(TaskRun.id == task_id, TaskRun.error == written_error,
                        TaskRun.status.in_(("REVOKED", before[task_id]["status"])))
                 .values(**before[task_id]))
+        # Their task.revoked events, not sent yet (the broker is what failed): dropped.
+        webhooks.forget_pending(task_ids, "task.revoked")
         db.session.commit()
     except sa.exc.SQLAlchemyError:
         # Cleanup under the broker's error being answered: logged with its traceback,

@@ -368,6 +368,14 @@ def _batch_finished(batch_id: str, now: datetime) -> list[dict]:
             for s in subscribers if s.task_type is None or s.task_type in types]
 
 
+def forget_pending(run_ids: list[str], event_type: str) -> None:
+    """Drop the unsent ``event_type`` deliveries of ``run_ids`` (a state change undone:
+    a revoke whose broadcast failed), in the caller's transaction."""
+    db.session.execute(sa.delete(WebhookDelivery).where(
+        WebhookDelivery.run_id.in_(run_ids), WebhookDelivery.event_type == event_type,
+        WebhookDelivery.status == "pending", WebhookDelivery.attempt == 1))
+
+
 def record_schedule_fired(run_id: str) -> int:
     """``schedule.fired`` for the run a schedule just launched, in the caller's
     transaction (the one that records the run on the schedule)."""
