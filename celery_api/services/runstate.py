@@ -98,15 +98,15 @@ def transition(task_ids: str | Iterable[str], to: str, *, from_: Iterable[str] |
         .where(TaskRun.id.in_(ids) if len(ids) > 1 else TaskRun.id == ids[0],
                TaskRun.status.in_(sources), *where)
         .values(status=to, **values)
-        .returning(TaskRun.id)
+        .returning(TaskRun.id, TaskRun.webhook_url, TaskRun.batch_id)
     )
-    moved = list(db.session.execute(statement).scalars())
+    moved = db.session.execute(statement).all()
     if moved and to in EVENTFUL:
         # The webhook events of the change, in its transaction (the outbox).
         from celery_api.services import webhooks
 
         webhooks.record_run_events(moved, to)
-    return moved
+    return [row.id for row in moved]
 
 
 def finish(task_id: str, to: str, *, now: datetime | None = None,

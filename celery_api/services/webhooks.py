@@ -269,10 +269,14 @@ def envelope(event_type: str, data: dict, now: datetime) -> dict:
 
 # The outbox.
 
-def _subscribers(event_type: str) -> list[WebhookSubscription]:
-    rows = db.session.execute(sa.select(WebhookSubscription).where(
-        WebhookSubscription.enabled.is_(True))).scalars()
-    return [s for s in rows if event_type in (s.event_types or [])]
+def _enabled() -> list[WebhookSubscription]:
+    return list(db.session.execute(sa.select(WebhookSubscription).where(
+        WebhookSubscription.enabled.is_(True))).scalars())
+
+
+def _subscribers(event_type: str, enabled: list | None = None) -> list[WebhookSubscription]:
+    return [s for s in (_enabled() if enabled is None else enabled)
+            if event_type in (s.event_types or [])]
 
 
 def _row(event_type: str, url: str, payload: dict, now: datetime, *,
@@ -304,16 +308,23 @@ def _insert(rows: list[dict], countdown: float | None = None) -> list[int]:
     return ids
 
 
-def record_run_events(run_ids: list[str], status: str) -> int:
-    """The events of ``run_ids`` having just moved to ``status``, written in the
-    caller's transaction (``runstate.transition``). Returns the rows written."""
+def record_run_events(moved, status: str) -> int:
+    """The events of the runs ``moved`` (rows of id, webhook_url, batch_id) to
+    ``status``, written in the caller's transaction (``runstate.transition``).
+    Returns the rows written. With no subscription and no launch webhook involved, it
+    costs one query (the enabled subscriptions)."""
     event_type = STATE_EVENTS.get(status)
-    if event_type is None or not run_ids:
+    if event_type is None or not moved:
         return 0
-    subscribers = _subscribers(event_type)
+    enabled = _enabled()
+    subscribers = _subscribers(event_type, enabled)
+    batch_ids = ({row.batch_id for row in moved if row.batch_id}
+                 if status in runstate.FINISHED and _subscribers("batch.finished", enabled)
+                 else set())
+    wanted = [row.id for row in moved if subscribers or row.webhook_url]
     runs = list(db.session.execute(
-        sa.select(TaskRun).where(TaskRun.id.in_(run_ids))
-        .execution_options(populate_existing=True)).scalars())
+        sa.select(TaskRun).where(TaskRun.id.in_(wanted))
+        .execution_options(populate_existing=True)).scalars()) if wanted else []
     now = utcnow()
     rows: list[dict] = []
     targeted = [run for run in runs if run.webhook_url or any(
@@ -328,10 +339,8 @@ def record_run_events(run_ids: list[str], status: str) -> int:
                                      subscription_id=subscription.id, run_id=run.id))
             if run.webhook_url:
                 rows.append(_row(event_type, run.webhook_url, payload, now, run_id=run.id))
-    if status in runstate.FINISHED:
-        batches = {run.batch_id for run in runs if run.batch_id}
-        for batch_id in sorted(batches):
-            rows += _batch_finished(batch_id, now)
+    for batch_id in sorted(batch_ids):
+        rows += _batch_finished(batch_id, now)
     return len(_insert(rows))
 
 
