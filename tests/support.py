@@ -199,7 +199,8 @@ class Worker:
     """A real ``celery worker`` process (prefork) on the test broker."""
 
     def __init__(self, env: dict, name: str, log_path: Path, queues: str = "celery",
-                 concurrency: int = 2, statedb: Path | None = None, events: bool = False):
+                 concurrency: int = 2, statedb: Path | None = None, events: bool = False,
+                 pool: str = "prefork"):
         self.env = env
         self.events = events  # -E: task events, as Flower and `celery events` read them
         self.name = name
@@ -207,10 +208,11 @@ class Worker:
         self.queues = queues
         self.concurrency = concurrency
         self.statedb = statedb
+        self.pool = pool  # threads: the webhook worker (make webhook-worker)
         self.process: subprocess.Popen | None = None
 
     def start(self, celery_app, timeout: float = 60.0) -> Worker:
-        args = [str(BIN / "celery"), "-A", "wsgi:celery_app", "worker", "--pool", "prefork",
+        args = [str(BIN / "celery"), "-A", "wsgi:celery_app", "worker", "--pool", self.pool,
                 "--concurrency", str(self.concurrency), "--hostname", self.name,
                 "--queues", self.queues, "--loglevel", "INFO", "--without-gossip",
                 "--without-mingle"]

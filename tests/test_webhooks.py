@@ -209,9 +209,11 @@ def webhook_env(stack, receiver) -> dict:
 def webhook_stack(stack, receiver):
     app = build_app(dict(stack.config, WEBHOOK_ALLOWED_HOSTS=[receiver.host],
                          WEBHOOK_SECRET=SECRET))
+    # As make webhook-worker runs it: the webhooks queue only, in threads.
     worker = Worker(webhook_env(stack, receiver),
                     f"hooks-{stack.kind}-{stack.database}@{os.uname().nodename}",
-                    stack.folder / "webhook-worker.log", queues="webhooks")
+                    stack.folder / "webhook-worker.log", queues="webhooks", pool="threads",
+                    concurrency=4)
     worker.start(stack.celery)
     yield Hooks(stack, receiver, app, worker)
     worker.stop()
@@ -553,3 +555,18 @@ def test_two_last_runs_finishing_at_once_still_finish_the_batch(history_app):
             db.session.execute(sa.delete(WebhookSubscription).where(
                 WebhookSubscription.id == subscription_id))
             db.session.commit()
+
+
+def test_the_webhook_settings_are_checked_at_start(monkeypatch):
+    from celery_api import settings
+
+    monkeypatch.setenv("CELERY_API_WEBHOOK_SECRET", "not-a-secret")
+    with pytest.raises(settings.ConfigurationError, match="whsec_"):
+        settings.webhook_secret()
+    monkeypatch.setenv("CELERY_API_WEBHOOK_SECRET", SECRET)
+    assert settings.webhook_secret() == SECRET
+    monkeypatch.setenv("CELERY_API_WEBHOOK_RETRY_SCHEDULE", "5,soon")
+    with pytest.raises(settings.ConfigurationError, match="comma separated seconds"):
+        settings.retry_schedule()
+    monkeypatch.setenv("CELERY_API_WEBHOOK_RETRY_SCHEDULE", "1, 2.5,60")
+    assert settings.retry_schedule() == [1.0, 2.5, 60.0]
