@@ -160,6 +160,25 @@ def test_a_revoke_undone_because_the_broker_is_down_sends_no_event(tmp_path):
             WebhookDelivery.run_id == task_id)).scalars().all() == []
 
 
+def test_the_history_purge_removes_old_finished_deliveries(app):
+    from celery_api.services import maintenance
+
+    old = webhooks.utcnow() - timedelta(days=200)
+    with app.app_context():
+        rows = [webhooks._row("ping", "https://hooks.example.com/p", {}, old)
+                for _ in range(3)]
+        rows[1]["status"], rows[2]["status"] = "succeeded", "failed"
+        ids = webhooks._insert(rows)
+        db.session.info.pop(webhooks.OUTBOX, None)  # nothing to publish: a fixture
+        db.session.commit()
+        maintenance.purge(older_than_days=90)
+        kept = db.session.execute(sa.select(WebhookDelivery.id).where(
+            WebhookDelivery.id.in_(ids))).scalars().all()
+        assert kept == [ids[0]]  # the pending one stays
+        db.session.execute(sa.delete(WebhookDelivery).where(WebhookDelivery.id == ids[0]))
+        db.session.commit()
+
+
 def test_the_retry_schedule_is_jittered_and_ends():
     schedule = [10.0, 100.0]
     assert 8.0 <= webhooks.retry_delay(1, schedule) <= 12.0

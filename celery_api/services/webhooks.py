@@ -614,6 +614,23 @@ def sweep(now: datetime | None = None, *, limit: int = PAGE) -> int:
     return len(ids)
 
 
+def purge(cutoff: datetime, batch_size: int = 5000) -> int:
+    """Delete the finished delivery attempts created before ``cutoff`` (the history's
+    retention, with the hourly purge); pending ones are kept."""
+    removed = 0
+    while True:
+        ids = list(db.session.execute(
+            sa.select(WebhookDelivery.id)
+            .where(WebhookDelivery.created_at < cutoff,
+                   WebhookDelivery.status.in_(("succeeded", "failed", "skipped")))
+            .limit(batch_size)).scalars())
+        if not ids:
+            return removed
+        db.session.execute(sa.delete(WebhookDelivery).where(WebhookDelivery.id.in_(ids)))
+        db.session.commit()
+        removed += len(ids)
+
+
 # Delivering (the webhook worker).
 
 def retry_delay(attempt: int, schedule: list[float]) -> float | None:
