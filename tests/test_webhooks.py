@@ -38,8 +38,10 @@ from tests.support import (
 BASE = "/api/celery/webhooks"
 SECRET = webhooks.new_secret()  # the deployment's CELERY_API_WEBHOOK_SECRET here
 TASK_EVENTS = ["task.succeeded", "task.failed", "task.revoked", "task.retried"]
-# Two stacks: SQLite (the default) and PostgreSQL (SKIP LOCKED, ON CONFLICT on its side).
-STACKS = [pytest.param(("redis", "sqlite"), id="redis-sqlite"),
+# The embedded default (make run), Redis + SQLite, and Redis + PostgreSQL (SKIP LOCKED,
+# ON CONFLICT on its side).
+STACKS = [pytest.param(("embedded", "sqlite"), id="embedded-sqlite"),
+          pytest.param(("redis", "sqlite"), id="redis-sqlite"),
           pytest.param(("redis", "postgres"), id="redis-postgres")]
 
 
