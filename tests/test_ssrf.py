@@ -6,6 +6,7 @@ check and the connection, injected), redirects not followed. A real HTTP receive
 from __future__ import annotations
 
 import pytest
+import urllib3
 
 from celery_api import ssrf
 from tests.support import WebhookReceiver
@@ -126,3 +127,58 @@ def test_the_allowlist_opens_a_host_or_a_host_and_port_only():
     assert internal.address == "10.1.1.1"
     with pytest.raises(ValueError, match="host or host:port"):
         ssrf.parse_allowed(["bad:port:entry"])
+
+
+@pytest.fixture(scope="module")
+def tls_receiver(tmp_path_factory):
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate for receiver.test,
+    recording the SNI name each connection asked for."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is needed to make the test certificate (apt-get install openssl)")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=receiver.test",
+                    "-addext", "subjectAltName=DNS:receiver.test"],
+                   check=True, capture_output=True)
+    names: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_args):
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda _sock, name, _ctx: names.append(name)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], cert, names
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_connects_to_the_checked_address_with_sni_and_the_certificate_of_the_name(
+        tls_receiver, monkeypatch):
+    port, cert, names = tls_receiver
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the test certificate only
+    allowed = ssrf.parse_allowed(["receiver.test", "impostor.test"])
+    target = ssrf.check(f"https://receiver.test:{port}/in", allowed, Flipping(["127.0.0.1"]))
+    assert ssrf.post(target, b"{}", {}, timeout=5).status == 204
+    assert names[-1] == "receiver.test"  # SNI is the URL's name, not the address
+    # The same address under another name: the certificate does not match, refused.
+    other = ssrf.check(f"https://impostor.test:{port}/in", allowed, Flipping(["127.0.0.1"]))
+    with pytest.raises(urllib3.exceptions.SSLError):
+        ssrf.post(other, b"{}", {}, timeout=5)
