@@ -181,6 +181,60 @@ def test_the_history_purge_removes_old_finished_deliveries(app):
         db.session.commit()
 
 
+def test_a_short_retry_waits_in_the_broker_a_long_one_in_the_database(
+        app, receiver, redis_server, monkeypatch):
+    """deliver() in this process against the real receiver: a retry due within the hold
+    horizon is published at once with its countdown; a later one is left to the sweeper,
+    which publishes it once it is due (an injected clock)."""
+    import redis
+
+    queue = redis.Redis(port=redis_server.port, db=0)
+    monkeypatch.setitem(app.config, "WEBHOOK_ALLOWED_HOSTS", [receiver.host])
+    monkeypatch.setitem(app.config, "WEBHOOK_SWEEP_SECONDS", 30.0)
+    monkeypatch.setattr(webhooks, "_batches_swept_until", None)  # the clock jumps ahead
+    where = path()
+    receiver.plan(where, [500, 500])
+    with app.app_context():
+        db.session.add(WebhookSubscription(
+            id=(hook_id := str(uuid.uuid4())), url=receiver.url(where), enabled=True,
+            event_types=["task.failed"], secret=webhooks.new_secret(),
+            created_at=webhooks.utcnow(), updated_at=webhooks.utcnow()))
+        db.session.commit()
+        [first] = webhooks._insert([webhooks._row("ping", receiver.url(where), {"n": 1},
+                                                  webhooks.utcnow(), subscription_id=hook_id)])
+        db.session.info.pop(webhooks.OUTBOX)  # delivered by hand below
+        db.session.commit()
+        try:
+            # Short: 1 s is within the hold horizon (60 s): published now, with a countdown.
+            monkeypatch.setitem(app.config, "WEBHOOK_RETRY_SCHEDULE", [1.0, 3600.0])
+            before = queue.llen(webhooks.QUEUE)
+            assert webhooks.deliver(first) == "failed"
+            assert queue.llen(webhooks.QUEUE) == before + 1
+            second = db.session.execute(sa.select(WebhookDelivery).where(
+                WebhookDelivery.message_id == db.session.get(WebhookDelivery, first)
+                .message_id, WebhookDelivery.attempt == 2)).scalar_one()
+            assert second.status == "pending"
+            # Long: an hour is past the horizon: not published, held in the database.
+            assert webhooks.deliver(second.id) == "failed"
+            third = db.session.execute(sa.select(WebhookDelivery).where(
+                WebhookDelivery.message_id == second.message_id,
+                WebhookDelivery.attempt == 3)).scalar_one()
+            assert queue.llen(webhooks.QUEUE) == before + 1 and third.published_at is None
+            assert webhooks.sweep(now=webhooks.utcnow()) == 0  # not due yet
+            later = third.due_at + timedelta(seconds=31)
+            assert webhooks.sweep(now=later) == 1
+            assert queue.llen(webhooks.QUEUE) == before + 2
+            db.session.refresh(third)
+            assert third.published_at == later
+            assert [r["status"] for r in receiver.at(where)] == [500, 500]
+        finally:
+            db.session.execute(sa.delete(WebhookDelivery).where(
+                WebhookDelivery.subscription_id == hook_id))
+            db.session.execute(sa.delete(WebhookSubscription).where(
+                WebhookSubscription.id == hook_id))
+            db.session.commit()
+
+
 def test_the_retry_schedule_is_jittered_and_ends():
     schedule = [10.0, 100.0]
     assert 8.0 <= webhooks.retry_delay(1, schedule) <= 12.0
