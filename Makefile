@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 export PORT
 
-.PHONY: run test serve worker beat migrate bench install install-test lint lock clean
+.PHONY: run test serve worker webhook-worker beat migrate bench install install-test lint lock clean
 
 # Every install is from the lock files (see "Dependencies and the lock file" in the README):
 # requirements.lock for running, requirements-test.lock (runtime + extras test, dev) for the
@@ -48,6 +48,14 @@ worker: install
 		--hostname $${WORKER_HOSTNAME:-celery@%h} \
 		$${WORKER_CONCURRENCY:+--concurrency $$WORKER_CONCURRENCY} \
 		--statedb $${CELERY_API_WORKER_STATE_DB:-$(INSTANCE)/worker-%p.state}
+
+# Webhook deliveries (README, Webhooks): only the `webhooks` queue, in threads (each
+# delivery waits on a receiver's network, not on a CPU), so a slow receiver never holds a
+# task worker. Task workers (make worker) do not consume `webhooks`.
+webhook-worker: install
+	$(BIN)/celery -A wsgi:celery_app worker --queues webhooks --pool threads \
+		--concurrency $${WEBHOOK_CONCURRENCY:-8} --loglevel $${LOG_LEVEL:-INFO} \
+		--hostname $${WEBHOOK_WORKER_HOSTNAME:-webhooks@%h} --without-gossip --without-mingle
 
 beat: install
 	mkdir -p $(INSTANCE)

@@ -108,6 +108,9 @@ def _init_api(app: Flask):
     api.init_app(app)
     api.register_converter(TaskIdConverter, lambda _c: dict(UUID_PARAMETER))
     api.register_converter(UuidPathConverter, lambda _c: dict(UUID_PARAMETER))
+    from celery_api.resources.webhooks.routes import register_converter
+
+    register_converter(app, api)
     app.extensions["celery_api.api"] = api
     return api
 
@@ -141,6 +144,9 @@ def _register_blueprints(app: Flask, api) -> None:
     for blp in (tasks_blp, batches_blp, status_blp, history_blp, stats_blp, health_blp):
         api.register_blueprint(blp)
     api.register_blueprint(schedules_blp)
+    from celery_api.resources.webhooks.routes import blp as webhooks_blp
+
+    api.register_blueprint(webhooks_blp)
     from celery_api import docs
 
     app.register_blueprint(docs.blp)

@@ -1,5 +1,6 @@
-"""Celery beat with two more duties: publishing the delayed runs held in the database,
-and firing the schedules stored there (``services.schedules``).
+"""Celery beat with three more duties: publishing the delayed runs held in the database,
+firing the schedules stored there (``services.schedules``), and sweeping the webhook
+outbox (``services.webhooks.sweep``: deliveries whose task was never published).
 
 Configured as ``beat_scheduler`` (settings.celery_config), so ``make beat`` and
 ``make run`` use it with no option. Beat already runs once per deployment and wakes
@@ -23,8 +24,8 @@ log = logging.getLogger("celery_api.beat")
 
 
 class Scheduler(PersistentScheduler):
-    """Celery's file-backed scheduler, which also calls ``dispatch.publish_due`` and
-    ``schedules.fire_all_due``."""
+    """Celery's file-backed scheduler, which also calls ``dispatch.publish_due``,
+    ``schedules.fire_all_due`` and ``webhooks.sweep``."""
 
     def __init__(self, *args, **kwargs):
         self._next_dispatch = 0.0
@@ -41,6 +42,7 @@ class Scheduler(PersistentScheduler):
             self._next_dispatch = now + every
             self._publish_due(flask_app)
             self._fire_schedules(flask_app)
+            self._sweep_webhooks(flask_app)
         return min(interval, max(0.05, self._next_dispatch - time.monotonic()))
 
     @staticmethod
@@ -68,5 +70,19 @@ class Scheduler(PersistentScheduler):
             except Exception:  # noqa: BLE001 - beat keeps running; the next tick retries
                 log.exception("❌ could not fire the schedules that are due")
                 db.session.rollback()
+            finally:
+                db.session.remove()
+
+    @staticmethod
+    def _sweep_webhooks(flask_app) -> None:
+        from celery_api.extensions import db
+        from celery_api.services import webhooks
+
+        with flask_app.app_context():
+            try:
+                while webhooks.sweep() == webhooks.PAGE:  # a full page: more are due
+                    pass
+            except Exception:  # noqa: BLE001 - beat keeps running; the next tick retries
+                log.exception("❌ could not publish the pending webhook deliveries")
             finally:
                 db.session.remove()

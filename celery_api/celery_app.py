@@ -91,6 +91,7 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app.conf.task_annotations = [annotations]
 
     import celery_api.tasks.maintenance  # noqa: F401 - registers the periodic tasks
+    import celery_api.tasks.webhooks  # noqa: F401 - registers the webhook delivery task
     from celery_api.services import recorder
 
     recorder.connect_signals()

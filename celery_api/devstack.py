@@ -1,9 +1,11 @@
-"""``make run``: API + worker + beat in the foreground; Ctrl-C stops them all.
+"""``make run``: API + worker + webhook worker + beat in the foreground; Ctrl-C stops
+them all.
 
 Holds a lock on the instance folder for its lifetime, so a second ``make run`` in
 the same folder refuses to start (naming the first) instead of taking its broker.
 Starts the embedded broker first unless ``CELERY_BROKER_URL`` is set, applies the
-migrations, then runs gunicorn, one Celery worker and beat as child processes
+migrations, then runs gunicorn, one Celery worker, the webhook worker (the
+``webhooks`` queue only) and beat as child processes
 sharing this environment. If any of them dies, the rest are stopped too.
 
 Each child runs in its own process group: Ctrl-C in the terminal reaches this
@@ -118,6 +120,11 @@ def _run(instance: Path, url: str) -> int:
                    env.get("LOG_LEVEL", "INFO"), "--concurrency",
                    env.get("WORKER_CONCURRENCY", "2"), "--hostname", "worker@%h",
                    "--statedb", str(instance / "worker-%p.state")],
+        # Webhook deliveries, on their own queue and worker (make webhook-worker).
+        "webhooks": [_tool("celery"), "-A", "wsgi:celery_app", "worker", "--loglevel",
+                     env.get("LOG_LEVEL", "INFO"), "--queues", "webhooks", "--pool",
+                     "threads", "--concurrency", env.get("WEBHOOK_CONCURRENCY", "4"),
+                     "--hostname", "webhooks@%h", "--without-gossip", "--without-mingle"],
         "beat": [_tool("celery"), "-A", "wsgi:celery_app", "beat", "--loglevel",
                  env.get("LOG_LEVEL", "INFO"), "--schedule",
                  str(instance / "celerybeat-schedule")],
@@ -128,7 +135,7 @@ def _run(instance: Path, url: str) -> int:
     def stop(*_):
         nonlocal stopping
         if stopping:
-            print("stopping: waiting for the API, worker and beat to end", flush=True)
+            print("stopping: waiting for the API, workers and beat to end", flush=True)
         stopping = True
 
     for signum in signals:  # before the children exist: no Ctrl-C goes unhandled

@@ -109,6 +109,9 @@ class TaskRun(db.Model):
     # The result cache's identity of the run (services.result_cache): set on runs a
     # launch may be served from, cleared when a termination is requested.
     cache_key: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
+    # The launch's own webhook (``webhook_url`` option): its events are sent there too,
+    # signed with CELERY_API_WEBHOOK_SECRET (services.webhooks).
+    webhook_url: Mapped[str | None] = mapped_column(sa.String(2048), nullable=True)
 
     # The history is read newest first, (created_at, id) being the cursor: every index
     # that serves a filter ends with created_at so rows come out already in order.
@@ -269,3 +272,84 @@ class IdempotencyKey(db.Model):
 
     def __repr__(self) -> str:
         return f"<IdempotencyKey {self.scope} {self.key} {self.status_code}>"
+
+
+class WebhookSubscription(db.Model):
+    """An endpoint that receives the events it subscribed to (services.webhooks).
+
+    The signing secret is kept in clear: it signs every delivery (Standard Webhooks,
+    HMAC-SHA256), so it cannot be a hash. After a rotation the previous secret also
+    signs until ``previous_secret_expires_at``.
+    """
+
+    __tablename__ = "webhook_subscriptions"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    url: Mapped[str] = mapped_column(sa.String(2048))
+    event_types: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
+    task_type: Mapped[str | None] = mapped_column(sa.String(200), nullable=True)
+    description: Mapped[str | None] = mapped_column(sa.String(500), nullable=True)
+    enabled: Mapped[bool] = mapped_column(sa.Boolean, default=True)
+    # Why it was disabled by the service (an answer 410 Gone), null otherwise.
+    disabled_reason: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    secret: Mapped[str] = mapped_column(sa.String(100))
+    previous_secret: Mapped[str | None] = mapped_column(sa.String(100), nullable=True)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime,
+                                                                        nullable=True)
+    created_by: Mapped[str | None] = mapped_column(sa.String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<WebhookSubscription {self.id} {self.url}>"
+
+
+class WebhookDelivery(db.Model):
+    """One attempt to deliver one message (the outbox and the delivery log at once).
+
+    The first attempt of an event is inserted in the transaction that changes the run
+    (``pending``); the delivery task moves it to ``succeeded`` or ``failed`` and, to
+    retry, inserts the next attempt (same ``message_id``, the ``webhook-id`` header).
+    ``subscription_id`` is null for a launch's own ``webhook_url``.
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(sa.String(64))
+    attempt: Mapped[int] = mapped_column(sa.Integer, default=1)
+    subscription_id: Mapped[str | None] = mapped_column(sa.String(36), nullable=True)
+    url: Mapped[str] = mapped_column(sa.String(2048))
+    event_type: Mapped[str] = mapped_column(sa.String(40))
+    run_id: Mapped[str | None] = mapped_column(sa.String(155), nullable=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    # pending -> sending -> succeeded | failed; skipped (its subscription was disabled
+    # or deleted before it was sent).
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending")
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Set by the sweeper when it (re)publishes the task (services.webhooks.sweep).
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    status_code: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    duration_ms: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    # When the next attempt is due (it is inserted as its own row), if there is one.
+    next_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        # One row per attempt of a message: an event written twice (two last runs of
+        # a batch finishing at once) is inserted once.
+        sa.UniqueConstraint("message_id", "attempt"),
+        sa.Index("ix_webhook_deliveries_subscription_id_id", "subscription_id", "id"),
+        _sparse_index("ix_webhook_deliveries_run_id", "run_id"),
+        # The sweeper's query: the pending attempts, by due time.
+        sa.Index("ix_webhook_deliveries_pending_due_at", "due_at",
+                 postgresql_where=sa.text("status = 'pending'"),
+                 sqlite_where=sa.text("status = 'pending'")),
+    )
+
+    def __repr__(self) -> str:
+        return f"<WebhookDelivery {self.id} {self.event_type} #{self.attempt} {self.status}>"

@@ -116,8 +116,57 @@ def from_environment(instance_path: Path) -> dict:
         "DISPATCH_INTERVAL": env_float("CELERY_API_DISPATCH_INTERVAL", 1.0),
         "IDEMPOTENCY_SECONDS": env_float("CELERY_API_IDEMPOTENCY_SECONDS", 24 * 3600.0),
         "RESULT_CACHE": env_switch("CELERY_API_RESULT_CACHE", True),
+        # Webhooks (README, Webhooks).
+        "WEBHOOK_SECRET": webhook_secret(),
+        "WEBHOOK_ALLOWED_HOSTS": env_list("CELERY_API_WEBHOOK_ALLOWED_HOSTS"),
+        "WEBHOOK_RETRY_SCHEDULE": retry_schedule(),
+        "WEBHOOK_TIMEOUT": env_float("CELERY_API_WEBHOOK_TIMEOUT", 10.0),
+        "WEBHOOK_MAX_RESULT_BYTES": env_int("CELERY_API_WEBHOOK_MAX_RESULT_BYTES", 64 * 1024),
+        "WEBHOOK_SWEEP_SECONDS": env_float("CELERY_API_WEBHOOK_SWEEP_SECONDS", 30.0),
+        "PUBLIC_URL": (env_str("CELERY_API_PUBLIC_URL", "") or "").rstrip("/"),
         "CELERY": celery_config(broker_url, result_backend, broker_timeout),
     }
+
+
+# Svix's schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h (8 attempts over ~28 h).
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
+
+
+def retry_schedule() -> list[float]:
+    """CELERY_API_WEBHOOK_RETRY_SCHEDULE: the seconds before each retry of a delivery."""
+    value = env_str("CELERY_API_WEBHOOK_RETRY_SCHEDULE", DEFAULT_WEBHOOK_RETRY_SCHEDULE)
+    try:
+        delays = [float(item) for item in value.split(",") if item.strip()]
+    except ValueError as exc:
+        raise ConfigurationError(
+            "CELERY_API_WEBHOOK_RETRY_SCHEDULE must be comma separated seconds, e.g. "
+            f"{DEFAULT_WEBHOOK_RETRY_SCHEDULE!r}; got {value!r}") from exc
+    if any(delay < 0 for delay in delays) or len(delays) > 50:
+        raise ConfigurationError("CELERY_API_WEBHOOK_RETRY_SCHEDULE: at most 50 delays, "
+                                 f"none negative; got {value!r}")
+    return delays
+
+
+def webhook_secret() -> str | None:
+    """CELERY_API_WEBHOOK_SECRET, checked: a Standard Webhooks secret (whsec_ + base64)."""
+    value = env_str("CELERY_API_WEBHOOK_SECRET")
+    if value is None:
+        return None
+    import binascii
+
+    from standardwebhooks import Webhook
+    from standardwebhooks.webhooks import EmptyWebhookSecretError
+
+    try:
+        Webhook(value)
+        if not value.startswith("whsec_"):
+            raise ValueError("no whsec_ prefix")
+    except (ValueError, binascii.Error, RuntimeError, EmptyWebhookSecretError) as exc:
+        raise ConfigurationError(
+            "CELERY_API_WEBHOOK_SECRET must be whsec_ followed by base64 (at least 24 "
+            "random bytes), e.g. the output of: python -c \"import base64, os; "
+            "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\"") from exc
+    return value
 
 
 def celery_config(broker_url: str, result_backend: str, broker_timeout: float) -> dict:

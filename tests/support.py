@@ -202,7 +202,8 @@ class Worker:
     """A real ``celery worker`` process (prefork) on the test broker."""
 
     def __init__(self, env: dict, name: str, log_path: Path, queues: str = "celery",
-                 concurrency: int = 2, statedb: Path | None = None, events: bool = False):
+                 concurrency: int = 2, statedb: Path | None = None, events: bool = False,
+                 pool: str = "prefork"):
         self.env = env
         self.events = events  # -E: task events, as Flower and `celery events` read them
         self.name = name
@@ -210,10 +211,11 @@ class Worker:
         self.queues = queues
         self.concurrency = concurrency
         self.statedb = statedb
+        self.pool = pool  # threads: the webhook worker (make webhook-worker)
         self.process: subprocess.Popen | None = None
 
     def start(self, celery_app, timeout: float = 60.0) -> Worker:
-        args = [str(BIN / "celery"), "-A", "wsgi:celery_app", "worker", "--pool", "prefork",
+        args = [str(BIN / "celery"), "-A", "wsgi:celery_app", "worker", "--pool", self.pool,
                 "--concurrency", str(self.concurrency), "--hostname", self.name,
                 "--queues", self.queues, "--loglevel", "INFO", "--without-gossip",
                 "--without-mingle"]
@@ -603,3 +605,83 @@ def python_client(spec_text: str, folder: Path, package: str):
         sys.path.remove(str(folder))
         for name in [m for m in sys.modules if m.split(".")[0] == package]:
             del sys.modules[name]
+
+
+class WebhookReceiver:
+    """A real HTTP server on 127.0.0.1 (a thread of the test process) that receives
+    webhook deliveries and verifies each with ``standardwebhooks.Webhook(secret).verify``.
+
+    Each path answers by its plan: ``plan(path, [status, ...], secrets)`` answers the
+    listed statuses in turn (then 200), and verifies with any of ``secrets``. Every
+    request is kept in ``received`` as a dict: path, headers, body, status answered,
+    ``verified`` (the secrets that verified it) and ``payload``.
+    """
+
+    def __init__(self):
+        import http.server
+
+        receiver = self
+        self.plans: dict[str, dict] = {}
+        self.received: list[dict] = []
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                status, extra = receiver._answer(self.path, dict(self.headers.items()), body)
+                self.send_response(status)
+                for key, value in extra.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}{path}"
+
+    def plan(self, path: str, statuses=(), secrets=(), headers=None) -> str:
+        with self.lock:
+            self.plans[path] = {"statuses": list(statuses), "secrets": list(secrets),
+                                "headers": headers or {}}
+        return self.url(path)
+
+    def _answer(self, path: str, headers: dict, body: bytes) -> tuple[int, dict]:
+        from standardwebhooks import Webhook, WebhookVerificationError
+
+        with self.lock:
+            plan = self.plans.get(path, {"statuses": [], "secrets": [], "headers": {}})
+            status = plan["statuses"].pop(0) if plan["statuses"] else 200
+            verified = []
+            for secret in plan["secrets"]:
+                try:
+                    Webhook(secret).verify(body, headers)
+                    verified.append(secret)
+                except WebhookVerificationError:
+                    pass
+            import json
+
+            self.received.append({"path": path, "headers": headers, "body": body,
+                                  "status": status, "verified": verified,
+                                  "payload": json.loads(body or b"null")})
+        return status, plan["headers"] if status in (301, 302, 307, 308) else {}
+
+    def at(self, path: str) -> list[dict]:
+        with self.lock:
+            return [r for r in self.received if r["path"] == path]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

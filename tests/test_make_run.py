@@ -75,6 +75,10 @@ def test_quick_start_walkthrough_then_ctrl_c_and_restart(devstack):
         == failed["task_id"]
 
     assert requests.get(f"{root}/api/docs/", timeout=5).status_code == 200
+    # The webhook worker runs beside the task worker (README, Webhooks).
+    wait_for(lambda: any(name.startswith("webhooks@") for name in requests.get(
+        f"{base}/stats", timeout=5).json()["worker_stats"]),
+        timeout=30, message="the webhook worker to answer")
 
     # A run held by the worker for its countdown must survive Ctrl-C and a restart.
     held = requests.post(f"{base}/tasks/launch", timeout=5, json={

@@ -166,6 +166,22 @@ def test_an_identical_launch_in_flight_is_answered_by_it(cs):
         cs.client.delete(f"/api/celery/tasks/{run_id}")
 
 
+def test_a_launch_with_its_own_webhook_url_is_a_run_of_its_own(cs, monkeypatch):
+    from celery_api.services import webhooks
+
+    monkeypatch.setitem(cs.app.config, "WEBHOOK_SECRET", webhooks.new_secret())
+    monkeypatch.setitem(cs.app.config, "WEBHOOK_ALLOWED_HOSTS", ["127.0.0.1:9"])
+    key = uuid.uuid4().hex
+    first = new(post(cs, params={"key": key}, queue="parked"))
+    # Its events must reach that URL: an identical run in flight does not answer it.
+    hooked = new(post(cs, params={"key": key}, queue="parked",
+                      webhook_url="http://127.0.0.1:9/hook"))
+    assert hooked != first
+    assert served(post(cs, params={"key": key}, queue="parked"))["task_id"] == first
+    for run_id in (first, hooked):
+        cs.client.delete(f"/api/celery/tasks/{run_id}")
+
+
 def test_a_success_answers_for_its_ttl_and_not_a_moment_longer(cs, monkeypatch):
     key = uuid.uuid4().hex
     first = new(post(cs, params={"key": key}))

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
 from celery_api.services import launch as launch_service
-from celery_api.services import runstate
+from celery_api.services import runstate, webhooks
 from celery_api.services.errors import Conflict, Unavailable
 from celery_api.services.runs import describe
 
@@ -125,6 +125,8 @@ def _put_back(task_ids: list[str], written_error: str, before: dict) -> None:
                 .where(TaskRun.id == task_id, TaskRun.error == written_error,
                        TaskRun.status.in_(("REVOKED", before[task_id]["status"])))
                 .values(**before[task_id]))
+        # Their task.revoked events, not sent yet (the broker is what failed): dropped.
+        webhooks.forget_pending(task_ids, "task.revoked")
         db.session.commit()
     except sa.exc.SQLAlchemyError:
         # Cleanup under the broker's error being answered: logged with its traceback,
@@ -143,7 +145,8 @@ def retry(task_id: str, *, launched_by: str | None = None) -> launch_service.Lau
     original = view.run
     _refuse_if_retrying(task_id)
     options = launch_service.LaunchOptions(
-        priority=original.priority, queue=original.queue, tags=list(original.tags or []))
+        priority=original.priority, queue=original.queue, tags=list(original.tags or []),
+        webhook_url=original.webhook_url)
     lineage = launch_service.Lineage(
         retry_of=original.id, root_id=original.root_id or original.id,
         batch_id=original.batch_id, launched_by=launched_by)

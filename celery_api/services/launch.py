@@ -49,6 +49,7 @@ class LaunchOptions:
     # (0: never; None: the task type's). Only launches made with ``cache=True`` (the
     # API's single launch) read it: see services.result_cache.
     cache_ttl: int | None = None
+    webhook_url: str | None = None  # signed with CELERY_API_WEBHOOK_SECRET
 
 
 @dataclass
@@ -153,6 +154,9 @@ def hold_seconds(config) -> float:
 def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Prepared:
     """Validate and build the run's record; raise UnknownTaskType or InvalidParams."""
     definition, clean = validate(task_type, params)
+    from celery_api.services.webhooks import check_launch_webhook
+
+    check_launch_webhook(options.webhook_url)
     task_id = str(uuid.uuid4())
     queue = options.queue or definition.queue or current_app.config["CELERY"]["task_default_queue"]
     allowed = known_queues()
@@ -198,6 +202,7 @@ def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
         "created_at": now,
         "dispatch_at": dispatch_at,
         "cache_key": None,
+        "webhook_url": options.webhook_url,
     }
     return Prepared(record, sorted(set(options.tags)), definition.celery_name, options)
 
@@ -252,7 +257,8 @@ def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage,
         definition = get_catalog().get(prepared.record["task_type"])
         ttl = result_cache.ttl_of(
             definition.cache_ttl, options.cache_ttl,
-            delayed=bool(options.countdown or options.eta or options.expires is not None))
+            bypass=bool(options.countdown or options.eta or options.expires is not None
+                        or options.webhook_url))
         if ttl:
             return _launch_once(prepared, ttl)
     return _start(prepared)

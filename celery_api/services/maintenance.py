@@ -213,6 +213,9 @@ def purge(*, older_than_days: float | None = None, batch_size: int = 5000) -> in
     from celery_api import idempotency  # expired Idempotency-Keys, on their own clock
 
     idempotency.purge_expired()
+    from celery_api.services import webhooks  # finished delivery attempts, same cutoff
+
+    webhooks.purge(cutoff)
     if removed or fires:
         log.info("purged %d run(s) finished before %s, and %d schedule fire record(s)",
                  removed, cutoff.isoformat(), fires)

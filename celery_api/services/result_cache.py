@@ -80,13 +80,13 @@ def identity(record: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def ttl_of(definition_ttl: int | None, cache_ttl: int | None, *, delayed: bool) -> int | None:
+def ttl_of(definition_ttl: int | None, cache_ttl: int | None, *, bypass: bool) -> int | None:
     """Seconds a success may answer this launch, or None when it does not use the cache.
 
     ``cache_ttl``: the launch's (None: the task type's ``definition_ttl``; 0: opted
-    out). ``delayed``: it has a countdown, eta or expires.
+    out). ``bypass``: it has a countdown, eta, expires or its own webhook_url.
     """
-    if delayed or not current_app.config.get("RESULT_CACHE", True):
+    if bypass or not current_app.config.get("RESULT_CACHE", True):
         return None
     ttl = definition_ttl if cache_ttl is None else cache_ttl
     return ttl or None

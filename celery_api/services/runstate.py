@@ -19,6 +19,10 @@ A worker *claims* a run before executing it. Each claim counts one attempt
 (``attempts``) and the attempt's number is the claimant's token: only the current
 attempt writes the run's end. A delivery that cannot claim its run (the run is
 finished, revoked, or running elsewhere) is dropped without executing.
+
+A transition to a final state or RETRY also writes its webhook events, in the same
+transaction (``services.webhooks``: the outbox): they commit with the change or not
+at all.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ ALLOWED_FROM: dict[str, frozenset[str]] = {
 }
 
 TERMINATE_REQUESTED = "terminate requested"  # the API's note until a worker confirms
+# The states whose reaching is a webhook event (services.webhooks.STATE_EVENTS).
+EVENTFUL = FINISHED | {"RETRY"}
 
 
 def is_finished(status: str | None) -> bool:
@@ -92,9 +98,15 @@ def transition(task_ids: str | Iterable[str], to: str, *, from_: Iterable[str] |
         .where(TaskRun.id.in_(ids) if len(ids) > 1 else TaskRun.id == ids[0],
                TaskRun.status.in_(sources), *where)
         .values(status=to, **values)
-        .returning(TaskRun.id)
+        .returning(TaskRun.id, TaskRun.webhook_url, TaskRun.batch_id)
     )
-    return list(db.session.execute(statement).scalars())
+    moved = db.session.execute(statement).all()
+    if moved and to in EVENTFUL:
+        # The webhook events of the change, in its transaction (the outbox).
+        from celery_api.services import webhooks
+
+        webhooks.record_run_events(moved, to)
+    return [row.id for row in moved]
 
 
 def finish(task_id: str, to: str, *, now: datetime | None = None,

@@ -43,7 +43,7 @@ from celery_api.catalog import known_queues
 from celery_api.extensions import db
 from celery_api.models import Schedule, ScheduleFire, TaskRun, utcnow
 from celery_api.services import launch as launch_service
-from celery_api.services import runstate
+from celery_api.services import runstate, webhooks
 from celery_api.services.errors import (
     InvalidParams,
     NotFound,
@@ -296,6 +296,7 @@ def run_now(schedule_id: str, *, launched_by: str | None = None) -> launch_servi
                                launched_by=launched_by))
     db.session.execute(sa.update(Schedule).where(Schedule.id == schedule.id).values(
         last_run_id=run.id, last_run_at=now, runs_fired=Schedule.runs_fired + 1))
+    webhooks.record_schedule_fired(run.id)  # in the same transaction (the outbox)
     db.session.commit()
     log.info("📤 schedule %s (%s) run now as %s", schedule.name, schedule.id, run.id)
     return run
@@ -449,6 +450,7 @@ def _launch(schedule_id, name, task_type, params, options, scheduled_for, follow
     db.session.execute(sa.update(ScheduleFire).where(fire).values(run_id=run.id))
     db.session.execute(sa.update(Schedule).where(Schedule.id == schedule_id).values(
         last_run_id=run.id, last_run_at=now))
+    webhooks.record_schedule_fired(run.id)  # in the same transaction (the outbox)
     db.session.commit()
     log.info("📤 schedule %s fired the tick of %s as %s (%.3f s after its time)", name,
              scheduled_for.isoformat(), run.id, lateness)

@@ -85,7 +85,8 @@ def launch_options(body: dict) -> launch_service.LaunchOptions:
     return launch_service.LaunchOptions(
         priority=body.get("priority"), countdown=body.get("countdown"),
         eta=body.get("eta"), expires=body.get("expires"), queue=body.get("queue"),
-        tags=body.get("tags") or [], cache_ttl=body.get("cache_ttl"))
+        tags=body.get("tags") or [], cache_ttl=body.get("cache_ttl"),
+        webhook_url=body.get("webhook_url"))
 
 
 def register_launch_request(api, catalog, queues: list[str]) -> None:

@@ -55,7 +55,14 @@ class LaunchOptionsSchema(RequestSchema):
                                  "with an identical run in flight or one that succeeded "
                                  "less than this many seconds ago. 0: always a new run. "
                                  "Default: the task type's `cache_ttl`. Ignored with "
-                                 "countdown, eta or expires, and in a batch"})
+                                 "webhook_url, countdown, eta or expires, and in a batch"})
+    webhook_url = ma.fields.Url(
+        schemes={"http", "https"}, require_tld=False, validate=ma.validate.Length(max=2048),
+        metadata={"description": "Also send this run's events (task.succeeded, task.failed, "
+                                 "task.revoked, task.retried) here, signed with the "
+                                 "deployment's CELERY_API_WEBHOOK_SECRET (Standard "
+                                 "Webhooks). Refused (422) when that setting is unset or "
+                                 "the URL fails the SSRF guard"})
 
     @ma.validates_schema
     def _one_start_time(self, data, **kwargs):
