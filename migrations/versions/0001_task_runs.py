@@ -1,18 +1,9 @@
-"""task runs
-
-Revision ID: 0001
-Revises:
-Create Date: 2026-11-29 07:47:49.979120
-
-"""
+"""task runs"""
 import sqlalchemy as sa
 from alembic import op
 
-# revision identifiers, used by Alembic.
 revision = '0001'
 down_revision = None
-branch_labels = None
-depends_on = None
 
 
 def upgrade():

@@ -1,18 +1,9 @@
-"""history: tags table for the tag filter, attempts, indexes for the history queries
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-29 07:57:22.984257
-
-"""
+"""history: tags table for the tag filter, attempts, indexes for the history queries"""
 import sqlalchemy as sa
 from alembic import op
 
-# revision identifiers, used by Alembic.
 revision = '0002'
 down_revision = '0001'
-branch_labels = None
-depends_on = None
 
 
 SPARSE = ('parent_id', 'retry_of', 'batch_id', 'schedule_id')

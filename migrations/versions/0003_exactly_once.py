@@ -1,17 +1,9 @@
-"""exactly once: runs held for a later publish (dispatch_at), one open retry per run
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-11-29 16:40:00
-
-"""
+"""exactly once: runs held for a later publish (dispatch_at), one open retry per run"""
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0003'
 down_revision = '0002'
-branch_labels = None
-depends_on = None
 
 OPEN_RETRY = ("retry_of IS NOT NULL AND status IN "
               "('PENDING', 'RECEIVED', 'RETRY', 'STARTED', 'PROGRESS')")

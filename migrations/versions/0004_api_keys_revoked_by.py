@@ -1,17 +1,9 @@
-"""api keys: the api_keys table; who revoked a run (revoked_by), history filters by key
-
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-11-29 16:34:01
-
-"""
+"""api keys: the api_keys table; who revoked a run (revoked_by), history filters by key"""
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0004'
 down_revision = '0003'
-branch_labels = None
-depends_on = None
 
 
 def _where(condition):

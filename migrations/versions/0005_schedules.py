@@ -1,17 +1,9 @@
-"""schedules: the schedules table, one fire record per tick, scheduled_for on task_runs
-
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-11-30 09:00:00
-
-"""
+"""schedules: the schedules table, one fire record per tick, scheduled_for on task_runs"""
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0005'
 down_revision = '0004'
-branch_labels = None
-depends_on = None
 
 
 def upgrade():

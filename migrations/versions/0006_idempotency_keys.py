@@ -1,17 +1,9 @@
-"""idempotency keys: one row per (scope, Idempotency-Key), the stored answer
-
-Revision ID: 0006
-Revises: 0005
-Create Date: 2026-12-01 09:00:00
-
-"""
+"""idempotency keys: one row per (scope, Idempotency-Key), the stored answer"""
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0006'
 down_revision = '0005'
-branch_labels = None
-depends_on = None
 
 
 def upgrade():

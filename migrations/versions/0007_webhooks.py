@@ -1,18 +1,11 @@
 """webhooks: subscriptions, deliveries (the outbox and the delivery log), a launch's
 own webhook_url
-
-Revision ID: 0007
-Revises: 0006
-Create Date: 2026-12-02 13:00:00
-
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0007'
 down_revision = '0006'
-branch_labels = None
-depends_on = None
 
 PENDING = sa.text("status = 'pending'")
 

@@ -1,17 +1,9 @@
-"""result cache: each run's cache identity (cache_key), one unfinished run per identity
-
-Revision ID: 0008
-Revises: 0007
-Create Date: 2026-12-02 13:00:00
-
-"""
+"""result cache: each run's cache identity (cache_key), one unfinished run per identity"""
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0008'
 down_revision = '0007'
-branch_labels = None
-depends_on = None
 
 OPEN_CACHE_KEY = ("cache_key IS NOT NULL AND status IN "
                   "('PENDING', 'RECEIVED', 'RETRY', 'STARTED', 'PROGRESS')")
