@@ -99,6 +99,13 @@ def from_environment(instance_path: Path) -> dict:
         "DELAY_HOLD_SECONDS": env_float("CELERY_API_DELAY_HOLD_SECONDS", 60.0),
         "DISPATCH_INTERVAL": env_float("CELERY_API_DISPATCH_INTERVAL", 1.0),
         "IDEMPOTENCY_SECONDS": env_float("CELERY_API_IDEMPOTENCY_SECONDS", 24 * 3600.0),
+        # Waiting for a run (README "Waiting for a run").
+        "WAIT_MAX_SECONDS": env_int("CELERY_API_MAX_WAIT_SECONDS", 30),
+        "WAIT_MAX_WAITERS": env_int("CELERY_API_MAX_WAITERS", 1000),
+        "WAIT_RECHECK_SECONDS": env_float("CELERY_API_WAIT_RECHECK_SECONDS", 1.0),
+        "WAIT_POLL_SECONDS": env_float("CELERY_API_WAIT_POLL_SECONDS", 0.25),
+        "EVENTS_KEEPALIVE_SECONDS": env_float("CELERY_API_EVENTS_KEEPALIVE_SECONDS", 15.0),
+        "EVENTS_MAX_SECONDS": env_float("CELERY_API_EVENTS_MAX_SECONDS", 600.0),
         "CELERY": celery_config(broker_url, result_backend, broker_timeout),
     }
 

@@ -17,12 +17,12 @@ def test_builtin_and_external_modules_register():
     catalog = load_catalog(["acme_tasks"])
     assert [d.task_type for d in catalog] == [
         "acme.add", "acme.boom", "acme.count", "acme.count_slowly", "acme.garble",
-        "acme.sleep", "acme.sleep_safely",
+        "acme.sleep", "acme.sleep_safely", "acme.steps",
         "sii.sync_documents",
         "sii.sync_documents_all_companies",
         "sii.sync_f29", "sii.sync_f29_all_companies"]
     assert catalog.by_celery_name("acme.add").task_type == "acme.add"
-    assert "acme.add" in catalog and len(catalog) == 11
+    assert "acme.add" in catalog and len(catalog) == 12
 
 
 def test_validate_returns_json_ready_params_with_defaults():

@@ -84,6 +84,30 @@ def sleep_safely(self, seconds: float) -> dict:
     return _sleep(self, seconds)
 
 
+class StepsParamsSchema(ma.Schema):
+    key = ma.fields.String(required=True, validate=ma.validate.Length(1, 64))
+    steps = ma.fields.Integer(required=True, validate=ma.validate.Range(1, 100))
+
+
+@shared_task(bind=True, name="acme.steps")
+def steps(self, key: str, steps: int) -> dict:
+    """Held by the test: reports step n once the result backend's Redis counter
+    ``acme:steps:KEY`` reaches n (tests INCR it), and ends after the last (60 s at most)."""
+    client = self.app.backend.client
+    deadline = time.monotonic() + 60
+    done = 0
+    while done < steps and time.monotonic() < deadline:
+        reached = min(int(client.get(f"acme:steps:{key}") or 0), steps)
+        if reached > done:
+            done = reached
+            self.report_progress(done, steps, f"step {done}")
+        else:
+            time.sleep(0.01)
+    if done < steps:
+        raise TimeoutError(f"released {done} of {steps} steps")
+    return {"steps": steps}
+
+
 def register(catalog):
     catalog.add("acme.add", celery_name="acme.add", params_schema=AddParamsSchema,
                 name="Add two numbers", description="Adds a and b (b >= 0).")
@@ -102,3 +126,5 @@ def register(catalog):
     catalog.add("acme.sleep_safely", celery_name="acme.sleep_safely",
                 params_schema=SleepParamsSchema, name="Sleep, safe to repeat",
                 description="Sleeps; redelivered if its worker is lost.", safe_to_repeat=True)
+    catalog.add("acme.steps", celery_name="acme.steps", params_schema=StepsParamsSchema,
+                name="Steps", description="Reports each step the test releases.")
