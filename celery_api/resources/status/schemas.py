@@ -88,7 +88,7 @@ class RevokeResponseSchema(Schema):
 class WaitArgsSchema(RequestSchema):
     wait = ma.fields.Integer(
         load_default=0, strict=False, validate=ma.validate.Range(min=0),
-        metadata={"description": (
+        metadata={"maximum_setting": "WAIT_MAX_SECONDS", "description": (
             "Seconds to wait for the run to finish: the answer comes as soon as it "
             "finishes, or after this long with its current state. 0 (the default) "
             "answers at once; at most `CELERY_API_MAX_WAIT_SECONDS` (30 by default).")})
