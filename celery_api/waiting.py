@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import json
 import logging
 import os
 import queue
@@ -105,6 +106,22 @@ def response_head(status: str, headers, length: int | None = None) -> bytes:
         lines.append(f"Content-Length: {length}")
     lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def problem_answer(status: int, title: str, detail: str,
+                   retry_after: int | None = None) -> bytes:
+    """A whole problem+json answer for a parked waiter that cannot get its status."""
+    body = json.dumps({"type": "about:blank", "title": title, "status": status,
+                       "detail": detail}).encode()
+    headers = [("Content-Type", "application/problem+json"),
+               ("X-Content-Type-Options", "nosniff")]
+    if retry_after is not None:
+        headers.append(("Retry-After", str(retry_after)))
+    return response_head(f"{status} {title.upper()}", headers, len(body)) + body
+
+
+GONE = object()  # the waited run was purged
+UNAVAILABLE = object()  # the waited run could not be read
 
 
 class Hub:
@@ -235,11 +252,17 @@ class Hub:
                     due.add(task_id)
         return due
 
-    def _describe(self, task_id: str) -> runs.RunView | None:
+    def _describe(self, task_id: str):
+        """The run's view; ``GONE`` when it was purged while waited; ``UNAVAILABLE``
+        when the record cannot be read now (the next wake or the deadline retries)."""
         try:
             return runs.describe(task_id)
         except NotFound:
-            return None  # purged while waited: answered at its deadline, as gone
+            return GONE
+        except Exception:  # noqa: BLE001 - the database (or a bug): logged, not fatal
+            log.exception("❌ waiting hub: could not read %s", task_id)
+            db.session.rollback()
+            return UNAVAILABLE
 
     def _wake(self, ids) -> None:
         for task_id in ids:
@@ -251,7 +274,7 @@ class Hub:
             if not parked:
                 continue
             view = self._describe(task_id)
-            if view is None:
+            if not isinstance(view, runs.RunView):
                 continue
             finished = runstate.is_finished(view.status)
             for w in parked:
@@ -269,12 +292,17 @@ class Hub:
                         self.unregister(w)
             db.session.rollback()  # end the read: the next one sees new commits
 
-    def _answer(self, w: Waiter, view: runs.RunView | None) -> None:
-        if view is None:  # the run was purged while waited
-            self._send(w, response_head("404 NOT FOUND", [], 0), close=True)
+    def _answer(self, w: Waiter, view) -> None:
+        if view is GONE:
+            data = problem_answer(404, "Not Found", f"Task {w.task_id} was purged from "
+                                  "the history while it was waited on.")
+        elif view is UNAVAILABLE:
+            data = problem_answer(503, "Service Unavailable", "The run's record cannot be "
+                                  "read now; send the request again.", retry_after=5)
         else:
             body = w.render(view)
-            self._send(w, response_head(w.status, w.headers, len(body)) + body, close=True)
+            data = response_head(w.status, w.headers, len(body)) + body
+        self._send(w, data, close=True)
         self.unregister(w)
 
     def _expire(self) -> None:
@@ -300,7 +328,7 @@ class Hub:
             waiters = [w for ws in self.by_run.values() for w in ws if not w.done]
         with self.app.app_context():
             try:
-                views: dict[str, runs.RunView | None] = {}
+                views: dict = {}
                 for w in waiters:
                     if w.kind == "block":
                         w.event.set()

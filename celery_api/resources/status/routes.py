@@ -72,7 +72,7 @@ def status_answer(task_id: str, wait: int = 0):
         if cached is not None:
             return _json_response(cached)
     view = runs.describe(task_id)
-    if wait and not runstate.is_finished(view.status):
+    if wait and request.method == "GET" and not runstate.is_finished(view.status):
         return wait_answer(task_id, view, wait, _status_body, status_bytes)
     body = _status_body(view)
     if cache is not None and view.status == "SUCCESS" and view.recorded:
@@ -138,7 +138,20 @@ EVENT_STREAM_DOC = {
         "`progress` when only its progress did; `id` names that state. The stream "
         "starts with the current state and ends after the run's final state; "
         "`: keep-alive` comments keep idle connections open."),
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # Before OpenAPI 3.2 (no itemSchema), the schema of an event stream describes each
+    # event: its fields as the SSE format names them.
+    "content": {"text/event-stream": {"schema": {
+        "type": "object",
+        "required": ["id", "event", "data"],
+        "properties": {
+            "id": {"type": "string", "description": "Names the state the event carries"},
+            "event": {"type": "string", "enum": ["status", "progress"]},
+            "data": {"type": "string", "description": "The run's status document, "
+                     "`TaskStatusResponse` as JSON on one line"},
+            "retry": {"type": "integer", "description": "Milliseconds to wait before "
+                      "reconnecting"},
+        },
+    }}},
 }
 
 
@@ -153,9 +166,10 @@ class TaskRunEvents(MethodView):
     @blp.doc(operationId="streamTaskEvents", responses={"200": EVENT_STREAM_DOC},
              parameters=[{
                  "in": "header", "name": "Last-Event-ID", "required": False,
-                 "schema": {"type": "string", "maxLength": 64},
+                 "schema": {"type": "string"},
                  "description": ("The `id` of the last event received: on reconnecting, "
-                                 "the state it names is not sent again.")}])
+                                 "the state it names is not sent again (any other value: "
+                                 "the current state is sent).")}])
     def get(self, task_id):
         """Follow a run's state changes and progress (Server-Sent Events)
 
@@ -165,8 +179,7 @@ class TaskRunEvents(MethodView):
         state (unless it already saw it), not every step it missed. No server thread
         is held while the stream is open.
         """
-        last = request.headers.get("Last-Event-ID")
-        return events_answer(parse_task_id(task_id), last and last[:64],
+        return events_answer(parse_task_id(task_id), request.headers.get("Last-Event-ID"),
                              lambda view: STATUS_SCHEMA.dump(_status_body(view)))
 
 

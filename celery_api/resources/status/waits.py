@@ -90,7 +90,7 @@ def events_answer(task_id: str, last_event_id: str | None, body_of):
     prelude = RETRY_HINT
     if not seen:
         prelude += event_bytes(view, None, body_of)
-    if finished:
+    if finished or request.method == "HEAD":  # (HEAD: the head alone, at once)
         return Response(prelude, status=200, mimetype="text/event-stream",
                         headers=STREAM_HEADERS)
     deadline = time.monotonic() + current_app.config["EVENTS_MAX_SECONDS"]
