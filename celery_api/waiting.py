@@ -277,13 +277,17 @@ class Hub:
             if not isinstance(view, runs.RunView):
                 continue
             finished = runstate.is_finished(view.status)
+            rendered: dict = {}  # one rendering per kind (and last state) for all waiters
             for w in parked:
                 if w.kind == "wait" and finished:
-                    self._answer(w, view)
+                    self._answer(w, view, rendered)
                 elif w.kind == "stream":
                     fp = view_fingerprint(view)
                     if fp != w.last:
-                        data = w.render(view, w.last)
+                        key = ("stream", w.last)
+                        if key not in rendered:
+                            rendered[key] = w.render(view, w.last)
+                        data = rendered[key]
                         w.last = fp
                         self._send(w, data, close=finished)
                     elif finished:
@@ -292,7 +296,7 @@ class Hub:
                         self.unregister(w)
             db.session.rollback()  # end the read: the next one sees new commits
 
-    def _answer(self, w: Waiter, view) -> None:
+    def _answer(self, w: Waiter, view, rendered: dict | None = None) -> None:
         if view is GONE:
             data = problem_answer(404, "Not Found", f"Task {w.task_id} was purged from "
                                   "the history while it was waited on.")
@@ -300,7 +304,10 @@ class Hub:
             data = problem_answer(503, "Service Unavailable", "The run's record cannot be "
                                   "read now; send the request again.", retry_after=5)
         else:
-            body = w.render(view)
+            rendered = {} if rendered is None else rendered
+            if "wait" not in rendered:
+                rendered["wait"] = w.render(view)
+            body = rendered["wait"]
             data = response_head(w.status, w.headers, len(body)) + body
         self._send(w, data, close=True)
         self.unregister(w)
