@@ -7,6 +7,7 @@ poller). Runs are held by ``acme.steps``, which reports step n once the test rel
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import uuid
@@ -17,6 +18,7 @@ import requests
 
 from tests.support import (
     LiveServer,
+    Worker,
     answered,
     build_app,
     create_key,
@@ -55,12 +57,13 @@ def results_redis(stack) -> redis.Redis:
 class Held:
     """A run of acme.steps the test releases step by step."""
 
-    def __init__(self, stack, api, steps: int = 3):
+    def __init__(self, stack, api, steps: int = 3, **options):
         self.key = uuid.uuid4().hex
         self.redis = results_redis(stack)
         self.api = api
         launched = requests.post(f"{api.url}/api/celery/tasks/launch", timeout=10, json={
-            "task_type": "acme.steps", "params": {"key": self.key, "steps": steps}})
+            "task_type": "acme.steps", "params": {"key": self.key, "steps": steps},
+            **options})
         assert launched.status_code == 202, launched.text
         self.task_id = launched.json()["task_id"]
         self.url = f"{api.url}/api/celery/tasks/{self.task_id}"
@@ -338,3 +341,27 @@ def test_authentication_is_required(stack, tmp_path):
     found = client.get(f"/api/celery/tasks/{UNKNOWN}/events",
                        headers={"Authorization": f"Bearer {key}"})
     assert found.status_code == 404
+
+
+def test_a_lost_notification_costs_at_most_the_recheck(stack, api, tmp_path):
+    """Every notification of a run is lost: its worker publishes them to a Redis no API
+    listens to (REDIS_URL of a server that is not there). Its waiter is answered all the
+    same, by the API's periodic re-check (CELERY_API_WAIT_RECHECK_SECONDS, 1 s)."""
+    if stack.kind != "redis":
+        pytest.skip("the poller has no notifications to lose")
+    env = dict(stack.env(), REDIS_URL="redis://127.0.0.1:9/0")  # nothing listens there
+    deaf = Worker(env, f"deaf-{uuid.uuid4().hex[:6]}@{os.uname().nodename}",
+                  tmp_path / "deaf.log", queues="parked", concurrency=1)
+    deaf.start(stack.celery)
+    try:
+        held = Held(stack, api, steps=1, queue="parked")
+        held.started()
+        waiter = raw_get(api, f"/api/celery/tasks/{held.task_id}?wait=30")
+        assert held.status()["status"] in ("STARTED", "PROGRESS")  # it is parked
+        held.finish()
+        code, body = parse_answer(answered(lambda: read_all(waiter), 20))
+        waiter.close()
+        assert code == 200 and body["status"] == "SUCCESS"
+        assert "run notification for" in deaf.log_text()  # each one was lost
+    finally:
+        deaf.stop()
