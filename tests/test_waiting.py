@@ -26,7 +26,8 @@ from tests.support import (
     wait_for,
 )
 
-pytestmark = pytest.mark.parametrize(
+# With Redis notifications, and without (RabbitMQ and no REDIS_URL: the poller).
+STACKS = pytest.mark.parametrize(
     "stack", [("redis", "sqlite"), ("rabbitmq", "sqlite")], indirect=True,
     ids=["redis-pubsub", "rabbitmq-poller"])
 
@@ -128,6 +129,7 @@ def events_of(lines) -> list[dict]:
     return events
 
 
+@STACKS
 def test_wait_answers_when_the_run_finishes(stack, api):
     held = Held(stack, api, steps=1)
     held.started()
@@ -154,6 +156,7 @@ def test_wait_answers_when_the_run_finishes(stack, api):
     assert f"waiting hub started: woken by {woken_by}" in api.log_path.read_text()
 
 
+@STACKS
 def test_wait_times_out_with_the_current_state(stack, api):
     held = Held(stack, api, steps=1)
     held.started()
@@ -165,6 +168,7 @@ def test_wait_times_out_with_the_current_state(stack, api):
         held.finish()
 
 
+@STACKS
 def test_a_finished_run_and_wait_zero_answer_at_once(stack, api):
     held = Held(stack, api, steps=1)
     held.started()
@@ -176,6 +180,7 @@ def test_a_finished_run_and_wait_zero_answer_at_once(stack, api):
     assert done.json()["status"] == "SUCCESS"
 
 
+@STACKS
 def test_fifty_waiters_hold_no_thread(stack, api):
     """One gunicorn thread, fifty parked waiters, and a request sent after them is
     answered while they still wait: had any waiter held the thread, the request
@@ -196,6 +201,7 @@ def test_fifty_waiters_hold_no_thread(stack, api):
         assert code == 200 and body["status"] == "SUCCESS"
 
 
+@STACKS
 def test_event_stream_follows_progress_to_the_end(stack, api):
     held = Held(stack, api, steps=3)
     held.started()
@@ -239,6 +245,7 @@ def _iter_events(lines):
         current[name] = value
 
 
+@STACKS
 def test_last_event_id_resumes_without_repeats(stack, api):
     held = Held(stack, api, steps=2)
     held.started()
@@ -266,6 +273,7 @@ def test_last_event_id_resumes_without_repeats(stack, api):
     assert end.status_code == 204
 
 
+@STACKS
 def test_errors_404_422_and_the_waiter_cap(stack, api, tmp_path):
     base = f"{api.url}/api/celery/tasks"
     problem(requests.get(f"{base}/{UNKNOWN}", params={"wait": 5}, timeout=10), 404)
@@ -310,6 +318,7 @@ def test_errors_404_422_and_the_waiter_cap(stack, api, tmp_path):
         small.stop()
 
 
+@STACKS
 def test_outside_gunicorn_the_wait_blocks_boundedly(stack):
     """The Flask test client (no connection to park): the view waits in its thread."""
     client = stack.app.test_client()
@@ -328,6 +337,7 @@ def test_outside_gunicorn_the_wait_blocks_boundedly(stack):
     assert [json.loads(e["data"])["status"] for e in events] == ["SUCCESS"]
 
 
+@STACKS
 def test_authentication_is_required(stack, tmp_path):
     config = make_config(tmp_path, stack.config["CELERY"]["broker_url"], AUTH="required")
     config["CELERY"]["result_backend"] = stack.config["CELERY"]["result_backend"]
@@ -343,12 +353,11 @@ def test_authentication_is_required(stack, tmp_path):
     assert found.status_code == 404
 
 
+@pytest.mark.parametrize("stack", [("redis", "sqlite")], indirect=True, ids=["redis-pubsub"])
 def test_a_lost_notification_costs_at_most_the_recheck(stack, api, tmp_path):
     """Every notification of a run is lost: its worker publishes them to a Redis no API
     listens to (REDIS_URL of a server that is not there). Its waiter is answered all the
     same, by the API's periodic re-check (CELERY_API_WAIT_RECHECK_SECONDS, 1 s)."""
-    if stack.kind != "redis":
-        pytest.skip("the poller has no notifications to lose")
     env = dict(stack.env(), REDIS_URL="redis://127.0.0.1:9/0")  # nothing listens there
     deaf = Worker(env, f"deaf-{uuid.uuid4().hex[:6]}@{os.uname().nodename}",
                   tmp_path / "deaf.log", queues="parked", concurrency=1)
@@ -365,3 +374,22 @@ def test_a_lost_notification_costs_at_most_the_recheck(stack, api, tmp_path):
         assert "run notification for" in deaf.log_text()  # each one was lost
     finally:
         deaf.stop()
+
+
+def test_notifications_travel_through_the_embedded_redis(embedded_broker, tmp_path):
+    """The embedded default's Redis is a Unix socket (redis+socket://): notifications
+    go through it too: a publish is heard by a subscriber."""
+    from celery_api.services import runevents
+
+    app = build_app(make_config(tmp_path, embedded_broker.url))
+    url = runevents.notify_url(app.config)
+    assert url.startswith("unix://")
+    source = runevents.RedisSource(url)
+    try:
+        assert source.wait(0.1) == set()  # subscribed
+        with app.app_context():
+            runevents.publish(UNKNOWN)
+        heard = wait_for(lambda: source.wait(0.5), timeout=10, message="the notification")
+        assert heard == {UNKNOWN}
+    finally:
+        source.close()
