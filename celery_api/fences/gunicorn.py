@@ -106,7 +106,8 @@ class EdgeThreadWorker(ThreadWorker):
         status and headers kept for the hub, and gunicorn writes nothing."""
         from celery_api import waiting
 
-        environ[waiting.PARKING] = True
+        if environ.get("HTTP_VERSION") != "2":  # an HTTP/2 stream shares its socket
+            environ[waiting.PARKING] = True
         captured: list = []
 
         def start(status, headers, exc_info=None):

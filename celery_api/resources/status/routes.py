@@ -10,7 +10,7 @@ from flask.views import MethodView
 
 from celery_api.auth import caller, requires
 from celery_api.idempotency import idempotent
-from celery_api.limits import rate_limited
+from celery_api.limits import limit_header_docs, rate_limited
 from celery_api.resources.fields import known_state, parse_task_id
 from celery_api.resources.status.schemas import (
     CancelArgsSchema,
@@ -140,6 +140,9 @@ EVENT_STREAM_DOC = {
         "`: keep-alive` comments keep idle connections open."),
     # Before OpenAPI 3.2 (no itemSchema), the schema of an event stream describes each
     # event: its fields as the SSE format names them.
+    # (Documented here, not with @blp.response, which has no schema for a stream; the
+    # RateLimit headers as rate_limited documents them on other success responses.)
+    "headers": limit_header_docs(),
     "content": {"text/event-stream": {"schema": {
         "type": "object",
         "required": ["id", "event", "data"],
