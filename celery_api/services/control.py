@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
 from celery_api.services import launch as launch_service
-from celery_api.services import runevents, runstate
+from celery_api.services import runstate
 from celery_api.services.errors import Conflict, Unavailable
 from celery_api.services.runs import describe
 
@@ -106,8 +106,6 @@ def revoke_records(task_ids: list[str], error: str, *, terminate: bool = False,
     db.session.commit()
     if not written:
         return written
-    for task_id in written:  # wake the run's waiters (README "Waiting for a run")
-        runevents.publish(task_id)
     try:
         current_app.extensions["celery"].control.revoke(
             written, terminate=terminate, signal=signal)

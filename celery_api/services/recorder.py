@@ -26,7 +26,7 @@ from celery_api.catalog import get_catalog
 from celery_api.extensions import db
 from celery_api.fences import celery as celery_fence
 from celery_api.models import TaskRun, company_id_of, storable_text, utcnow
-from celery_api.services import runevents, runstate
+from celery_api.services import runstate
 
 log = logging.getLogger("celery_api.worker")
 _connected = False
@@ -60,10 +60,6 @@ def _guarded(handler):
             try:
                 handler(task, **kwargs)
                 db.session.commit()
-                # Wake the run's waiters (README "Waiting for a run"): after the commit,
-                # so that what they read is the change.
-                runevents.publish(kwargs.get("task_id")
-                                  or getattr(kwargs.get("request"), "id", None))
             except Exception:  # noqa: BLE001 - recording must not break the task
                 db.session.rollback()
                 log.exception("❌ could not record %s for task %s", handler.__name__,

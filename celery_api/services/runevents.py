@@ -6,7 +6,8 @@ A notification carries a run's id and nothing else: it only wakes. What a waitin
 client is answered is always read from the record (``runs.describe``), so a lost or
 duplicated message delays an answer or costs a read, and never makes one wrong.
 
-- **Publishing** (worker signal handlers, ``report_progress``, the API's revoke): one
+- **Publishing**: each commit that changed a run's state (every writer goes through
+  ``runstate``, which notes the runs it changed) and each ``report_progress`` sends one
   ``PUBLISH`` on :data:`CHANNEL` of the Redis named by ``REDIS_URL``, else of the broker
   when it is Redis. No Redis (a RabbitMQ broker and no ``REDIS_URL``): nothing is
   published, and API processes poll instead.
@@ -74,7 +75,7 @@ def publish(task_id: str | None) -> None:
         return
     try:
         _client(url).publish(CHANNEL, task_id)
-    except redis.RedisError as exc:
+    except Exception as exc:  # noqa: BLE001 - runs inside commits: must never raise
         now = time.monotonic()
         if now - _warned_at > _QUIET_SECONDS:
             _warned_at = now
