@@ -38,7 +38,8 @@ UNKNOWN = "00000000-0000-4000-8000-000000000000"
 def api(stack):
     """gunicorn on the stack: one worker process with a single request thread."""
     server = LiveServer(stack.env(), stack.folder / "waiting-gunicorn.log",
-                        WEB_CONCURRENCY="1", GUNICORN_THREADS="1").start()
+                        WEB_CONCURRENCY="1", GUNICORN_THREADS="1",
+                        CELERY_API_EVENTS_KEEPALIVE_SECONDS="1").start()
     yield server
     server.stop()
 
@@ -243,6 +244,24 @@ def _iter_events(lines):
             continue
         name, _, value = line.partition(": ")
         current[name] = value
+
+
+@STACKS
+def test_an_idle_stream_gets_keep_alive_comments(stack, api):
+    held = Held(stack, api, steps=1)
+    held.started()
+    stream = raw_get(api, f"/api/celery/tasks/{held.task_id}/events")
+    seen = b""
+    try:
+        # Nothing happens to the run: within CELERY_API_EVENTS_KEEPALIVE_SECONDS (1 s
+        # here) the stream says it is alive.
+        while b"\n: keep-alive\n" not in seen:
+            data = answered(lambda: stream.recv(65536), 20)
+            assert data, "the stream ended"
+            seen += data
+    finally:
+        held.finish()
+        stream.close()
 
 
 @STACKS
