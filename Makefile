@@ -77,6 +77,7 @@ bench: install-test
 	$(BIN)/python bench/compare.py --write
 	$(BIN)/python bench/history.py --write
 	$(BIN)/python bench/schedules.py --write
+	$(BIN)/python bench/waiting.py --write
 	$(BIN)/python bench/embedded_broker.py
 
 # Re-generate both locks from setup.cfg with pip-compile (pip-tools, from the dev extra).

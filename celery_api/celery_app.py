@@ -71,6 +71,10 @@ def celery_init_app(app: Flask) -> Celery:
                 if not getattr(self.request, "celery_api_progress_lost", False):
                     self.request.celery_api_progress_lost = True  # once per run
                     log.warning("progress of %s not published: %s", self.request.id, exc)
+                return
+            from celery_api.services import runevents
+
+            runevents.publish(self.request.id)  # wake the run's event streams
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(app.config["CELERY"])

@@ -99,6 +99,11 @@ def _header_docs(names) -> dict:
             for name in names}
 
 
+def limit_header_docs() -> dict:
+    """The RateLimit headers of a success response, for a response documented by hand."""
+    return _header_docs(HEADERS_DOC)
+
+
 # Declaring an operation's limit.
 
 def rate_limited(kind: str):

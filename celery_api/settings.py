@@ -124,6 +124,13 @@ def from_environment(instance_path: Path) -> dict:
         "WEBHOOK_MAX_RESULT_BYTES": env_int("CELERY_API_WEBHOOK_MAX_RESULT_BYTES", 64 * 1024),
         "WEBHOOK_SWEEP_SECONDS": env_float("CELERY_API_WEBHOOK_SWEEP_SECONDS", 30.0),
         "PUBLIC_URL": (env_str("CELERY_API_PUBLIC_URL", "") or "").rstrip("/"),
+        # Waiting for a run (README "Waiting for a run").
+        "WAIT_MAX_SECONDS": env_int("CELERY_API_MAX_WAIT_SECONDS", 30),
+        "WAIT_MAX_WAITERS": env_int("CELERY_API_MAX_WAITERS", 1000),
+        "WAIT_RECHECK_SECONDS": env_float("CELERY_API_WAIT_RECHECK_SECONDS", 1.0),
+        "WAIT_POLL_SECONDS": env_float("CELERY_API_WAIT_POLL_SECONDS", 0.25),
+        "EVENTS_KEEPALIVE_SECONDS": env_float("CELERY_API_EVENTS_KEEPALIVE_SECONDS", 15.0),
+        "EVENTS_MAX_SECONDS": env_float("CELERY_API_EVENTS_MAX_SECONDS", 600.0),
         "CELERY": celery_config(broker_url, result_backend, broker_timeout),
     }
 

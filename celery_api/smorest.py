@@ -254,6 +254,15 @@ class Api(BaseApi):
         self.ma_plugin.converter.add_attribute_function(document_no_nul)
         self.ma_plugin.converter.add_attribute_function(document_component)
         self.ma_plugin.converter.add_attribute_function(document_nullable)
+        config = self._app.config
+
+        def document_setting_maximum(converter, field, ret=None, **_kwargs) -> dict:
+            """A field whose upper bound is a setting (``metadata={"maximum_setting":
+            CONFIG_KEY}``) documents this app's value of it."""
+            key = field.metadata.get("maximum_setting")
+            return {} if key is None else {"maximum": config[key]}
+
+        self.ma_plugin.converter.add_attribute_function(document_setting_maximum)
 
     def _register_responses(self):
         """Document every error status with the problem+json media type."""

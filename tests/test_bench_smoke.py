@@ -33,3 +33,12 @@ def test_history_bench_smoke_run():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| first page, no filter |" in done.stdout
     assert "| PostgreSQL | 8 |" in done.stdout
+
+
+def test_waiting_bench_smoke_run():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "waiting.py"), "--waiters", "20",
+                           "--runs", "3", "--probes", "5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| waiters parked at once | 20 answered of 20 (0 refused with 503) |" in done.stdout
+    assert "| delay, one waiter per run (3 runs)" in done.stdout

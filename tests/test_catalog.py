@@ -17,8 +17,7 @@ def test_builtin_and_external_modules_register():
     catalog = load_catalog(["acme_tasks"])
     assert [d.task_type for d in catalog] == [
         "acme.add", "acme.boom", "acme.count", "acme.count_cached", "acme.count_slowly",
-        "acme.garble",
-        "acme.sleep", "acme.sleep_safely",
+        "acme.garble", "acme.sleep", "acme.sleep_safely", "acme.steps",
         "sii.sync_documents",
         "sii.sync_documents_all_companies",
         "sii.sync_f29", "sii.sync_f29_all_companies"]

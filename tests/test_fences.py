@@ -117,3 +117,46 @@ def test_flask_smorest_and_webargs_internals():
                  "_register_error_handlers"):
         assert callable(getattr(Api, name, None)), name
     assert parameters(FlaskParser._raw_load_json) == ["self", "req"]
+
+
+def test_gunicorn_gthread_internals():
+    """celery_api/fences/gunicorn.py (EdgeThreadWorker) overrides and calls these."""
+    from gunicorn.http import wsgi as gunicorn_wsgi
+    from gunicorn.workers import base, gthread
+
+    worker = gthread.ThreadWorker
+    for name, params in {
+        "accept": ["self", "listener"],
+        "on_client_socket_readable": ["self", "conn", "client"],
+        "_cap_keepalive": ["self", "deadline"],
+        "handle": ["self", "conn"],
+        "handle_error": ["self", "req", "client", "addr", "exc"],
+        "finish_request": ["self", "conn", "fs"],
+        "enqueue_req": ["self", "conn"],
+        "handle_request": ["self", "req", "conn"],
+        "run": ["self"],
+        "init_process": ["self"],
+    }.items():
+        assert parameters(getattr(worker, name)) == params, name
+    assert parameters(base.Worker.load_wsgi) == ["self"]
+    assert "self.wsgi = self.app.wsgi()" in inspect.getsource(base.Worker.load_wsgi)
+    assert parameters(gthread.TConn.__init__) == ["self", "cfg", "sock", "client", "server"]
+    for name in ("init", "close"):
+        assert callable(getattr(gthread.TConn, name)), name
+    # A parked request: the app is called with the Response's own start_response; a
+    # Response whose headers count as sent writes nothing on close; must_close stops
+    # the keep-alive; the client socket is in the environ.
+    handle_request = inspect.getsource(worker.handle_request)
+    assert "self.wsgi(environ, resp.start_response)" in handle_request
+    assert "resp.should_close()" in handle_request
+    assert "if not self.headers_sent" in inspect.getsource(gunicorn_wsgi.Response.close)
+    assert "self.must_close" in inspect.getsource(gunicorn_wsgi.Response.should_close)
+    assert '"gunicorn.socket": sock' in inspect.getsource(gunicorn_wsgi)
+    # finish_request is run in the event loop through the method queue, with the future.
+    assert "self.method_queue.defer(self.finish_request, conn, fut)" in \
+        inspect.getsource(worker.enqueue_req)
+    # The worker loop reads these.
+    source = inspect.getsource(worker)
+    for attribute in ("self.poller", "self.pending_conns", "self.keepalived_conns",
+                      "self.nr_conns"):
+        assert attribute in source, attribute

@@ -29,7 +29,11 @@ def live(tmp_path_factory, redis_server):
     config = make_config(folder, redis_server.url.replace("/0", "/8"))
     key = create_key(build_app(config), "schemathesis")
     api = LiveServer(service_env(config), folder / "gunicorn.log",
-                     CELERY_API_AUTH="required").start()
+                     CELERY_API_AUTH="required",
+                     # Runs here never finish (no worker): waits and event streams on
+                     # them end within the request timeout.
+                     CELERY_API_MAX_WAIT_SECONDS="2",
+                     CELERY_API_EVENTS_MAX_SECONDS="2").start()
     yield api, folder, key
     api.stop()
 

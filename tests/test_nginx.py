@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 
 import pytest
 import requests
@@ -70,3 +72,42 @@ def test_errors_and_request_ids_pass_through(behind_nginx):
     assert re.fullmatch(r"[0-9a-f]{32}", made.headers["X-Request-ID"])  # nginx's $request_id
     assert requests.get(f"{behind_nginx}/tasks-api", timeout=5,
                         allow_redirects=False).status_code == 308
+
+
+def test_waits_and_event_streams_pass_through(behind_nginx):
+    """GET ?wait=N and the event stream through deploy/nginx.conf: the stream's events
+    reach the client while it is open (no buffering), and both end on a revoke."""
+    base = f"{behind_nginx}/tasks-api/api/celery/tasks"
+
+    def launch() -> str:  # no worker here: the run stays queued until revoked
+        launched = requests.post(f"{base}/launch", timeout=5, json={
+            "task_type": "sii.sync_documents", "params": {"company_id": SANDBOX_COMPANIES[0]}})
+        assert launched.status_code == 202
+        return launched.json()["task_id"]
+
+    task_id = launch()
+    timed_out = requests.get(f"{base}/{task_id}", params={"wait": 1}, timeout=10)
+    assert timed_out.status_code == 200 and timed_out.json()["status"] == "PENDING"
+    with requests.get(f"{base}/{task_id}/events", stream=True, timeout=10) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        lines = stream.iter_lines(chunk_size=1, decode_unicode=True)
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[len("data: "):])["status"] == "PENDING"
+        # The first event came through while the stream is still open: now end it.
+        assert requests.delete(f"{base}/{task_id}", timeout=5).status_code == 200
+        last = [line for line in lines if line.startswith("data: ")][-1]
+    assert json.loads(last[len("data: "):])["status"] == "REVOKED"
+    # A waiter answered when the run ends, through nginx.
+    task_id = launch()
+    answer: dict = {}
+
+    def wait():
+        answer["response"] = requests.get(f"{base}/{task_id}", params={"wait": 30}, timeout=40)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    assert requests.delete(f"{base}/{task_id}", timeout=5).status_code == 200
+    waiter.join(40)
+    assert answer["response"].status_code == 200
+    assert answer["response"].json()["status"] == "REVOKED"

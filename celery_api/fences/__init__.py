@@ -4,6 +4,9 @@
   worker's revoked set, the result backend's MGET, the join-will-block flag).
 - ``fences/kombu.py``: kombu (Redis client reuse, library-error wrapping, reading the
   Redis queues and unacknowledged messages).
+- ``fences/gunicorn.py``: gunicorn's gthread worker (``EdgeThreadWorker``: request heads
+  read in the event loop; requests parked with the waiting hub, written by neither the
+  thread nor the worker).
 - ``celery_api/smorest.py``: flask-smorest and webargs (the ``Api``, ``Blueprint`` and
   parser subclasses override their private hooks: spec set-up, responses, the JSON
   document, error handlers, raw JSON loading).

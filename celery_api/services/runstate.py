@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
@@ -106,7 +107,38 @@ def transition(task_ids: str | Iterable[str], to: str, *, from_: Iterable[str] |
         from celery_api.services import webhooks
 
         webhooks.record_run_events(moved, to)
-    return [row.id for row in moved]
+    ids = [row.id for row in moved]
+    changed(ids)
+    return ids
+
+
+def changed(task_ids: Iterable[str]) -> None:
+    """Note runs whose state this session changed: their waiters are notified once the
+    session commits (``services.runevents``), never before (they would read the old
+    state)."""
+    ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+    if ids:
+        db.session.info.setdefault(CHANGED_KEY, set()).update(ids)
+
+
+CHANGED_KEY = "celery_api.changed_runs"
+
+
+@sa.event.listens_for(Session, "after_commit")
+def _notify_committed(session: Session) -> None:
+    """Each run this session changed is notified once the change is committed, whoever
+    the writer (worker, API, beat)."""
+    task_ids = session.info.pop(CHANGED_KEY, ())
+    if task_ids:
+        from celery_api.services.runevents import publish
+
+        for task_id in task_ids:
+            publish(task_id)
+
+
+@sa.event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    session.info.pop(CHANGED_KEY, None)
 
 
 def finish(task_id: str, to: str, *, now: datetime | None = None,
@@ -160,6 +192,7 @@ def claim(task_id: str, *, worker: str, retries: int, now: datetime | None = Non
         .returning(TaskRun.attempts)
     ).scalar_one_or_none()
     if taken is not None:
+        changed(task_id)
         return Claim("claimed", attempt=taken)
     return _refused(task_id, retries)
 
@@ -177,6 +210,7 @@ def take_over(task_id: str, seen: Claim, *, worker: str, retries: int,
         .returning(TaskRun.attempts)
     ).scalar_one_or_none()
     if taken is not None:
+        changed(task_id)
         return Claim("claimed", attempt=taken)
     return _refused(task_id, retries)
 

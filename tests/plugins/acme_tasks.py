@@ -98,6 +98,28 @@ def count_cached(self, key: str, step: int = 1, seconds: float = 0.0) -> int:
     count = client.incrby(f"acme:count:{key}", step)
     _sleep(self, seconds)
     return count
+class StepsParamsSchema(ma.Schema):
+    key = ma.fields.String(required=True, validate=ma.validate.Length(1, 64))
+    steps = ma.fields.Integer(required=True, validate=ma.validate.Range(1, 100))
+
+
+@shared_task(bind=True, name="acme.steps")
+def steps(self, key: str, steps: int) -> dict:
+    """Held by the test: reports step n once the result backend's Redis counter
+    ``acme:steps:KEY`` reaches n (tests INCR it), and ends after the last (60 s at most)."""
+    client = self.app.backend.client
+    deadline = time.monotonic() + 60
+    done = 0
+    while done < steps and time.monotonic() < deadline:
+        reached = min(int(client.get(f"acme:steps:{key}") or 0), steps)
+        if reached > done:
+            done = reached
+            self.report_progress(done, steps, f"step {done}")
+        else:
+            time.sleep(0.01)
+    if done < steps:
+        raise TimeoutError(f"released {done} of {steps} steps")
+    return {"steps": steps}
 
 
 def register(catalog):
@@ -122,3 +144,5 @@ def register(catalog):
                 params_schema=CountCachedParamsSchema, name="Count, cached",
                 description="Counts its executions; answers identical launches for 60 s.",
                 cache_ttl=60)
+    catalog.add("acme.steps", celery_name="acme.steps", params_schema=StepsParamsSchema,
+                name="Steps", description="Reports each step the test releases.")

@@ -5,22 +5,24 @@ the original's other paths, GET /tasks/{id}/status and POST /tasks/{id}/cancel
 from __future__ import annotations
 
 import marshmallow as ma
-from flask import current_app, url_for
+from flask import current_app, request, url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller, requires
 from celery_api.idempotency import idempotent
-from celery_api.limits import rate_limited
+from celery_api.limits import limit_header_docs, rate_limited
 from celery_api.resources.fields import known_state, parse_task_id
 from celery_api.resources.status.schemas import (
     CancelArgsSchema,
     RevokeArgsSchema,
     RevokeResponseSchema,
     TaskStatusResponseSchema,
+    WaitArgsSchema,
 )
+from celery_api.resources.status.waits import events_answer, wait_answer
 from celery_api.resources.tasks.routes import launch_response
 from celery_api.resources.tasks.schemas import TaskLaunchResponseSchema
-from celery_api.services import control, runs
+from celery_api.services import control, runs, runstate
 from celery_api.services.cache import run_cache
 from celery_api.smorest import Blueprint, error_responses
 
@@ -53,8 +55,16 @@ def _json_response(data: bytes):
     return current_app.response_class(data, status=200, mimetype="application/json")
 
 
-def status_answer(task_id: str):
-    """GET /tasks/{task_id} (and its alias): the body, or the cached bytes of it."""
+def status_bytes(view: runs.RunView) -> bytes:
+    """The status body as Flask's JSON responses are written (compact, sorted, a final
+    newline): the same bytes whether answered at once, cached or after a wait."""
+    return (current_app.json.dumps(STATUS_SCHEMA.dump(_status_body(view)), indent=None,
+                                   separators=(",", ":")) + "\n").encode()
+
+
+def status_answer(task_id: str, wait: int = 0):
+    """GET /tasks/{task_id} (and its alias): the body, or the cached bytes of it; with
+    ``wait``, when the run finishes or ``wait`` seconds have passed."""
     task_id = parse_task_id(task_id)
     cache = run_cache()
     if cache is not None:
@@ -62,13 +72,14 @@ def status_answer(task_id: str):
         if cached is not None:
             return _json_response(cached)
     view = runs.describe(task_id)
+    if wait and request.method == "GET" and not runstate.is_finished(view.status):
+        return wait_answer(task_id, view, wait, _status_body, status_bytes)
     body = _status_body(view)
     if cache is not None and view.status == "SUCCESS" and view.recorded:
         # A successful run never changes again (only FAILURE/REVOKED can be retried).
         # As Flask's JSON responses are written (compact, sorted, a final newline),
         # so a cached answer is byte for byte the uncached one.
-        data = (current_app.json.dumps(STATUS_SCHEMA.dump(body), indent=None,
-                                       separators=(",", ":")) + "\n").encode()
+        data = status_bytes(view)
         cache.put(task_id, data)
         return _json_response(data)
     return body
@@ -89,15 +100,19 @@ def revoke_answer(task_id: str, args: dict):
 class TaskRunItem(MethodView):
     @requires("read")
     @rate_limited("read")
+    @blp.arguments(WaitArgsSchema(), location="query", unknown=ma.EXCLUDE)
     @blp.response(200, TaskStatusResponseSchema)
     @error_responses(blp, 404, 422, 503)
     @blp.doc(operationId="getTaskStatus")
-    def get(self, task_id):
+    def get(self, args, task_id):
         """Get a run's status, result and progress
 
-        404 for an id this service never saw (Celery alone would say PENDING).
+        404 for an id this service never saw (Celery alone would say PENDING). With
+        `wait=N`, the answer comes as soon as the run finishes, or after N seconds with
+        its current state (no server thread is held meanwhile). 503 also when this
+        server process holds `CELERY_API_MAX_WAITERS` waiting clients already.
         """
-        return status_answer(task_id)
+        return status_answer(task_id, args["wait"])
 
     @requires("control")
     @blp.arguments(RevokeArgsSchema(), location="query", unknown=ma.RAISE)
@@ -114,6 +129,61 @@ class TaskRunItem(MethodView):
         409 when it already finished.
         """
         return revoke_answer(task_id, args)
+
+
+EVENT_STREAM_DOC = {
+    "description": (
+        "A Server-Sent Events stream. Each event's `data` is the run's status document "
+        "(as `getTaskStatus` answers it); `event` is `status` when its state changed, "
+        "`progress` when only its progress did; `id` names that state. The stream "
+        "starts with the current state and ends after the run's final state; "
+        "`: keep-alive` comments keep idle connections open."),
+    # Before OpenAPI 3.2 (no itemSchema), the schema of an event stream describes each
+    # event: its fields as the SSE format names them.
+    # (Documented here, not with @blp.response, which has no schema for a stream; the
+    # RateLimit headers as rate_limited documents them on other success responses.)
+    "headers": limit_header_docs(),
+    "content": {"text/event-stream": {"schema": {
+        "type": "object",
+        "required": ["id", "event", "data"],
+        "properties": {
+            "id": {"type": "string", "description": "Names the state the event carries"},
+            "event": {"type": "string", "enum": ["status", "progress"]},
+            "data": {"type": "string", "description": "The run's status document, "
+                     "`TaskStatusResponse` as JSON on one line"},
+            "retry": {"type": "integer", "description": "Milliseconds to wait before "
+                      "reconnecting"},
+        },
+    }}},
+}
+
+
+@blp.route("/tasks/<task_id:task_id>/events")
+class TaskRunEvents(MethodView):
+    @requires("read")
+    @rate_limited("read")
+    @blp.alt_response(204, description=(
+        "The run has finished and `Last-Event-ID` names its final state: nothing more "
+        "will come (an EventSource stops reconnecting)."))
+    @error_responses(blp, 404, 422, 503)
+    @blp.doc(operationId="streamTaskEvents", responses={"200": EVENT_STREAM_DOC},
+             parameters=[{
+                 "in": "header", "name": "Last-Event-ID", "required": False,
+                 "schema": {"type": "string"},
+                 "description": ("The `id` of the last event received: on reconnecting, "
+                                 "the state it names is not sent again (any other value: "
+                                 "the current state is sent).")}])
+    def get(self, task_id):
+        """Follow a run's state changes and progress (Server-Sent Events)
+
+        Ends when the run finishes (at the latest after
+        `CELERY_API_EVENTS_MAX_SECONDS`: reconnect with `Last-Event-ID`). Each event
+        carries the run's whole state, so a reconnecting client is sent the current
+        state (unless it already saw it), not every step it missed. No server thread
+        is held while the stream is open.
+        """
+        return events_answer(parse_task_id(task_id), request.headers.get("Last-Event-ID"),
+                             lambda view: STATUS_SCHEMA.dump(_status_body(view)))
 
 
 @blp.route("/tasks/<task_id:task_id>/retry")

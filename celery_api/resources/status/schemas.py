@@ -7,6 +7,7 @@ field allows it), so generated clients do not handle ``undefined`` for nothing.
 from __future__ import annotations
 
 import marshmallow as ma
+from flask import current_app
 
 from celery_api.resources.fields import RunLineageSchema, TaskStatus
 from celery_api.services.control import SIGNALS
@@ -82,3 +83,20 @@ class RevokeResponseSchema(Schema):
     status = TaskStatus(required=True)
     terminate = ma.fields.Boolean(required=True)
     message = ma.fields.String(required=True)
+
+
+class WaitArgsSchema(RequestSchema):
+    wait = ma.fields.Integer(
+        load_default=0, strict=False, validate=ma.validate.Range(min=0),
+        metadata={"maximum_setting": "WAIT_MAX_SECONDS", "description": (
+            "Seconds to wait for the run to finish: the answer comes as soon as it "
+            "finishes, or after this long with its current state. 0 (the default) "
+            "answers at once; at most `CELERY_API_MAX_WAIT_SECONDS` (30 by default).")})
+
+    @ma.validates("wait")
+    def _bounded(self, value, **_kwargs):
+        limit = current_app.config["WAIT_MAX_SECONDS"]
+        if value is not None and value > limit:
+            raise ma.ValidationError(
+                f"Wait at most {limit} seconds (CELERY_API_MAX_WAIT_SECONDS); "
+                "for longer, wait again or follow GET /tasks/{task_id}/events.")
