@@ -140,9 +140,10 @@ def _register_blueprints(app: Flask, api) -> None:
     for blp in (tasks_blp, batches_blp, status_blp, history_blp, stats_blp, health_blp):
         api.register_blueprint(blp)
     api.register_blueprint(schedules_blp)
-    from celery_api import docs
+    from celery_api import console, docs
 
     app.register_blueprint(docs.blp)
+    console.init_app(app)
 
 
 def _register_params_components(app: Flask, api) -> None:

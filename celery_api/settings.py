@@ -99,6 +99,7 @@ def from_environment(instance_path: Path) -> dict:
         "DELAY_HOLD_SECONDS": env_float("CELERY_API_DELAY_HOLD_SECONDS", 60.0),
         "DISPATCH_INTERVAL": env_float("CELERY_API_DISPATCH_INTERVAL", 1.0),
         "IDEMPOTENCY_SECONDS": env_float("CELERY_API_IDEMPOTENCY_SECONDS", 24 * 3600.0),
+        "CONSOLE_SESSION_HOURS": env_float("CELERY_API_CONSOLE_SESSION_HOURS", 12.0),
         "CELERY": celery_config(broker_url, result_backend, broker_timeout),
     }
 
