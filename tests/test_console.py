@@ -1,0 +1,332 @@
+"""The operator console (/console/) in a real headless Chromium (Debian's, driven by
+Playwright), against gunicorn with CELERY_API_AUTH=required and a real worker.
+
+One browser for the module; each test opens its own browser context (its own cookies).
+The console's own test task (tests/plugins/console_tasks.py) holds its progress until
+the test releases it, so a run's page is watched at a known point, not a moment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from types import SimpleNamespace
+
+import pytest
+import redis
+import requests
+
+from celery_api.extensions import db
+from celery_api.models import ConsoleSession
+from celery_api.services import keys
+from tests.support import (
+    COMPANY,
+    LiveServer,
+    Worker,
+    build_app,
+    create_key,
+    make_config,
+    service_env,
+)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory, redis_server):
+    """gunicorn (authentication required) and a worker on a private Redis database."""
+    folder = tmp_path_factory.mktemp("console")
+    broker = redis_server.url.replace("/0", "/9")
+    config = make_config(folder, broker, AUTH="required",
+                         TASK_MODULES=["acme_tasks", "console_tasks"])
+    app = build_app(config)
+    ops = create_key(app, "ops", "read", "launch", "control", "admin")
+    viewer = create_key(app, "viewer", "read")
+    env = dict(service_env(config), CELERY_API_AUTH="required",
+               CELERY_API_TASK_MODULES="acme_tasks,console_tasks",
+               CELERY_API_INSPECT_TIMEOUT="0.5", CELERY_API_STATS_CACHE_SECONDS="0")
+    server = LiveServer(env, folder / "gunicorn.log", WEB_CONCURRENCY="2").start()
+    name = f"console-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
+    worker = Worker(env, name, folder / "worker.log").start(app.extensions["celery"])
+    yield SimpleNamespace(app=app, url=server.url, ops=ops, viewer=viewer, worker=worker,
+                          redis=redis.Redis.from_url(broker))
+    worker.stop()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which("chromium") and not shutil.which("/usr/bin/chromium"):
+        pytest.fail("Debian's chromium is needed: apt-get install -y chromium chromium-driver")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # launch() gives each browser a fresh, temporary --user-data-dir.
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                              args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    tab = context.new_page()
+    tab.on("dialog", lambda dialog: dialog.accept())  # confirmations: yes
+    yield tab
+    context.close()
+
+
+def sign_in(page, console, key: str) -> None:
+    page.goto(f"{console.url}/console/")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(r"/console/(runs|launch)"))
+
+
+def api(console, method: str, path: str, key: str | None = None, **kwargs):
+    headers = {"Authorization": f"Bearer {key or console.ops}"}
+    return requests.request(method, f"{console.url}/api/celery{path}", headers=headers,
+                            timeout=10, **kwargs)
+
+
+def csrf_token(page) -> str:
+    return page.locator("input[name=csrf_token]").first.get_attribute("value")
+
+
+def post_from_page(page, path: str, form: dict) -> int:
+    """POST a form from the page's own origin with fetch (as a forged form would)."""
+    return page.evaluate("""async ([path, form]) => {
+        const body = new URLSearchParams(form);
+        const response = await fetch(path, {method: "POST", body, redirect: "manual",
+                                            credentials: "same-origin"});
+        return response.status;
+    }""", [path, form])
+
+
+# Signing in.
+
+def test_sign_in_with_a_key_and_a_wrong_key_refused(page, console):
+    page.goto(f"{console.url}/console/runs")
+    assert "/console/sign-in" in page.url  # not signed in: sent to the sign-in page
+    page.get_by_label("API key").fill("cak_000000000000_" + "0" * 64)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_text("The API key is not valid.").wait_for()
+    assert "/console/sign-in" in page.url
+    page.get_by_label("API key").fill(console.ops)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(r"/console/runs$"))  # back where it was going
+    assert page.get_by_text("Signed in as").inner_text().startswith("Signed in as ops")
+    (cookie,) = page.context.cookies()
+    assert cookie["name"] == "celery_api_console" and cookie["httpOnly"]
+    assert cookie["sameSite"] == "Strict" and cookie["path"] == "/console/"
+    assert not cookie["secure"]  # plain http here; https requests get Secure
+    assert console.ops.split("_")[2] not in cookie["value"]  # an id, not the key
+    with console.app.app_context():  # the database keeps a hash of it, never the id
+        assert db.session.execute(db.select(ConsoleSession.id_hash)).scalars().all()
+        assert not db.session.execute(db.select(ConsoleSession).where(
+            ConsoleSession.id_hash == cookie["value"])).first()
+
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url(re.compile(r"/console/sign-in"))
+    old = requests.get(f"{console.url}/console/runs", cookies={cookie["name"]: cookie["value"]},
+                       allow_redirects=False, timeout=10)
+    assert old.status_code == 302 and "/console/sign-in" in old.headers["Location"]
+
+
+def test_a_read_only_key_sees_no_actions_and_a_forged_post_is_refused(page, console):
+    launched = api(console, "POST", "/tasks/launch", json={
+        "task_type": "acme.add", "params": {"a": 1, "b": 2}, "countdown": 600})
+    task_id = launched.json()["task_id"]
+    sign_in(page, console, console.viewer)
+    assert page.get_by_role("link", name="Launch").count() == 0
+    page.goto(f"{console.url}/console/runs/{task_id}")
+    page.get_by_text("PENDING").first.wait_for()
+    assert page.get_by_role("button", name="Revoke").count() == 0
+    assert page.get_by_role("button", name="Retry").count() == 0
+    # A valid session and CSRF token, but not the scope: refused, nothing revoked.
+    status = post_from_page(page, f"/console/runs/{task_id}/revoke",
+                            {"csrf_token": csrf_token(page)})
+    assert status == 403
+    assert api(console, "GET", f"/tasks/{task_id}").json()["status"] == "PENDING"
+    page.goto(f"{console.url}/console/launch/acme.add")
+    assert page.get_by_role("heading", name="403: Not allowed").is_visible()
+    api(console, "DELETE", f"/tasks/{task_id}")
+
+
+def test_a_post_without_the_csrf_token_or_from_another_origin_is_refused(page, console):
+    sign_in(page, console, console.ops)
+    page.goto(f"{console.url}/console/launch/acme.add")
+    form = {"p.a": "1", "p.b": "2"}
+    assert post_from_page(page, "/console/launch/acme.add", form) == 403
+    cookies = {c["name"]: c["value"] for c in page.context.cookies()}
+    token = csrf_token(page)
+    # Another site's form carries the browser's cookie and its own Origin (the cookie's
+    # SameSite=Strict already keeps it home; the Origin check holds on its own).
+    forged = requests.post(f"{console.url}/console/launch/acme.add", cookies=cookies,
+                           data={**form, "csrf_token": token},
+                           headers={"Origin": "https://evil.example"},
+                           allow_redirects=False, timeout=10)
+    assert forged.status_code == 403
+    # The same request from this origin launches.
+    sent = requests.post(f"{console.url}/console/launch/acme.add", cookies=cookies,
+                         data={**form, "csrf_token": token},
+                         headers={"Origin": console.url}, allow_redirects=False, timeout=10)
+    assert sent.status_code == 302 and "/console/runs/" in sent.headers["Location"]
+
+
+def test_revoking_a_key_ends_its_console_sessions(page, console):
+    key = create_key(console.app, f"short-{uuid.uuid4().hex[:6]}", "read")
+    sign_in(page, console, key)
+    with console.app.app_context():
+        keys.revoke(page.get_by_text("Signed in as").locator("strong").inner_text())
+    page.goto(f"{console.url}/console/runs")
+    assert "/console/sign-in" in page.url
+
+
+# Launching, watching, revoking.
+
+def test_launch_form_shows_a_422_next_to_its_field_then_watches_progress_to_success(
+        page, console):
+    sign_in(page, console, console.ops)
+    page.goto(f"{console.url}/console/launch")
+    page.get_by_role("link", name="console.wait").click()  # the test module's own form
+    # Generated from the JSON Schema: required, default, enum, boolean.
+    key_field = page.get_by_label("Key")
+    assert key_field.get_attribute("required") is not None
+    assert page.get_by_label("Steps").input_value() == "2"
+    assert page.get_by_label("Steps").get_attribute("min") == "2"
+    assert page.get_by_label("Mode").locator("option").all_inner_texts() == [
+        "—", "fast", "careful"]
+    assert page.get_by_label("Loud").get_attribute("type") == "checkbox"
+
+    # The browser would refuse 1 (min 2); a client that skips its checks gets the
+    # server's 422, shown next to the field.
+    page.eval_on_selector("#launch-form", "form => form.noValidate = true")
+    release = uuid.uuid4().hex
+    key_field.fill(release)
+    page.get_by_label("Steps").fill("1")
+    page.get_by_role("button", name="Launch").click()
+    error = page.locator("#field-p-steps-error")
+    error.wait_for()
+    assert "greater than or equal to 2" in error.inner_text()
+    assert page.get_by_label("Steps").get_attribute("aria-invalid") == "true"
+    assert page.get_by_label("Key").input_value() == release  # what was typed is kept
+
+    page.get_by_label("Steps").fill("4")
+    page.get_by_role("button", name="Launch").click()
+    page.wait_for_url(re.compile(r"/console/runs/[0-9a-f-]{36}\?notice=launched"))
+    page.get_by_text("waiting for release").wait_for()  # the progress meta, live
+    assert page.locator("#run-progress-bar").get_attribute("value") == "1"
+    assert page.locator("#run-progress-bar").get_attribute("max") == "4"
+    assert page.locator("#run-status").inner_text() == "PROGRESS"
+    console.redis.set(f"console:release:{release}", 1)
+    page.locator("#run-status .status-success").wait_for()  # the page's own polling
+    result = page.locator("#run-result").inner_text()
+    assert f'"released": "{release}"' in result and '"steps": 4' in result
+    assert page.locator("#run-worker").inner_text().startswith("console-")
+
+
+def test_revoking_a_queued_run(page, console):
+    sign_in(page, console, console.ops)
+    page.goto(f"{console.url}/console/launch/acme.add")
+    page.locator("#field-p-a").fill("2")
+    page.locator("#field-p-b").fill("3")
+    page.locator("summary", has_text="Launch options").click()
+    page.get_by_label("Countdown (seconds)").fill("600")
+    page.get_by_label("Tags").fill("console-revoke")
+    page.get_by_role("button", name="Launch").click()
+    page.wait_for_url(re.compile(r"/console/runs/[0-9a-f-]{36}"))
+    task_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
+    assert page.locator("#run-status").inner_text() == "PENDING"
+    page.get_by_role("button", name="Revoke").click()  # confirmed by the dialog handler
+    page.get_by_text("Revoked: it will not run.").wait_for()
+    assert page.locator("#run-status").inner_text() == "REVOKED"
+    body = api(console, "GET", f"/tasks/{task_id}").json()
+    assert body["status"] == "REVOKED" and body["revoked_by"] == "ops"
+    assert body["tags"] == ["console-revoke"]
+    page.get_by_role("button", name="Retry").click()
+    page.get_by_text("Retry launched: this is the new run.").wait_for()
+    assert page.get_by_text("retried as").count() == 0
+    page.get_by_role("link", name=task_id[:8]).first.wait_for()  # its lineage names it
+    api(console, "DELETE", f"/tasks/{re.search(r'/runs/([0-9a-f-]{36})', page.url).group(1)}")
+
+
+# The history and the workers.
+
+def test_filtering_the_history(page, console):
+    tag = f"filter-{uuid.uuid4().hex[:6]}"
+    ids = [api(console, "POST", "/tasks/launch", json={
+        "task_type": task_type, "params": params, "tags": [tag]}).json()["task_id"]
+        for task_type, params in (("acme.add", {"a": 1, "b": 1}),
+                                  ("sii.sync_f29", {"company_id": COMPANY}))]
+    sign_in(page, console, console.ops)
+    page.get_by_label("Tag").fill(tag)
+    page.get_by_role("button", name="Filter").click()
+    page.wait_for_url(re.compile(rf"tag={tag}"))
+    rows = page.locator("#run-rows tr")
+    assert rows.count() == 2
+    page.get_by_label("Task type").select_option("acme.add")
+    page.get_by_role("button", name="Filter").click()
+    page.wait_for_url(re.compile(r"task_type=acme.add"))
+    assert rows.count() == 1 and rows.first.locator("a.mono").inner_text() == ids[0][:8]
+    # The live refresh asks for the same filters.
+    assert f"tag={tag}" in page.locator("#run-rows").get_attribute("data-live-url")
+    page.locator("#run-rows[data-refreshed]").wait_for()
+    assert rows.count() == 1
+    page.get_by_label("Status").select_option("FAILURE")
+    page.get_by_role("button", name="Filter").click()
+    page.get_by_text("No run matches these filters.").wait_for()
+    page.get_by_label("Company").fill("not-a-uuid")
+    page.get_by_role("button", name="Filter").click()
+    page.get_by_text("company_id: a UUID").wait_for()
+
+
+def test_the_workers_page_lists_the_worker_and_refreshes_itself(page, console):
+    sign_in(page, console, console.ops)
+    page.get_by_role("link", name="Workers & queues").click()
+    page.get_by_role("heading", name="Workers online (1)").wait_for()
+    assert page.get_by_role("heading", name=re.compile(r"^console-")).count() == 1
+    assert page.locator("table.compact td", has_text="celery").count() == 1
+    page.locator("#workers[data-refreshed]").wait_for()  # fetched again, not reloaded
+    assert page.get_by_text("Snapshot taken").is_visible()
+
+
+def test_a_phone_width_keeps_the_pages_usable(browser, console):
+    context = browser.new_context(viewport={"width": 375, "height": 740})
+    try:
+        page = context.new_page()
+        sign_in(page, console, console.ops)
+        for path in ("runs", "launch/sii.sync_documents", "workers", "batches"):
+            page.goto(f"{console.url}/console/{path}")
+            # No sideways scrolling of the page (wide tables scroll in their own box).
+            assert page.evaluate("document.documentElement.scrollWidth") <= 375, path
+    finally:
+        context.close()
+
+
+# Without a browser: authentication off, the edge's policy.
+
+def test_with_authentication_off_the_console_opens_and_says_so(client):
+    page = client.get("/console/runs")
+    assert page.status_code == 200
+    assert "Authentication is off" in page.get_data(as_text=True)
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "form-action 'self'" in policy
+    assert "unsafe-inline" not in policy and "<script>" not in page.get_data(as_text=True)
+    cookie = page.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/console/" in cookie
+    # Still a CSRF token on every form, even with nobody to sign in.
+    refused = client.post("/console/launch/acme.add", data={"p.a": "1", "p.b": "1"})
+    assert refused.status_code == 403
+    # An https request (as a trusted proxy reports it) gets a Secure cookie.
+    other = client.application.test_client()
+    secure = other.get("/console/runs", base_url="https://localhost")
+    assert "Secure" in secure.headers["Set-Cookie"]
