@@ -28,6 +28,7 @@ from tests.support import (
     build_app,
     create_key,
     make_config,
+    optional_component,
     service_env,
 )
 
@@ -62,8 +63,8 @@ def console(tmp_path_factory, redis_server):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not shutil.which("chromium") and not shutil.which("/usr/bin/chromium"):
-        pytest.fail("Debian's chromium is needed: apt-get install -y chromium chromium-driver")
+    if not shutil.which(CHROMIUM):
+        optional_component("chromium", "no /usr/bin/chromium (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
