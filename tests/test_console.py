@@ -331,3 +331,25 @@ def test_with_authentication_off_the_console_opens_and_says_so(client):
     other = client.application.test_client()
     secure = other.get("/console/runs", base_url="https://localhost")
     assert "Secure" in secure.headers["Set-Cookie"]
+
+
+def test_bad_input_to_the_console_is_answered_never_a_500(client):
+    """Filters, cursors, dates and form values a browser would never send."""
+    for query in ("tag=%00x", "task_type=a%00b", "cursor=bm90LWEtY3Vyc29y",
+                  "cursor=%00", "created_after=9999-12-31T23:59:59&tz_offset=99999999",
+                  "created_before=0001-01-01T00:00", "created_after=yesterday",
+                  "company_id=nope", "status=NOPE", "limit=-5", "batch_id=" + "x" * 500):
+        page = client.get(f"/console/runs?{query}")
+        assert page.status_code == 200, query
+        assert 'class="error"' in page.get_data(as_text=True) or "limit" in query, query
+    token = re.search(r'name="csrf_token" value="([^"]+)"',
+                      client.get("/console/launch/acme.add").get_data(as_text=True)).group(1)
+    for form in ({"p.a": "1\x00", "p.b": "2"}, {"p.a": "1", "p.b": "x"},
+                 {"p.a": "1", "p.b": "2", "o.priority": "²"},
+                 {"p.a": "1", "p.b": "2", "o.eta": "9999-12-31T23:59:59", "tz_offset": "600"},
+                 {"p.a": "1", "p.b": "2", "o.countdown": "5", "o.eta": "2030-01-01T00:00"},
+                 {"p.a": "1", "p.b": "2", "o.tags": "ok, " + "t" * 100}):
+        answer = client.post("/console/launch/acme.add", data={**form, "csrf_token": token})
+        assert answer.status_code == 422, (form, answer.status_code)
+    for path in ("/console/runs/not-a-uuid", "/console/batches/%00", "/console/launch/nope"):
+        assert client.get(path).status_code in (404, 422), path

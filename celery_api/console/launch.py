@@ -147,16 +147,16 @@ def _convert(f: FormField, raw: str):
 def _time_from_form(raw: str) -> str:
     """A date-time-local value in the viewer's zone (offset sent by the script) as ISO."""
     try:
-        parsed = datetime.fromisoformat(raw)
+        offset = max(-1440, min(1440, int(request.form.get("tz_offset", "0"))))
     except ValueError:
-        return raw
-    if parsed.tzinfo is None:
-        try:
-            offset = int(request.form.get("tz_offset", "0"))
-        except ValueError:
-            offset = 0
-        parsed = parsed.replace(tzinfo=UTC) + timedelta(minutes=offset)
-    return parsed.astimezone(UTC).isoformat()
+        offset = 0
+    try:
+        parsed = datetime.fromisoformat(raw)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC) + timedelta(minutes=offset)
+        return parsed.astimezone(UTC).isoformat()
+    except (ValueError, OverflowError):
+        return raw  # the options schema names the field
 
 
 def read_form(params: list[FormField], options: list[FormField]) -> tuple[dict, dict]:
@@ -180,8 +180,10 @@ def read_form(params: list[FormField], options: list[FormField]) -> tuple[dict, 
         else:
             chosen[f.key] = _convert(f, f.value) if f.widget == "number" else f.value
     if "priority" in chosen:
-        chosen["priority"] = int(chosen["priority"]) if chosen["priority"].isdigit() \
-            else chosen["priority"]
+        try:
+            chosen["priority"] = int(chosen["priority"])
+        except ValueError:
+            pass  # the options schema names the field
     return values, chosen
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import marshmallow as ma
 import sqlalchemy as sa
 from flask import jsonify, redirect, render_template, request, url_for
 from flask.views import MethodView
@@ -14,11 +15,14 @@ from celery_api.catalog import get_catalog
 from celery_api.console import blp, console_page
 from celery_api.extensions import db
 from celery_api.models import Schedule, TaskRun
-from celery_api.resources.fields import STATES, known_state, parse_task_id
+from celery_api.resources.fields import EARLIEST, LATEST, STATES, known_state, parse_task_id
+from celery_api.resources.history.schemas import HistoryArgsSchema
 from celery_api.services import control, database, history, runs, runstate
 from celery_api.services.history import MAX_LIMIT, HistoryQuery
+from celery_api.smorest import unstorable_text
 
 PAGE_SIZE = 50
+CURSOR_CHECK = HistoryArgsSchema(only=("cursor",))
 TEXT_FILTERS = ("tag", "batch_id", "schedule_id", "parent_id", "root_id", "retry_of")
 DATE_FILTERS = ("created_after", "created_before")
 MAX_LINEAGE = 200  # children and retries listed on a run's page
@@ -39,16 +43,23 @@ def _parse_time(name: str, value: str, offset_minutes: int) -> datetime:
     the viewer's zone (the script sends its offset; without it, UTC)."""
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC) + timedelta(minutes=offset_minutes)
+        parsed = parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise FilterError(f"{name}: not a date and time (YYYY-MM-DDTHH:MM).") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC) + timedelta(minutes=offset_minutes)
-    return parsed.astimezone(UTC)
+    if not EARLIEST <= parsed <= LATEST:
+        raise FilterError(f"{name}: between {EARLIEST.year} and {LATEST.year}.")
+    return parsed
 
 
 def parse_filters(args) -> tuple[HistoryQuery, dict]:
     """The history query from the page's query string, and the filters as given."""
     given = {k: v.strip() for k, v in args.items() if v and v.strip()}
+    for name, value in given.items():
+        if len(value) > 400 or unstorable_text(value):
+            raise FilterError(f"{name}: at most 400 characters, without NUL or lone "
+                              "surrogates.")
     query = HistoryQuery(limit=PAGE_SIZE)
     task_type = given.get("task_type")
     if task_type:
@@ -72,7 +83,7 @@ def parse_filters(args) -> tuple[HistoryQuery, dict]:
             raise FilterError("company_id: a UUID such as "
                               "550e8400-e29b-41d4-a716-446655440000.") from None
     try:
-        offset = int(given.get("tz_offset", "0"))
+        offset = max(-1440, min(1440, int(given.get("tz_offset", "0"))))
     except ValueError:
         offset = 0
     for name in DATE_FILTERS:
@@ -80,9 +91,14 @@ def parse_filters(args) -> tuple[HistoryQuery, dict]:
             setattr(query, name, _parse_time(name, given[name], offset))
     cursor = given.get("cursor")
     if cursor:
+        try:
+            CURSOR_CHECK.load({"cursor": cursor})  # the API's: a cursor it issued
+        except ma.ValidationError:
+            raise FilterError("cursor: not one this service issued; start from the "
+                              "newest runs.") from None
         query.cursor = cursor
     try:
-        query.limit = min(int(given.get("limit", PAGE_SIZE)), MAX_LIMIT)
+        query.limit = max(1, min(int(given.get("limit", PAGE_SIZE)), MAX_LIMIT))
     except ValueError:
         query.limit = PAGE_SIZE
     return query, given
@@ -96,7 +112,7 @@ class RunsPage(MethodView):
         try:
             query, given = parse_filters(request.args)
             rows, next_cursor = history.page(query)
-        except (FilterError, history.InvalidCursor) as exc:
+        except FilterError as exc:
             error, given, rows, next_cursor = str(exc), dict(request.args), [], None
         params = {k: v for k, v in given.items() if k not in ("fragment", "cursor")}
         next_url = (url_for("console.runs", **params, cursor=next_cursor) if next_cursor

@@ -96,7 +96,16 @@
     });
   }
 
+  function phoneLayout() {
+    // On a phone the filters start folded (unless some are applied).
+    if (!window.matchMedia("(max-width: 640px)").matches) return;
+    document.querySelectorAll("details[data-close-on-phone]").forEach(function (el) {
+      el.open = false;
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    phoneLayout();
     localTimes(document);
     confirmations();
     offsets();
