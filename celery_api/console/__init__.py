@@ -124,7 +124,8 @@ def load_viewer():
     if viewer is None and request.endpoint not in OPEN:
         if wants_json():
             abort(401, description="Sign in to the console first.")
-        return redirect(url_for("console.sign_in", next=request.full_path.rstrip("?")))
+        return redirect(url_for("console.sign_in",
+                                next=request.script_root + request.full_path.rstrip("?")))
     return None
 
 
