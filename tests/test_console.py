@@ -19,7 +19,7 @@ import redis
 import requests
 
 from celery_api.extensions import db
-from celery_api.models import ConsoleSession
+from celery_api.models import ConsoleSession, TaskRun, utcnow
 from celery_api.services import keys
 from tests.support import (
     COMPANY,
@@ -27,6 +27,7 @@ from tests.support import (
     Worker,
     build_app,
     create_key,
+    database_url,
     make_config,
     optional_component,
     service_env,
@@ -353,3 +354,72 @@ def test_bad_input_to_the_console_is_answered_never_a_500(client):
         assert answer.status_code == 422, (form, answer.status_code)
     for path in ("/console/runs/not-a-uuid", "/console/batches/%00", "/console/launch/nope"):
         assert client.get(path).status_code in (404, 422), path
+
+
+# Without a browser, on SQLite and on PostgreSQL: the session's life and the actions.
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def keyed_app(request, tmp_path_factory, redis_server):
+    folder = tmp_path_factory.mktemp(f"console-{request.param}")
+    app = build_app(make_config(folder, redis_server.url.replace("/0", "/10"),
+                                database_url(request, request.param), AUTH="required"))
+    yield app
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+def _token(response) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"',
+                     response.get_data(as_text=True)).group(1)
+
+
+def test_a_session_signs_in_acts_within_its_scopes_and_ends(keyed_app):
+    client = keyed_app.test_client()
+    name = f"ops-{uuid.uuid4().hex[:6]}"
+    key = create_key(keyed_app, name, "read", "launch", "control")
+    assert client.get("/console/runs").status_code == 302  # no session: sign in first
+    wrong = key[:-1] + ("0" if key[-1] != "0" else "1")  # well formed, wrong secret
+    refused = client.post("/console/sign-in", data={"key": wrong})
+    assert refused.status_code == 401 and "not valid" in refused.get_data(as_text=True)
+    signed_in = client.post("/console/sign-in", data={"key": key, "next": "/console/batches"})
+    assert signed_in.status_code == 302 and signed_in.headers["Location"] == "/console/batches"
+    page = client.get("/console/launch/acme.add")
+    assert page.status_code == 200 and f"Signed in as <strong>{name}" in page.get_data(
+        as_text=True)
+    launched = client.post("/console/launch/acme.add", data={
+        "csrf_token": _token(page), "p.a": "4", "p.b": "5", "o.countdown": "900",
+        "o.tags": "console, held"})
+    assert launched.status_code == 302
+    task_id = re.search(r"/runs/([0-9a-f-]{36})", launched.headers["Location"]).group(1)
+    run = client.get(f"/console/runs/{task_id}")
+    text = run.get_data(as_text=True)
+    assert run.status_code == 200 and "Revoke" in text and "PENDING" in text
+    assert client.get(f"/console/runs/{task_id}/state.json").get_json()["status"] == "PENDING"
+    revoked = client.post(f"/console/runs/{task_id}/revoke", data={"csrf_token": _token(run)})
+    assert revoked.status_code == 302
+    with keyed_app.app_context():
+        record = db.session.get(TaskRun, task_id)
+        assert (record.status, record.launched_by, record.revoked_by) == (
+            "REVOKED", name, name)
+        assert sorted(record.tags) == ["console", "held"]
+        db.session.remove()
+    assert client.get("/console/schedules").status_code == 403  # no admin scope
+    run = client.get(f"/console/runs/{task_id}")
+    assert client.post("/console/sign-out", data={"csrf_token": _token(run)}).status_code == 302
+    assert client.get("/console/runs").status_code == 302
+    with keyed_app.app_context():
+        assert not db.session.execute(db.select(ConsoleSession)).scalars().all()
+        db.session.remove()
+
+
+def test_an_expired_session_is_refused(keyed_app):
+    client = keyed_app.test_client()
+    key = create_key(keyed_app, f"old-{uuid.uuid4().hex[:6]}", "read")
+    client.post("/console/sign-in", data={"key": key})
+    assert client.get("/console/runs").status_code == 200
+    with keyed_app.app_context():
+        db.session.execute(db.update(ConsoleSession).values(expires_at=utcnow()))
+        db.session.commit()
+        db.session.remove()
+    assert client.get("/console/runs").status_code == 302

@@ -146,7 +146,8 @@ def console_headers(response):
     new_session = g.get("console_new_session")
     if new_session:
         set_session_cookie(response, new_session)
-    response.headers["Cache-Control"] = "no-store"
+    if request.endpoint != "console.static":
+        response.headers["Cache-Control"] = "no-store"  # pages show live, per-key data
     # Same-origin requests keep their Origin (no-referrer would send "null").
     response.headers["Referrer-Policy"] = "same-origin"
     return response
