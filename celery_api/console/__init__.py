@@ -200,8 +200,15 @@ def http_error(exc: HTTPException):
 
 # Template helpers.
 
-def when(value: datetime | None) -> Markup:
-    """A time: UTC in the page and on hover; the script shows it in the viewer's zone."""
+def when(value: datetime | str | None) -> Markup:
+    """A time: UTC in the page and on hover; the script shows it in the viewer's zone.
+    Text (an ETA as a worker reports it) is shown as it is unless it reads as ISO 8601."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return Markup(escape(value))
+        value = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     if value is None:
         return Markup('<span class="muted">—</span>')
     value = value.astimezone(UTC)
