@@ -4,7 +4,8 @@
   is announced (``Content-Length``) or not (chunked: it is read up to the limit first,
   never truncated to it). A body must be ``application/json`` in UTF-8: another media
   type, a JSON-ish one (``text/json``, ``application/merge-patch+json``) or another
-  charset is a 415, and so is any ``Content-Encoding`` (compressed bodies are refused,
+  charset is a 415 (only the console's pages also take HTML forms, ``form_post``),
+  and so is any ``Content-Encoding`` (compressed bodies are refused,
   with ``Accept-Encoding: identity`` saying so, RFC 7694).
 - **Security headers** on every response: ``X-Content-Type-Options: nosniff``,
   ``Referrer-Policy: no-referrer``, ``X-Frame-Options: DENY`` and a

@@ -11,7 +11,7 @@ Every error leaves as ``application/problem+json`` (``smorest.problem_response``
   where flask-smorest expects that handler.
 
 The hooks give each request an id (echoed as ``X-Request-ID`` and put on every log
-line) and refuse a body that is not JSON (415).
+line) and refuse a body that is not JSON (415; the console's HTML forms excepted).
 """
 
 from __future__ import annotations
