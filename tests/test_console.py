@@ -328,6 +328,9 @@ def test_with_authentication_off_the_console_opens_and_says_so(client):
     # Still a CSRF token on every form, even with nobody to sign in.
     refused = client.post("/console/launch/acme.add", data={"p.a": "1", "p.b": "1"})
     assert refused.status_code == 403
+    # Forms are for the console's pages only: the API still takes JSON alone.
+    api_form = client.post("/api/celery/tasks/launch", data={"task_type": "acme.add"})
+    assert api_form.status_code == 415
     # An https request (as a trusted proxy reports it) gets a Secure cookie.
     other = client.application.test_client()
     secure = other.get("/console/runs", base_url="https://localhost")
