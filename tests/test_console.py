@@ -44,7 +44,7 @@ TIMEOUT_MS = 30_000
 def console(tmp_path_factory, redis_server):
     """gunicorn (authentication required) and a worker on a private Redis database."""
     folder = tmp_path_factory.mktemp("console")
-    broker = redis_server.url.replace("/0", "/9")
+    broker = redis_server.url.replace("/0", "/11")
     config = make_config(folder, broker, AUTH="required",
                          TASK_MODULES=["acme_tasks", "console_tasks"])
     app = build_app(config)
@@ -364,7 +364,7 @@ def test_bad_input_to_the_console_is_answered_never_a_500(client):
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def keyed_app(request, tmp_path_factory, redis_server):
     folder = tmp_path_factory.mktemp(f"console-{request.param}")
-    app = build_app(make_config(folder, redis_server.url.replace("/0", "/10"),
+    app = build_app(make_config(folder, redis_server.url.replace("/0", "/13"),
                                 database_url(request, request.param), AUTH="required"))
     yield app
     with app.app_context():
