@@ -426,3 +426,46 @@ def test_an_expired_session_is_refused(keyed_app):
         db.session.commit()
         db.session.remove()
     assert client.get("/console/runs").status_code == 302
+
+
+def test_schedules_pause_resume_and_run_now_with_the_admin_scope(keyed_app):
+    from celery_api.services import schedules
+
+    with keyed_app.app_context():
+        schedule = schedules.create({"name": f"hourly-{uuid.uuid4().hex[:6]}",
+                                     "task_type": "acme.add", "params": {"a": 1, "b": 2},
+                                     "interval_seconds": 3600})
+        schedule_id, name = schedule.id, schedule.name
+        db.session.remove()
+    client = keyed_app.test_client()
+    key = create_key(keyed_app, f"admin-{uuid.uuid4().hex[:6]}", "read", "admin")
+    client.post("/console/sign-in", data={"key": key})
+    page = client.get("/console/schedules")
+    assert page.status_code == 200 and name in page.get_data(as_text=True)
+    token = _token(page)
+
+    def enabled() -> bool:
+        with keyed_app.app_context():
+            try:
+                return schedules.get(schedule_id).enabled
+            finally:
+                db.session.remove()
+
+    assert client.post(f"/console/schedules/{schedule_id}/pause",
+                       data={"csrf_token": token}).status_code == 302
+    assert not enabled() and "Resume" in client.get("/console/schedules").get_data(as_text=True)
+    client.post(f"/console/schedules/{schedule_id}/resume", data={"csrf_token": token})
+    assert enabled()
+    ran = client.post(f"/console/schedules/{schedule_id}/run", data={"csrf_token": token})
+    assert ran.status_code == 302
+    task_id = re.search(r"/runs/([0-9a-f-]{36})", ran.headers["Location"]).group(1)
+    run = client.get(f"/console/runs/{task_id}").get_data(as_text=True)
+    assert name in run  # its lineage names the schedule
+    # Pausing is an admin action: a key without the scope is refused.
+    other = keyed_app.test_client()
+    other.post("/console/sign-in", data={
+        "key": create_key(keyed_app, f"reader-{uuid.uuid4().hex[:6]}", "read")})
+    token = _token(other.get("/console/runs"))
+    assert other.post(f"/console/schedules/{schedule_id}/pause",
+                      data={"csrf_token": token}).status_code == 403
+    assert enabled()
