@@ -469,3 +469,30 @@ def test_schedules_pause_resume_and_run_now_with_the_admin_scope(keyed_app):
     assert other.post(f"/console/schedules/{schedule_id}/pause",
                       data={"csrf_token": token}).status_code == 403
     assert enabled()
+
+
+def test_a_batch_shows_its_progress_and_its_queued_runs_are_revoked(keyed_app):
+    from celery_api.services import batches
+    from celery_api.services.launch import LaunchOptions
+
+    with keyed_app.app_context():
+        batch_id, _runs = batches.launch_batch([
+            batches.BatchItem("acme.add", {"a": n, "b": 1}, LaunchOptions(countdown=900))
+            for n in range(3)])
+        db.session.remove()
+    client = keyed_app.test_client()
+    client.post("/console/sign-in", data={
+        "key": create_key(keyed_app, f"ctl-{uuid.uuid4().hex[:6]}", "read", "control")})
+    listing = client.get("/console/batches").get_data(as_text=True)
+    assert batch_id in listing
+    page = client.get(f"/console/batches/{batch_id}")
+    text = page.get_data(as_text=True)
+    assert "3 runs" in text and "seg status-pending w100" in text
+    revoked = client.post(f"/console/batches/{batch_id}/revoke",
+                          data={"csrf_token": _token(page)})
+    assert revoked.status_code == 302
+    text = client.get(f"/console/batches/{batch_id}").get_data(as_text=True)
+    assert "seg status-revoked w100" in text and "finished" in text
+    again = client.post(f"/console/batches/{batch_id}/revoke",
+                        data={"csrf_token": _token(page)})
+    assert again.status_code == 409 and "still queued" in again.get_data(as_text=True)

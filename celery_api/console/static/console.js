@@ -57,10 +57,15 @@
   function liveRegions() {
     document.querySelectorAll("[data-live-url]").forEach(function (el) {
       var every = parseInt(el.getAttribute("data-live-every"), 10) || 2000;
+      var last = null;
       poll(el.getAttribute("data-live-url"), every, function (html) {
         if (typeof html !== "string") return;
-        el.innerHTML = html;
-        localTimes(el);
+        // Replaced only when it changed: focus and selection stay put otherwise.
+        if (html !== last) {
+          last = html;
+          el.innerHTML = html;
+          localTimes(el);
+        }
         el.setAttribute("data-refreshed", String(Date.now()));
       });
     });
