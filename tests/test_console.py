@@ -8,15 +8,18 @@ the test releases it, so a run's page is watched at a known point, not a moment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import time
 import uuid
 from types import SimpleNamespace
 
 import pytest
 import redis
 import requests
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
 from celery_api.extensions import db
@@ -250,7 +253,27 @@ def test_revoking_a_queued_run(page, console):
     page.wait_for_url(re.compile(r"/console/runs/[0-9a-f-]{36}"))
     task_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
     assert page.locator("#run-status").inner_text() == "PENDING"
-    page.get_by_role("button", name="Revoke").click()  # confirmed by the dialog handler
+
+    # The revoke's answer is held while the page could still poll: a page that polls
+    # on sees its run finished (the revoke is done on the server) and reloads itself,
+    # replacing the form's navigation, and the revoke's notice is lost (seen under
+    # load). The hold lasts until such a poll is seen, or for four poll intervals (the
+    # window in which a poller would have asked; the page must not).
+    held, polls = [], []
+    page.route(re.compile(r".*/revoke$"), lambda route: held.append(route))
+    page.get_by_role("button", name="Revoke").click(no_wait_after=True)  # dialog: yes
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not held:  # Playwright delivers the route while it waits
+        assert time.monotonic() < deadline, "the revoke form was never sent"
+        page.wait_for_timeout(20)
+    page.on("request", lambda request: polls.append(request.url)
+            if request.url.endswith("/state.json") else None)
+    answer = held[0].fetch(max_redirects=0)
+    window = time.monotonic() + 2.0
+    while not polls and time.monotonic() < window:
+        page.wait_for_timeout(50)
+    with contextlib.suppress(PlaywrightError):  # the page may have gone elsewhere
+        held[0].fulfill(response=answer)
     page.get_by_text("Revoked: it will not run.").wait_for()
     assert page.locator("#run-status").inner_text() == "REVOKED"
     body = api(console, "GET", f"/tasks/{task_id}").json()

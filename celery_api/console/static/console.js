@@ -36,18 +36,29 @@
     });
   }
 
+  // Once a form is sent, the page is leaving: no more polling, and an answer still on
+  // its way is dropped. (A run's page that saw its run finish reloaded itself, and
+  // that reload replaced the navigation of the revoke or retry just sent.)
+  var leaving = false;
+  document.addEventListener("submit", function (event) {
+    if (event.defaultPrevented) return;  // a confirmation said no
+    leaving = true;
+    document.documentElement.setAttribute("data-polling", "stopped");
+  });
+
   function poll(url, every, apply) {
     var busy = false;
     function tick() {
-      if (document.hidden || busy) return;
+      if (document.hidden || busy || leaving) return;
       busy = true;
       fetch(url, {credentials: "same-origin", headers: {"Accept": "text/html, application/json"}})
         .then(function (response) {
+          if (leaving) return null;
           if (response.status === 401) { window.location.reload(); return null; }
           return response.headers.get("Content-Type").indexOf("json") >= 0
             ? response.json() : response.text();
         })
-        .then(function (body) { if (body !== null) apply(body); })
+        .then(function (body) { if (body !== null && !leaving) apply(body); })
         .catch(function () { /* the next tick tries again */ })
         .then(function () { busy = false; });
     }
@@ -96,6 +107,7 @@
       document.getElementById("run-attempts").textContent = String(state.attempts || 0);
       if (state.finished) {
         window.clearInterval(timer);
+        document.documentElement.setAttribute("data-polling", "finished");
         window.location.reload();  // the result, error and actions come with the page
       }
     });
