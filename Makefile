@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 export PORT
 
-.PHONY: run test serve worker webhook-worker beat migrate bench install install-test lint lock clean
+.PHONY: run test serve worker webhook-worker beat migrate bench screenshots install install-test lint lock clean
 
 # Every install is from the lock files (see "Dependencies and the lock file" in the README):
 # requirements.lock for running, requirements-test.lock (runtime + extras test, dev) for the
@@ -78,7 +78,12 @@ bench: install-test
 	$(BIN)/python bench/history.py --write
 	$(BIN)/python bench/schedules.py --write
 	$(BIN)/python bench/waiting.py --write
+	$(BIN)/python bench/console.py --write
 	$(BIN)/python bench/embedded_broker.py
+
+# The console's screenshots in docs/console/ (the README shows them): Debian's chromium.
+screenshots: install-test
+	$(BIN)/python bench/console_screenshots.py
 
 # Re-generate both locks from setup.cfg with pip-compile (pip-tools, from the dev extra).
 # Pins are kept wherever setup.cfg still allows them; to move them on:

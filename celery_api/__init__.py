@@ -147,9 +147,10 @@ def _register_blueprints(app: Flask, api) -> None:
     from celery_api.resources.webhooks.routes import blp as webhooks_blp
 
     api.register_blueprint(webhooks_blp)
-    from celery_api import docs
+    from celery_api import console, docs
 
     app.register_blueprint(docs.blp)
+    console.init_app(app)
 
 
 def _register_params_components(app: Flask, api) -> None:

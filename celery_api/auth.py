@@ -38,7 +38,9 @@ SCOPE_ATTRIBUTE = "_celery_api_scope"
 PUBLIC = "public"
 # Endpoints outside the OpenAPI document that stay open: the document and its docs page.
 OPEN_ENDPOINTS = frozenset({"api-docs.openapi_json", "docs.index", "docs.init_script",
-                            "docs.static", "static"})
+                            "docs.static", "static", "console.static"})
+# Views of the operator console: signed in by the console's own session (celery_api.console).
+CONSOLE = "console"
 CREATE_HINT = "flask --app wsgi keys create NAME --scope SCOPE [--scope SCOPE ...]"
 
 
@@ -84,6 +86,13 @@ def public(func):
     """The view method is open to anyone, whatever ``CELERY_API_AUTH`` says."""
     func = Blueprint.doc(security=[])(func)
     setattr(func, SCOPE_ATTRIBUTE, (PUBLIC, True))
+    return func
+
+
+def console_view(func):
+    """A view of the operator console: its session, not a Bearer key, says who calls
+    (``celery_api.console`` checks it, and each view's scope, before the view runs)."""
+    setattr(func, SCOPE_ATTRIBUTE, (CONSOLE, True))
     return func
 
 
@@ -180,7 +189,7 @@ def authenticate():
     declared = _declaration(current_app.view_functions[request.endpoint], request.method)
     # Fail closed: a view that slipped past init_app's check needs the widest scope.
     scope, optional = declared or ("admin", False)
-    if scope == PUBLIC:
+    if scope in (PUBLIC, CONSOLE):
         return None
     g.api_key = _identify()
     if optional:

@@ -144,6 +144,7 @@ def _run(instance: Path, url: str) -> int:
     children = {name: subprocess.Popen(cmd, env=env, process_group=0)
                 for name, cmd in commands.items()}
     print(f"celery-api on {url} (docs: {url}/api/docs/); Ctrl-C stops all", flush=True)
+    print(f"operator console: {url}/console/", flush=True)
     if auth == "off":
         print("authentication: OFF (CELERY_API_AUTH=off, the local demo on 127.0.0.1); "
               "make serve requires API keys", flush=True)

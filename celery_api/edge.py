@@ -4,13 +4,15 @@
   is announced (``Content-Length``) or not (chunked: it is read up to the limit first,
   never truncated to it). A body must be ``application/json`` in UTF-8: another media
   type, a JSON-ish one (``text/json``, ``application/merge-patch+json``) or another
-  charset is a 415, and so is any ``Content-Encoding`` (compressed bodies are refused,
+  charset is a 415 (only the console's pages also take HTML forms, ``form_post``),
+  and so is any ``Content-Encoding`` (compressed bodies are refused,
   with ``Accept-Encoding: identity`` saying so, RFC 7694).
 - **Security headers** on every response: ``X-Content-Type-Options: nosniff``,
   ``Referrer-Policy: no-referrer``, ``X-Frame-Options: DENY`` and a
   ``Content-Security-Policy`` with ``frame-ancestors 'none'``. API answers get
   ``default-src 'none'``; the /api/docs pages get exactly what Swagger UI needs, all
-  from this origin (its scripts and styles are files: the page has no inline script).
+  from this origin (its scripts and styles are files: the page has no inline script);
+  the console's pages get their own (``CONSOLE_POLICY``) and may post forms.
 - **CORS** only for the origins listed in ``CELERY_API_CORS_ORIGINS`` (exact
   ``scheme://host[:port]`` values, comma separated); none by default, and then no CORS
   header at all. A preflight from a listed origin is answered 204 here, before
@@ -44,11 +46,20 @@ DOCS_POLICY = ("default-src 'none'; script-src 'self'; "
                f"style-src 'self' {SWAGGER_LOGO_STYLE}; img-src 'self' data:; "
                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
                "form-action 'none'")
+# The operator console (celery_api.console): its own script and stylesheet, fetches to
+# this origin, and forms posted to this origin only.
+CONSOLE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                  "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                  "form-action 'self'")
+# Blueprints whose pages post HTML forms (application/x-www-form-urlencoded).
+FORM_BLUEPRINTS = frozenset({"console"})
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
+
+POLICIES = {"docs": DOCS_POLICY, "console": CONSOLE_POLICY}
 
 CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE"
 CORS_REQUEST_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
@@ -126,6 +137,8 @@ def check_body():
         "Transfer-Encoding", "").lower()
     if request.method not in BODY_METHODS or not has_body:
         return None
+    if form_post():
+        return None
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding and encoding != "identity":
         return problem_response(
@@ -140,6 +153,13 @@ def check_body():
         return problem_response(
             415, f"Send the body as application/json in UTF-8 (got charset={charset[:40]}).")
     return None
+
+
+def form_post() -> bool:
+    """An HTML form posted to a page that takes forms (the console), within the limit."""
+    return (request.blueprint in FORM_BLUEPRINTS
+            and request.mimetype == "application/x-www-form-urlencoded"
+            and not request.headers.get("Content-Encoding", "").strip())
 
 
 def _allowed_origin() -> str | None:
@@ -162,8 +182,8 @@ def answer_preflight():
 def edge_headers(response: Response) -> Response:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
-    response.headers.setdefault(
-        "Content-Security-Policy", DOCS_POLICY if request.blueprint == "docs" else API_POLICY)
+    response.headers.setdefault("Content-Security-Policy", POLICIES.get(request.blueprint,
+                                                                       API_POLICY))
     if current_app.config["CORS_ORIGINS"]:
         response.vary.add("Origin")
         origin = _allowed_origin()

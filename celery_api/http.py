@@ -11,7 +11,7 @@ Every error leaves as ``application/problem+json`` (``smorest.problem_response``
   where flask-smorest expects that handler.
 
 The hooks give each request an id (echoed as ``X-Request-ID`` and put on every log
-line) and refuse a body that is not JSON (415).
+line) and refuse a body that is not JSON (415; the console's HTML forms excepted).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import uuid
 from flask import Flask, current_app, g, request
 from sqlalchemy import exc as sa_exc
 
+from celery_api import edge
 from celery_api.services import database
 from celery_api.services.errors import ServiceError
 from celery_api.smorest import problem_response
@@ -55,7 +56,7 @@ def require_json_body():
     if request.method in BODY_METHODS and (
         request.content_length or request.headers.get("Transfer-Encoding")
     ):
-        if not request.is_json:
+        if not request.is_json and not edge.form_post():
             return problem_response(
                 415, f"Send the body as application/json (got "
                      f"{request.mimetype or 'no Content-Type'}).")

@@ -353,3 +353,26 @@ class WebhookDelivery(db.Model):
 
     def __repr__(self) -> str:
         return f"<WebhookDelivery {self.id} {self.event_type} #{self.attempt} {self.status}>"
+
+
+class ConsoleSession(db.Model):
+    """A browser signed in to the operator console (celery_api.console.sessions).
+
+    The browser holds only a random session id (in an HttpOnly cookie); the database
+    keeps its SHA-256, the API key it was opened with (null with CELERY_API_AUTH=off)
+    and the session's CSRF token. The key's scopes are read from its row on every
+    request, so revoking the key ends the session at once."""
+
+    __tablename__ = "console_sessions"
+
+    id_hash: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    key_id: Mapped[str | None] = mapped_column(sa.String(32), nullable=True)
+    csrf_token: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (sa.Index("ix_console_sessions_expires_at", "expires_at"),
+                      sa.Index("ix_console_sessions_key_id", "key_id"))
+
+    def __repr__(self) -> str:
+        return f"<ConsoleSession {self.id_hash[:8]} key={self.key_id}>"

@@ -131,6 +131,7 @@ def from_environment(instance_path: Path) -> dict:
         "WAIT_POLL_SECONDS": env_float("CELERY_API_WAIT_POLL_SECONDS", 0.25),
         "EVENTS_KEEPALIVE_SECONDS": env_float("CELERY_API_EVENTS_KEEPALIVE_SECONDS", 15.0),
         "EVENTS_MAX_SECONDS": env_float("CELERY_API_EVENTS_MAX_SECONDS", 600.0),
+        "CONSOLE_SESSION_HOURS": env_float("CELERY_API_CONSOLE_SESSION_HOURS", 12.0),
         "CELERY": celery_config(broker_url, result_backend, broker_timeout),
     }
 

@@ -51,6 +51,10 @@ def test_second_make_run_in_the_same_folder_is_refused(stacks):
     assert f"(docs: {root}/api/docs/)" in log_path.read_text()
     assert requests.get(f"{root}/api/docs/", timeout=5, allow_redirects=False) \
         .status_code == 200
+    # And the console's, which opens without a key (make run: authentication off).
+    assert f"operator console: {root}/console/" in log_path.read_text()
+    console = requests.get(f"{root}/console/", timeout=5)
+    assert console.status_code == 200 and "Authentication is off" in console.text
 
     second = subprocess.run([sys.executable, "-m", "celery_api.devstack"], cwd=ROOT,
                             env=devstack_env(folder, free_port()), capture_output=True,

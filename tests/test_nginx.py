@@ -111,3 +111,28 @@ def test_waits_and_event_streams_pass_through(behind_nginx):
     waiter.join(40)
     assert answer["response"].status_code == 200
     assert answer["response"].json()["status"] == "REVOKED"
+
+
+def test_console_is_served_under_the_prefix(behind_nginx):
+    """The console's links, assets, cookie path and forms follow the public prefix."""
+    base = f"{behind_nginx}/tasks-api"
+    session = requests.Session()
+    page = session.get(f"{base}/console/", timeout=5)  # authentication off: opens
+    assert page.status_code == 200 and page.url == f"{base}/console/runs"
+    assert "Content-Security-Policy" in page.headers
+    (cookie,) = session.cookies
+    assert cookie.path == "/tasks-api/console/"
+    links = re.findall(r'(?:src|href|action)="(/[^"]*)"', page.text)
+    assert links and all(link.startswith("/tasks-api/console/") for link in links), links
+    for asset in re.findall(r'(?:src|href)="(/[^"]*/static/[^"]+)"', page.text):
+        assert session.get(f"{behind_nginx}{asset}", timeout=5).status_code == 200
+    form = session.get(f"{base}/console/launch/sii.sync_documents", timeout=5)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    launched = session.post(
+        f"{base}/console/launch/sii.sync_documents", allow_redirects=False, timeout=5,
+        data={"csrf_token": token, "p.company_id": SANDBOX_COMPANIES[0]},
+        headers={"Origin": behind_nginx})  # as the browser sends it, through nginx
+    assert launched.status_code == 302, launched.text
+    assert launched.headers["Location"].startswith("/tasks-api/console/runs/")
+    run = session.get(f"{behind_nginx}{launched.headers['Location']}", timeout=5)
+    assert run.status_code == 200 and "sii.sync_documents" in run.text

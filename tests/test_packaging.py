@@ -20,4 +20,7 @@ def test_wheel_builds_without_package_warnings_and_ships_the_templates(tmp_path)
     (wheel,) = tmp_path.glob("celery_api-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "celery_api/templates/docs.html" in names
+    for shipped in ("templates/console/base.html", "templates/console/run.html",
+                    "static/console.js", "static/console.css"):
+        assert f"celery_api/console/{shipped}" in names
     assert not [n for n in names if "__pycache__" in n]

@@ -33,7 +33,7 @@ from flask import current_app
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from celery_api.extensions import db
-from celery_api.models import ApiKey, utcnow
+from celery_api.models import ApiKey, ConsoleSession, utcnow
 from celery_api.services.errors import Conflict, InvalidParams, NotFound, Unavailable
 
 log = logging.getLogger("celery_api.auth")
@@ -138,6 +138,8 @@ def revoke(name: str) -> ApiKey:
         raise NotFound(f"No API key is named {name!r} (see keys list).")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
+        # Its console sessions end with it (they are refused anyway: see console.sessions).
+        db.session.execute(sa.delete(ConsoleSession).where(ConsoleSession.key_id == key.id))
         db.session.commit()
         log.info("🚫 revoked API key %s (%s)", key.name, key.id)
     _forget(key.id)
