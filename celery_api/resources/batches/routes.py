@@ -6,9 +6,8 @@ import marshmallow as ma
 from flask import url_for
 from flask.views import MethodView
 
-from celery_api.auth import caller, requires
+from celery_api.auth import caller
 from celery_api.idempotency import idempotent
-from celery_api.limits import rate_limited
 from celery_api.resources.batches.schemas import (
     MAX_BATCH_TASKS,
     BatchRequestSchema,
@@ -18,9 +17,10 @@ from celery_api.resources.batches.schemas import (
     BatchSummarySchema,
 )
 from celery_api.resources.fields import parse_uuid
+from celery_api.resources.operation import operation
 from celery_api.resources.tasks.routes import launch_options, launch_response
 from celery_api.services import batches
-from celery_api.smorest import Blueprint, error_responses
+from celery_api.smorest import Blueprint
 
 blp = Blueprint("batches", __name__, url_prefix="/api/celery", description="Batches")
 
@@ -39,14 +39,13 @@ BATCH_REQUEST_BODY = {
 
 @blp.route("/tasks/batch")
 class TaskBatch(MethodView):
-    @requires("launch")
-    @rate_limited("launch")
+    @operation(blp, "launchBatch",
+               scope="launch", limit="launch", errors=(413, 415, 503),
+               requestBody=BATCH_REQUEST_BODY)
     @idempotent
     @blp.arguments(BatchRequestSchema())
     @blp.response(202, BatchResponseSchema, headers={
         "Location": {"description": "URL of the batch", "schema": {"type": "string"}}})
-    @error_responses(blp, 413, 415, 503)
-    @blp.doc(operationId="launchBatch", requestBody=BATCH_REQUEST_BODY)
     def post(self, body):
         """Launch many tasks at once
 
@@ -70,20 +69,15 @@ class TaskBatch(MethodView):
 
 @blp.route("/batches/<uuid_path:batch_id>")
 class Batch(MethodView):
-    @requires("read")
-    @rate_limited("read")
+    @operation(blp, "getBatch", scope="read", limit="read", errors=(404, 422, 503))
     @blp.response(200, BatchSummarySchema)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="getBatch")
     def get(self, batch_id):
         """Get a batch: counts per status and every run"""
         return batches.summary(parse_uuid(batch_id, "batch_id"))
 
-    @requires("control")
+    @operation(blp, "revokeBatch", scope="control", errors=(404, 409, 503))
     @blp.arguments(BatchRevokeArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, BatchRevokeResponseSchema)
-    @error_responses(blp, 404, 409, 503)
-    @blp.doc(operationId="revokeBatch")
     def delete(self, args, batch_id):
         """Revoke the runs of a batch that are still queued
 

@@ -6,7 +6,8 @@ import marshmallow as ma
 from flask.views import MethodView
 
 from celery_api import metrics
-from celery_api.auth import granted, public, requires
+from celery_api.auth import granted
+from celery_api.resources.operation import PUBLIC, operation
 from celery_api.services import health
 from celery_api.smorest import Blueprint, Schema
 
@@ -32,9 +33,8 @@ class ReadySchema(Schema):
 
 @blp.route("/healthz")
 class Healthz(MethodView):
-    @public
+    @operation(blp, "getHealth", scope=PUBLIC)
     @blp.response(200, LiveSchema)
-    @blp.doc(operationId="getHealth")
     def get(self):
         """Liveness: the process answers (checks nothing else)"""
         return {"status": "alive"}
@@ -42,10 +42,9 @@ class Healthz(MethodView):
 
 @blp.route("/readyz")
 class Readyz(MethodView):
-    @requires("read", optional=True)
+    @operation(blp, "getReadiness", scope="read", optional=True)
     @blp.response(200, ReadySchema)
     @blp.alt_response(503, schema=ReadySchema, description="A dependency is down")
-    @blp.doc(operationId="getReadiness")
     def get(self):
         """Readiness: database, broker and result backend reachable
 
@@ -61,8 +60,7 @@ class Readyz(MethodView):
 
 @blp.route("/metrics")
 class Metrics(MethodView):
-    @requires("read")
-    @blp.doc(operationId="getMetrics", responses={"200": {
+    @operation(blp, "getMetrics", scope="read", responses={"200": {
         "description": "Prometheus text exposition format",
         "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def get(self):

@@ -6,25 +6,21 @@ import marshmallow as ma
 from flask import request, url_for
 from flask.views import MethodView
 
-from celery_api.auth import requires
-from celery_api.limits import rate_limited
 from celery_api.resources.history.schemas import HistoryArgsSchema, HistoryPageSchema
+from celery_api.resources.operation import operation
 from celery_api.services import history
-from celery_api.smorest import Blueprint, error_responses
+from celery_api.smorest import Blueprint
 
 blp = Blueprint("history", __name__, url_prefix="/api/celery", description="History of runs")
 
 
 @blp.route("/history")
 class History(MethodView):
-    @requires("read")
-    @rate_limited("read")
+    @operation(blp, "listHistory", scope="read", limit="read", errors=(503,))
     @blp.arguments(HistoryArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, HistoryPageSchema, headers={
         "Link": {"description": 'The next page, as `<url>; rel="next"`',
                  "schema": {"type": "string"}}})
-    @error_responses(blp, 503)
-    @blp.doc(operationId="listHistory")
     def get(self, args):
         """List runs, newest first
 

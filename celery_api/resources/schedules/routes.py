@@ -6,9 +6,10 @@ import marshmallow as ma
 from flask import request, url_for
 from flask.views import MethodView
 
-from celery_api.auth import caller, requires
+from celery_api.auth import caller
 from celery_api.idempotency import idempotent
 from celery_api.resources.fields import parse_uuid
+from celery_api.resources.operation import operation
 from celery_api.resources.schedules.schemas import (
     ScheduleCreateSchema,
     ScheduleFieldsSchema,
@@ -19,7 +20,7 @@ from celery_api.resources.schedules.schemas import (
 )
 from celery_api.services import schedules
 from celery_api.services.errors import InvalidParams
-from celery_api.smorest import Blueprint, error_responses
+from celery_api.smorest import Blueprint
 
 blp = Blueprint("schedules", __name__, url_prefix="/api/celery", description="Schedules")
 
@@ -37,11 +38,9 @@ def _id(value: str) -> str:
 
 @blp.route("/schedules")
 class Schedules(MethodView):
-    @requires("admin")
+    @operation(blp, "listSchedules", scope="admin", errors=(503,))
     @blp.arguments(ScheduleListArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, ScheduleListSchema)
-    @error_responses(blp, 503)
-    @blp.doc(operationId="listSchedules")
     def get(self, args):
         """List schedules, by name
 
@@ -53,11 +52,10 @@ class Schedules(MethodView):
         return {"items": [schedules.view(s) for s in rows], "total": total,
                 "limit": args["limit"], "offset": args["offset"]}
 
-    @requires("admin")
+    @operation(blp, "createSchedule",
+               scope="admin", errors=(413, 415, 503), requestBody=CREATE_BODY)
     @blp.arguments(ScheduleCreateSchema())
     @blp.response(201, ScheduleSchema, headers=LOCATION)
-    @error_responses(blp, 413, 415, 503)
-    @blp.doc(operationId="createSchedule", requestBody=CREATE_BODY)
     def post(self, body):
         """Create a schedule
 
@@ -76,19 +74,15 @@ class Schedules(MethodView):
 
 @blp.route("/schedules/<uuid_path:id>")
 class ScheduleItem(MethodView):
-    @requires("admin")
+    @operation(blp, "getSchedule", scope="admin", errors=(404, 422, 503))
     @blp.response(200, ScheduleSchema)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="getSchedule")
     def get(self, id):
         """Get a schedule: its trigger, next run, last run and counts"""
         return schedules.view(schedules.get(_id(id)))
 
-    @requires("admin")
+    @operation(blp, "updateSchedule", scope="admin", errors=(404, 413, 415, 503))
     @blp.arguments(ScheduleFieldsSchema())
     @blp.response(200, ScheduleSchema)
-    @error_responses(blp, 404, 413, 415, 503)
-    @blp.doc(operationId="updateSchedule")
     def patch(self, body, id):
         """Change a schedule
 
@@ -102,10 +96,8 @@ class ScheduleItem(MethodView):
                                 "nothing).", errors={"json": ["Missing request body."]})
         return schedules.view(schedules.update(_id(id), body))
 
-    @requires("admin")
+    @operation(blp, "deleteSchedule", scope="admin", errors=(404, 422, 503))
     @blp.response(204)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="deleteSchedule")
     def delete(self, id):
         """Delete a schedule
 
@@ -117,10 +109,8 @@ class ScheduleItem(MethodView):
 
 @blp.route("/schedules/<uuid_path:id>/pause")
 class SchedulePause(MethodView):
-    @requires("admin")
+    @operation(blp, "pauseSchedule", scope="admin", errors=(404, 422, 503))
     @blp.response(200, ScheduleSchema)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="pauseSchedule")
     def post(self, id):
         """Pause a schedule (idempotent): beat fires none of its ticks"""
         return schedules.view(schedules.set_enabled(_id(id), False))
@@ -128,10 +118,8 @@ class SchedulePause(MethodView):
 
 @blp.route("/schedules/<uuid_path:id>/resume")
 class ScheduleResume(MethodView):
-    @requires("admin")
+    @operation(blp, "resumeSchedule", scope="admin", errors=(404, 422, 503))
     @blp.response(200, ScheduleSchema)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="resumeSchedule")
     def post(self, id):
         """Resume a schedule (idempotent)
 
@@ -143,12 +131,10 @@ class ScheduleResume(MethodView):
 
 @blp.route("/schedules/<uuid_path:id>/run")
 class ScheduleRun(MethodView):
-    @requires("admin")
+    @operation(blp, "runSchedule", scope="admin", errors=(404, 422, 503))
     @idempotent
     @blp.response(202, ScheduleRunSchema, headers={
         "Location": {"description": "URL of the run's status", "schema": {"type": "string"}}})
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="runSchedule")
     def post(self, id):
         """Run a schedule now
 

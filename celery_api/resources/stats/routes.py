@@ -5,10 +5,9 @@ from __future__ import annotations
 import marshmallow as ma
 from flask.views import MethodView
 
-from celery_api.auth import requires
-from celery_api.limits import rate_limited
+from celery_api.resources.operation import operation
 from celery_api.services import stats
-from celery_api.smorest import Blueprint, Schema, error_responses
+from celery_api.smorest import Blueprint, Schema
 
 blp = Blueprint("stats", __name__, url_prefix="/api/celery", description="Workers and queues")
 
@@ -37,11 +36,8 @@ class StatsSchema(Schema):
 
 @blp.route("/stats")
 class Stats(MethodView):
-    @requires("read")
-    @rate_limited("read")
+    @operation(blp, "getStats", scope="read", limit="read", errors=(503,))
     @blp.response(200, StatsSchema)
-    @error_responses(blp, 503)
-    @blp.doc(operationId="getStats")
     def get(self):
         """Workers, their tasks, and queue lengths"""
         return stats.snapshot()

@@ -8,10 +8,11 @@ import marshmallow as ma
 from flask import current_app, request, url_for
 from flask.views import MethodView
 
-from celery_api.auth import caller, requires
+from celery_api.auth import caller
 from celery_api.idempotency import idempotent
-from celery_api.limits import limit_header_docs, rate_limited
+from celery_api.limits import limit_header_docs
 from celery_api.resources.fields import known_state, parse_task_id
+from celery_api.resources.operation import operation
 from celery_api.resources.status.schemas import (
     CancelArgsSchema,
     RevokeArgsSchema,
@@ -24,7 +25,7 @@ from celery_api.resources.tasks.routes import launch_response
 from celery_api.resources.tasks.schemas import TaskLaunchResponseSchema
 from celery_api.services import control, runs, runstate
 from celery_api.services.cache import run_cache
-from celery_api.smorest import Blueprint, error_responses
+from celery_api.smorest import Blueprint
 
 blp = Blueprint("status", __name__, url_prefix="/api/celery", description="Status and control")
 
@@ -98,12 +99,9 @@ def revoke_answer(task_id: str, args: dict):
 
 @blp.route("/tasks/<task_id:task_id>")
 class TaskRunItem(MethodView):
-    @requires("read")
-    @rate_limited("read")
+    @operation(blp, "getTaskStatus", scope="read", limit="read", errors=(404, 422, 503))
     @blp.arguments(WaitArgsSchema(), location="query", unknown=ma.EXCLUDE)
     @blp.response(200, TaskStatusResponseSchema)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="getTaskStatus")
     def get(self, args, task_id):
         """Get a run's status, result and progress
 
@@ -114,13 +112,11 @@ class TaskRunItem(MethodView):
         """
         return status_answer(task_id, args["wait"])
 
-    @requires("control")
+    @operation(blp, "revokeTask", scope="control", errors=(404, 409, 503))
     @blp.arguments(RevokeArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, RevokeResponseSchema)
     @blp.alt_response(202, schema=RevokeResponseSchema,
                       description="Running run: the stop signal was sent")
-    @error_responses(blp, 404, 409, 503)
-    @blp.doc(operationId="revokeTask")
     def delete(self, args, task_id):
         """Revoke (cancel) a run
 
@@ -160,19 +156,16 @@ EVENT_STREAM_DOC = {
 
 @blp.route("/tasks/<task_id:task_id>/events")
 class TaskRunEvents(MethodView):
-    @requires("read")
-    @rate_limited("read")
+    @operation(blp, "streamTaskEvents", scope="read", limit="read", errors=(404, 422, 503),
+               responses={"200": EVENT_STREAM_DOC}, parameters=[{
+                   "in": "header", "name": "Last-Event-ID", "required": False,
+                   "schema": {"type": "string"},
+                   "description": ("The `id` of the last event received: on reconnecting, "
+                                   "the state it names is not sent again (any other value: "
+                                   "the current state is sent).")}])
     @blp.alt_response(204, description=(
         "The run has finished and `Last-Event-ID` names its final state: nothing more "
         "will come (an EventSource stops reconnecting)."))
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="streamTaskEvents", responses={"200": EVENT_STREAM_DOC},
-             parameters=[{
-                 "in": "header", "name": "Last-Event-ID", "required": False,
-                 "schema": {"type": "string"},
-                 "description": ("The `id` of the last event received: on reconnecting, "
-                                 "the state it names is not sent again (any other value: "
-                                 "the current state is sent).")}])
     def get(self, task_id):
         """Follow a run's state changes and progress (Server-Sent Events)
 
@@ -188,13 +181,10 @@ class TaskRunEvents(MethodView):
 
 @blp.route("/tasks/<task_id:task_id>/retry")
 class TaskRunRetry(MethodView):
-    @requires("launch")
-    @rate_limited("launch")
+    @operation(blp, "retryTask", scope="launch", limit="launch", errors=(404, 409, 422, 503))
     @idempotent
     @blp.response(202, TaskLaunchResponseSchema, headers={
         "Location": {"description": "URL of the new run's status", "schema": {"type": "string"}}})
-    @error_responses(blp, 404, 409, 422, 503)
-    @blp.doc(operationId="retryTask")
     def post(self, task_id):
         """Retry a failed or revoked run
 
@@ -212,11 +202,9 @@ class TaskRunRetry(MethodView):
 
 @blp.route("/tasks/<task_id:task_id>/status")
 class TaskRunStatusLegacy(MethodView):
-    @requires("read")
-    @rate_limited("read")
+    @operation(blp, "getTaskStatusLegacy",
+               scope="read", limit="read", errors=(404, 422, 503), deprecated=True)
     @blp.response(200, TaskStatusResponseSchema)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="getTaskStatusLegacy", deprecated=True)
     def get(self, task_id):
         """Get a run's status (deprecated: use GET /tasks/{task_id})
 
@@ -227,14 +215,13 @@ class TaskRunStatusLegacy(MethodView):
 
 @blp.route("/tasks/<task_id:task_id>/cancel")
 class TaskRunCancelLegacy(MethodView):
-    @requires("control")
+    @operation(blp, "cancelTaskLegacy",
+               scope="control", errors=(404, 409, 415, 422, 503), deprecated=True)
     @blp.arguments(RevokeArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.arguments(CancelArgsSchema(), location="json", required=False)
     @blp.response(200, RevokeResponseSchema)
     @blp.alt_response(202, schema=RevokeResponseSchema,
                       description="Running run: the stop signal was sent")
-    @error_responses(blp, 404, 409, 415, 422, 503)
-    @blp.doc(operationId="cancelTaskLegacy", deprecated=True)
     def post(self, query, body, task_id):
         """Cancel (revoke) a run (deprecated: use DELETE /tasks/{task_id})
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from flask import current_app, url_for
 from flask.views import MethodView
 
-from celery_api.auth import caller, requires
+from celery_api.auth import caller
 from celery_api.catalog import get_catalog
 from celery_api.idempotency import idempotent
-from celery_api.limits import rate_limited
+from celery_api.resources.operation import operation
 from celery_api.resources.tasks.schemas import (
     AvailableTaskSchema,
     LaunchEnvelopeSchema,
@@ -16,7 +16,7 @@ from celery_api.resources.tasks.schemas import (
     TaskLaunchResponseSchema,
 )
 from celery_api.services import launch as launch_service
-from celery_api.smorest import Blueprint, error_responses
+from celery_api.smorest import Blueprint
 
 blp = Blueprint("tasks", __name__, url_prefix="/api/celery", description="Catalog and launch")
 
@@ -36,10 +36,8 @@ def params_json_schema(definition) -> dict:
 
 @blp.route("/tasks")
 class TaskCatalog(MethodView):
-    @requires("read")
-    @rate_limited("read")
+    @operation(blp, "listTasks", scope="read", limit="read")
     @blp.response(200, AvailableTaskSchema(many=True))
-    @blp.doc(operationId="listTasks")
     def get(self):
         """List the task types that may be launched
 
@@ -55,16 +53,15 @@ class TaskCatalog(MethodView):
 
 @blp.route("/tasks/launch")
 class TaskLaunch(MethodView):
-    @requires("launch")
-    @rate_limited("launch")
+    @operation(blp, "launchTask",
+               scope="launch", limit="launch", errors=(400, 413, 415, 503),
+               requestBody=LAUNCH_REQUEST_BODY)
     @idempotent
     @blp.arguments(LaunchEnvelopeSchema())
     @blp.response(202, TaskLaunchResponseSchema, headers=LOCATION)
     @blp.alt_response(200, schema=TaskLaunchResponseSchema, headers=LOCATION,
                       success=True,
                       description="Answered by an identical run (result cache): no new run")
-    @error_responses(blp, 400, 413, 415, 503)
-    @blp.doc(operationId="launchTask", requestBody=LAUNCH_REQUEST_BODY)
     def post(self, body):
         """Launch a task
 

@@ -8,9 +8,9 @@ from flask import request, url_for
 from flask.views import MethodView
 from werkzeug.routing import BaseConverter
 
-from celery_api.auth import caller, requires
-from celery_api.limits import rate_limited
+from celery_api.auth import caller
 from celery_api.resources.fields import ECHO_LIMIT, parse_task_id, parse_uuid
+from celery_api.resources.operation import operation
 from celery_api.resources.webhooks.schemas import (
     DeliveryArgsSchema,
     DeliveryPageSchema,
@@ -26,7 +26,7 @@ from celery_api.resources.webhooks.schemas import (
 )
 from celery_api.services import webhooks
 from celery_api.services.errors import InvalidParams
-from celery_api.smorest import Blueprint, error_responses
+from celery_api.smorest import Blueprint
 
 blp = Blueprint("webhooks", __name__, url_prefix="/api/celery", description="Webhooks")
 
@@ -64,22 +64,18 @@ def _delivery_id(value: str) -> int:
 
 @blp.route("/webhooks")
 class Webhooks(MethodView):
-    @requires("admin")
+    @operation(blp, "listWebhooks", scope="admin", errors=(503,))
     @blp.arguments(WebhookListArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, WebhookListSchema)
-    @error_responses(blp, 503)
-    @blp.doc(operationId="listWebhooks")
     def get(self, args):
         """List webhook subscriptions, oldest first (secrets are never shown again)"""
         rows, total = webhooks.listing(limit=args["limit"], offset=args["offset"])
         return {"items": [webhooks.view(s) for s in rows], "total": total,
                 "limit": args["limit"], "offset": args["offset"]}
 
-    @requires("admin")
+    @operation(blp, "createWebhook", scope="admin", errors=(413, 415, 503))
     @blp.arguments(WebhookCreateSchema())
     @blp.response(201, WebhookWithSecretSchema, headers=LOCATION)
-    @error_responses(blp, 413, 415, 503)
-    @blp.doc(operationId="createWebhook")
     def post(self, body):
         """Subscribe an endpoint to events
 
@@ -96,19 +92,15 @@ class Webhooks(MethodView):
 
 @blp.route("/webhooks/<uuid_path:id>")
 class WebhookItem(MethodView):
-    @requires("admin")
+    @operation(blp, "getWebhook", scope="admin", errors=(404, 422, 503))
     @blp.response(200, WebhookSchema)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="getWebhook")
     def get(self, id):
         """Get a webhook subscription"""
         return webhooks.view(webhooks.get(_id(id)))
 
-    @requires("admin")
+    @operation(blp, "updateWebhook", scope="admin", errors=(404, 413, 415, 503))
     @blp.arguments(WebhookFieldsSchema())
     @blp.response(200, WebhookSchema)
-    @error_responses(blp, 404, 413, 415, 503)
-    @blp.doc(operationId="updateWebhook")
     def patch(self, body, id):
         """Change a webhook subscription
 
@@ -121,10 +113,8 @@ class WebhookItem(MethodView):
                                 "nothing).", errors={"json": ["Missing request body."]})
         return webhooks.view(webhooks.update(_id(id), body))
 
-    @requires("admin")
+    @operation(blp, "deleteWebhook", scope="admin", errors=(404, 422, 503))
     @blp.response(204)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="deleteWebhook")
     def delete(self, id):
         """Delete a webhook subscription and its delivery log"""
         webhooks.delete(_id(id))
@@ -133,11 +123,9 @@ class WebhookItem(MethodView):
 
 @blp.route("/webhooks/<uuid_path:id>/rotate-secret")
 class WebhookRotate(MethodView):
-    @requires("admin")
+    @operation(blp, "rotateWebhookSecret", scope="admin", errors=(404, 503))
     @blp.arguments(RotateArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, WebhookWithSecretSchema)
-    @error_responses(blp, 404, 503)
-    @blp.doc(operationId="rotateWebhookSecret")
     def post(self, args, id):
         """Rotate the signing secret
 
@@ -151,10 +139,8 @@ class WebhookRotate(MethodView):
 
 @blp.route("/webhooks/<uuid_path:id>/ping")
 class WebhookPing(MethodView):
-    @requires("admin")
+    @operation(blp, "pingWebhook", scope="admin", errors=(404, 422, 503))
     @blp.response(202, DeliverySchema)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="pingWebhook")
     def post(self, id):
         """Send a `ping` event
 
@@ -166,13 +152,11 @@ class WebhookPing(MethodView):
 
 @blp.route("/webhooks/<uuid_path:id>/deliveries")
 class WebhookDeliveries(MethodView):
-    @requires("admin")
+    @operation(blp, "listWebhookDeliveries", scope="admin", errors=(404, 503))
     @blp.arguments(DeliveryArgsSchema(), location="query", unknown=ma.RAISE)
     @blp.response(200, DeliveryPageSchema, headers={
         "Link": {"description": 'The next page, as `<url>; rel="next"`',
                  "schema": {"type": "string"}}})
-    @error_responses(blp, 404, 503)
-    @blp.doc(operationId="listWebhookDeliveries")
     def get(self, args, id):
         """List every delivery attempt, newest first
 
@@ -194,10 +178,8 @@ class WebhookDeliveries(MethodView):
 
 @blp.route(f"/webhooks/<uuid_path:id>/deliveries/{DELIVERY}/resend")
 class WebhookResend(MethodView):
-    @requires("admin")
+    @operation(blp, "resendWebhookDelivery", scope="admin", errors=(404, 409, 422, 503))
     @blp.response(202, DeliverySchema)
-    @error_responses(blp, 404, 409, 422, 503)
-    @blp.doc(operationId="resendWebhookDelivery")
     def post(self, id, delivery_id):
         """Send a delivery's event again
 
@@ -210,11 +192,8 @@ class WebhookResend(MethodView):
 
 @blp.route("/tasks/<task_id:task_id>/webhook-deliveries")
 class TaskWebhookDeliveries(MethodView):
-    @requires("read")
-    @rate_limited("read")
+    @operation(blp, "listTaskWebhookDeliveries", scope="read", limit="read", errors=(404, 422, 503))
     @blp.response(200, LaunchDeliveriesSchema)
-    @error_responses(blp, 404, 422, 503)
-    @blp.doc(operationId="listTaskWebhookDeliveries")
     def get(self, task_id):
         """List the deliveries to the run's own `webhook_url`, oldest first
 
@@ -227,11 +206,9 @@ class TaskWebhookDeliveries(MethodView):
 
 @blp.route(f"/tasks/<task_id:task_id>/webhook-deliveries/{DELIVERY}/resend")
 class TaskWebhookResend(MethodView):
-    @requires("launch")
-    @rate_limited("launch")
+    @operation(blp, "resendTaskWebhookDelivery",
+               scope="launch", limit="launch", errors=(404, 409, 422, 503))
     @blp.response(202, DeliverySchema)
-    @error_responses(blp, 404, 409, 422, 503)
-    @blp.doc(operationId="resendTaskWebhookDelivery")
     def post(self, task_id, delivery_id):
         """Send an event of the run to its `webhook_url` again (a new attempt)"""
         return webhooks.delivery_view(
