@@ -75,6 +75,8 @@ lint: install-test
 # About 15 minutes: writes docs/BENCHMARKS.md. wrk (Debian) is used when installed.
 bench: install-test
 	$(BIN)/python bench/compare.py --write
+	$(BIN)/python bench/launch_ceiling.py --write
+	$(BIN)/python bench/limit_roundtrips.py
 	$(BIN)/python bench/history.py --write
 	$(BIN)/python bench/schedules.py --write
 	$(BIN)/python bench/waiting.py --write

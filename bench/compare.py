@@ -64,17 +64,18 @@ USE_WRK = bool(shutil.which("wrk"))
 
 
 def wrk(url: str, seconds: float, *, method="GET", body=None, paths=None, threads=2,
-        connections=16, folder: Path) -> dict:
+        connections=16, folder: Path, headers: dict | None = None) -> dict:
     """Run wrk (or the Python generator) and return rps, p50, p99 and errors."""
     if not USE_WRK:
         total = max(200, int(seconds * 300))
         return loadgen(url, total, method=method, body=body, paths=paths,
-                       connections=connections)
+                       connections=connections, headers=headers)
     script = folder / f"wrk-{uuid.uuid4().hex[:6]}.lua"
     lua = []
     if body:
         lua += [f"wrk.method = {json.dumps(method)}", f"wrk.body = {json.dumps(body)}",
                 'wrk.headers["Content-Type"] = "application/json"']
+    lua += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in (headers or {}).items()]
     if paths:
         lua.append("paths = {" + ",".join(json.dumps(p) for p in paths) + "}")
         lua.append('request = function() return wrk.format("GET", '
@@ -98,9 +99,10 @@ def _wrk_ms(out: str, label: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-def loadgen(url, total, *, method="GET", body=None, paths=None, connections=16) -> dict:
+def loadgen(url, total, *, method="GET", body=None, paths=None, connections=16,
+            headers=None) -> dict:
     spec = {"url": url, "method": method, "body": body, "total": total,
-            "connections": connections, "paths": paths}
+            "connections": connections, "paths": paths, "headers": headers}
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"),
                           json.dumps(spec)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
@@ -134,9 +136,10 @@ def raw_loop(broker: str, backend: str, seconds: float) -> dict:
 # -- the system under test -----------------------------------------------------------
 
 class System:
-    def __init__(self, folder: Path, *, smoke: bool):
+    def __init__(self, folder: Path, *, smoke: bool, database: str = "auto"):
         self.folder = folder
         self.smoke = smoke
+        self.database_kind = database  # auto (PostgreSQL when reachable), sqlite, postgres
         self.processes: list = []
         self.database = None
 
@@ -174,6 +177,9 @@ class System:
              f"--port={self.flower_port}", "--address=127.0.0.1"],
             env=self.env, cwd=ROOT, stdout=self._flower_log, stderr=subprocess.STDOUT)
         wait_for(self._flower_up, timeout=60, interval=0.3, message="Flower to serve")
+        from bench.launch_ceiling import start_servers
+
+        start_servers(self)  # the bare send_task endpoint and an authenticated API
         return self
 
     def _flower_up(self):
@@ -187,7 +193,7 @@ class System:
         return f"http://127.0.0.1:{self.flower_port}"
 
     def _database(self) -> str:
-        if self.smoke:
+        if self.smoke or self.database_kind == "sqlite":
             return f"sqlite:///{self.folder / 'bench.db'}"
         try:
             import psycopg
@@ -235,18 +241,18 @@ def rss_kb(pid: int) -> int:
 # -- phases ----------------------------------------------------------------------------
 
 def phase_launch(system: System, seconds: float) -> dict:
+    from bench.launch_ceiling import measure
+
     system.pause_workers()
     try:
-        api = wrk(f"{system.api.url}/api/celery/tasks/launch", seconds, method="POST",
-                  body=LAUNCH_BODY, folder=system.folder)
-        flower = wrk(f"{system.flower_url}/api/task/async-apply/bench.noop", seconds,
-                     method="POST", body=FLOWER_BODY, folder=system.folder)
-        raw = raw_loop(system.env["CELERY_BROKER_URL"], system.env["CELERY_RESULT_BACKEND"],
-                       seconds)
+        # api, api_auth, flower and bare (bench/launch_ceiling.py), then the raw loop
+        results = measure(system, seconds)
+        results["raw"] = raw_loop(system.env["CELERY_BROKER_URL"],
+                                  system.env["CELERY_RESULT_BACKEND"], seconds)
     finally:
         system.purge()
         system.resume_workers()
-    return {"api": api, "flower": flower, "raw": raw}
+    return results
 
 
 BATCH_SIZE = 1000
@@ -443,9 +449,10 @@ def report(results: dict, system: System, args) -> tuple[str, bool]:
     api_s, flower_s = (median_of(S, k, "rps") for k in ("api", "flower"))
     overhead = e2e["api"]["p50_ms"] - e2e["raw"]["p50_ms"]
     batch_rps = median_of(B, "batch", "rps")
+    from bench.launch_ceiling import rows as launch_rows
+
     rows = [
-        ("launch vs Flower", f"{api_l:,.0f} vs {flower_l:,.0f} req/s",
-         api_l / flower_l, ">= 2x", api_l >= 2 * flower_l),
+        *launch_rows(L),  # vs Flower, vs the bare send_task endpoint, with auth
         ("launch vs raw send_task loop", f"{api_l:,.0f} vs {raw_l:,.0f} /s",
          api_l / raw_l, ">= 0.5x", api_l >= 0.5 * raw_l),
         ("status vs Flower", f"{api_s:,.0f} vs {flower_s:,.0f} req/s",
@@ -478,7 +485,9 @@ def report(results: dict, system: System, args) -> tuple[str, bool]:
         lines.append(f"| {name} | {value} | {ratio_text} | {target} | {met_text} |")
     lines += ["", "Latency (median of rounds):", "",
               "| | p50 ms | p99 ms | errors |", "| --- | --- | --- | --- |"]
-    for label, runs, key in (("launch, API", L, "api"), ("launch, Flower", L, "flower"),
+    for label, runs, key in (("launch, API", L, "api"), ("launch, API with auth", L, "api_auth"),
+                             ("launch, bare send_task endpoint", L, "bare"),
+                             ("launch, Flower", L, "flower"),
                              ("launch, raw loop (per publish)", L, "raw"),
                              ("status, API", S, "api"), ("status, Flower", S, "flower")):
         lines.append(f"| {label} | {median_of(runs, key, 'p50_ms'):.2f} | "

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 
 def run(url: str, method: str, body: bytes | None, total: int, connections: int,
-        paths: list[str] | None = None) -> dict:
+        paths: list[str] | None = None, extra_headers: dict | None = None) -> dict:
     parts = urlsplit(url)
     latencies: list[float] = []
     errors = 0
@@ -25,6 +25,7 @@ def run(url: str, method: str, body: bytes | None, total: int, connections: int,
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
         mine, failed = [], 0
         headers = {"Content-Type": "application/json"} if body else {}
+        headers.update(extra_headers or {})
         for i in counter:
             path = paths[i % len(paths)] if paths else parts.path
             started = time.perf_counter()
@@ -63,4 +64,4 @@ if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
     body = spec["body"].encode() if spec.get("body") else None
     print(json.dumps(run(spec["url"], spec["method"], body, spec["total"],
-                         spec["connections"], spec.get("paths"))))
+                         spec["connections"], spec.get("paths"), spec.get("headers"))))

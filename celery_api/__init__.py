@@ -15,7 +15,7 @@ from celery_api.extensions import db, make_api, migrate
 from celery_api.logging import configure_logging
 from celery_api.metrics_collector import SystemCollector
 from celery_api.resources.fields import UUID_PARAMETER, TaskIdConverter, UuidPathConverter
-from celery_api.services import cache, result_cache, stats
+from celery_api.services import cache, database, result_cache, stats
 
 __version__ = "0.1.0"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,8 @@ def create_app(config: dict | None = None) -> Flask:
 
     db.init_app(app)
     _tune_sqlite(app)
+    with app.app_context():
+        database.ping_when_idle(db.engine)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
     app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
     app.extensions["celery_api.queues"] = queues_of(app)
@@ -65,7 +67,8 @@ def _configure(app: Flask, config: dict, instance_path: Path) -> None:
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/api",
         OPENAPI_JSON_PATH="openapi.json",
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
+        # Not pool_pre_ping: services.database.ping_when_idle checks idle connections.
+        SQLALCHEMY_ENGINE_OPTIONS={},
         API_SPEC_OPTIONS={
             "info": {"description": "REST control plane for Celery tasks. See the README."},
         },

@@ -160,3 +160,39 @@ def test_gunicorn_gthread_internals():
     for attribute in ("self.poller", "self.pending_conns", "self.keepalived_conns",
                       "self.nr_conns"):
         assert attribute in source, attribute
+
+
+def test_flask_limiter_strategy_and_limits_redis_storage_internals(redis_server):
+    """fences/limits.py replaces ``Limiter._limiter`` and uses the Redis storage's
+    ``prefixed_key`` and ``get_connection`` (its scripts' key and client)."""
+    import flask
+    from flask_limiter import Limiter
+    from limits.storage import RedisStorage
+    from limits.strategies import MovingWindowRateLimiter
+
+    from celery_api.fences import limits as limits_fence
+
+    app = flask.Flask("fence")
+    limiter = Limiter(key_func=lambda: "k", storage_uri=redis_server.url,
+                      strategy="moving-window")
+    limiter.init_app(app)
+    assert type(limiter._limiter) is MovingWindowRateLimiter
+    assert isinstance(limiter._limiter.storage, RedisStorage)
+    assert limiter._limiter.storage.prefixed_key("x").endswith(":x")
+    assert limits_fence.one_trip(limiter)
+    assert limiter.limiter is limiter._limiter  # what Flask-Limiter asks is ours
+    assert isinstance(limiter._limiter, limits_fence.OneTripMovingWindow)
+
+    # The one script answers the window the library's own script reads back.
+    from limits import parse
+
+    item, strategy = parse("3/hour"), limiter._limiter
+    reference = MovingWindowRateLimiter(strategy.storage)
+    with app.test_request_context():
+        for _ in range(4):
+            strategy.hit(item, "fence", "check")
+            ours = strategy.get_window_stats(item, "fence", "check")
+            theirs = reference.get_window_stats(item, "fence", "check")
+            assert ours.remaining == theirs.remaining
+            assert abs(ours.reset_time - theirs.reset_time) < 0.01  # Lua's %.14g of theirs
+        assert ours.remaining == 0

@@ -316,6 +316,32 @@ def test_limits_are_shared_by_api_processes_on_redis(tmp_path, private_redis):
             server.stop()
 
 
+
+def test_a_limited_request_costs_one_redis_round_trip(make_app, private_redis):
+    """On Redis with the moving window (the default), the check and the window the
+    headers report come from one script: one round trip per limited request, refused
+    or not (fences/limits.py; two before: acquire, then read the window back)."""
+    storage = private_redis.url.replace("/0", "/13")
+    redis.Redis.from_url(storage).flushdb()
+    app = make_app(REDIS_URL=storage, RATE_LIMIT_READ="4/hour")
+    server = redis.Redis(port=private_redis.port)
+
+    def scripts() -> int:
+        stats = server.info("commandstats")
+        return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+                   for name in ("eval", "evalsha", "eval_ro", "evalsha_ro"))
+
+    client = app.test_client()
+    assert_rate_headers(client.get(CATALOG), 4, 3, 3600)  # loads the script once
+    before = scripts()
+    for remaining in (2, 1, 0):
+        response = client.get(CATALOG)
+        assert response.status_code == 200
+        assert_rate_headers(response, 4, remaining, 3600)
+    assert_rate_limited(client.get(CATALOG), "Rate limit exceeded")
+    assert scripts() - before == 4
+
+
 # Load shedding.
 
 def test_a_full_queue_refuses_launches_until_it_drains(make_app):

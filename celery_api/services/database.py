@@ -14,10 +14,12 @@ does the app's handler for what a service did not catch (``celery_api.http``).
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
 from celery_api.extensions import db
@@ -85,3 +87,39 @@ def unavailable_as(detail: str = UNREACHABLE, **unavailable) -> Iterator[None]:
         if is_unavailable(exc):
             raise Unavailable(detail, **unavailable) from exc
         raise
+
+
+# Pinging pooled connections: only those that sat idle (docs/BENCHMARKS.md).
+
+PING_AFTER_IDLE_SECONDS = 1.0
+_IDLE_SINCE = "celery_api.idle_since"
+
+
+def ping_when_idle(engine) -> None:
+    """Check a pooled connection before use only when it sat in the pool
+    ``PING_AFTER_IDLE_SECONDS`` or more, instead of SQLAlchemy's ``pool_pre_ping`` on
+    every checkout (a round trip and a ``SELECT 1`` per request under load).
+
+    A connection that fails its check is replaced before use, as with pre-ping. One used
+    within the last second is handed out as it is: if the database restarted in that
+    second, its first statement fails as a lost connection, SQLAlchemy discards it and
+    every older pooled connection, and the caller answers 503 (``is_unavailable``), save
+    the launch's record, which is tried once more on a new connection
+    (``services.launch.record_runs``).
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection, record):
+        if record is not None:
+            record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection, record, _proxy):
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+            return  # new, or in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool discards this connection and checks out a new one.
+            raise sa_exc.DisconnectionError(f"a pooled connection was lost: {exc}") from exc

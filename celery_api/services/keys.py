@@ -162,6 +162,9 @@ def _cache_for_app() -> TTLCache | None:
     seconds = current_app.config.get("AUTH_CACHE_SECONDS", 1.0)
     if seconds <= 0:
         return None
+    cache = current_app.extensions.get("celery_api.key_cache")
+    if cache is not None:
+        return cache  # no new TTLCache built per request just to be thrown away
     with _lock:
         return current_app.extensions.setdefault(
             "celery_api.key_cache", TTLCache(maxsize=CACHE_SIZE, ttl=seconds))

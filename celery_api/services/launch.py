@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from celery.utils.nodenames import anon_nodename
 from flask import current_app
 from kombu.exceptions import OperationalError
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from celery_api import limits
 from celery_api.catalog import get_catalog, known_queues
@@ -215,16 +215,31 @@ def record_runs(prepared: list[Prepared]) -> None:
     # Core statements on a connection of its own, outside the request's ORM session:
     # nothing to refresh afterwards, no session state, a tenth of a launch's CPU less.
     # Many records: COPY on PostgreSQL, one executemany elsewhere.
+    records = [p.record for p in prepared]
+    tags = [{"run_id": p.record["id"], "tag": tag} for p in prepared for tag in p.tags]
     try:
-        records = [p.record for p in prepared]
-        tags = [{"run_id": p.record["id"], "tag": tag} for p in prepared for tag in p.tags]
-        with db.engine.begin() as connection:
-            if len(records) > 1 and connection.dialect.name == "postgresql":
-                _copy_runs(connection, records)
-            else:
-                connection.execute(RUNS_INSERT, records[0] if len(records) == 1 else records)
-            if tags:
-                connection.execute(TAGS_INSERT, tags)
+        for attempt in (1, 2):
+            with db.engine.connect() as connection:
+                try:
+                    if len(records) > 1 and connection.dialect.name == "postgresql":
+                        _copy_runs(connection, records)
+                    else:
+                        connection.execute(RUNS_INSERT,
+                                           records[0] if len(records) == 1 else records)
+                    if tags:
+                        connection.execute(TAGS_INSERT, tags)
+                except DBAPIError as exc:
+                    # A pooled connection found dead by its first statements (the pool
+                    # checks only idle ones: database.ping_when_idle): nothing was
+                    # committed, so the records go in once more on a new connection.
+                    # A failure of the COMMIT itself is never retried (it may have
+                    # been written): that is a 503, as before.
+                    if attempt == 1 and exc.connection_invalidated:
+                        log.warning("recording on a lost connection, once more: %s", exc.orig)
+                        continue
+                    raise
+                connection.commit()
+                break
     except SQLAlchemyError as exc:
         if not database.is_unavailable(exc):
             raise  # in its own connection's transaction, rolled back on the way out

@@ -1,0 +1,111 @@
+"""Pooled database connections without a ping per request (services.database.ping_when_idle).
+
+A connection idle for ``PING_AFTER_IDLE_SECONDS`` is checked before use; one used a
+moment ago is not. These tests kill the server side of every pooled connection
+(``pg_terminate_backend``, what a PostgreSQL restart does to them) and set the idle
+bound so that the path under test is the one taken, whatever the machine's speed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from celery_api.extensions import db
+from celery_api.models import TaskRun
+from celery_api.services import database
+from tests.support import build_app, make_config
+
+LAUNCH = "/api/celery/tasks/launch"
+ADD = {"task_type": "acme.add", "params": {"a": 1, "b": 2}}
+
+
+@pytest.fixture
+def make_app(tmp_path, redis_server, pg_databases, postgres_admin, monkeypatch):
+    made = []
+
+    def make(idle_seconds: float):
+        monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", idle_seconds)
+        url = pg_databases.create()
+        app = build_app(make_config(tmp_path / f"app{len(made)}", redis_server.url, url))
+        app.config["TEST_DATABASE"] = url.rsplit("/", 1)[1]
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        with app.app_context():
+            db.session.remove()
+            db.engine.dispose()
+
+
+def kill_connections(app, admin_url: str) -> int:
+    """Terminate every server process of the app's database: its pooled connections."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        return len(conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (app.config["TEST_DATABASE"],)).fetchall())
+
+
+def runs(app) -> set[str]:
+    with app.app_context():
+        ids = set(db.session.scalars(sa.select(TaskRun.id)))
+        db.session.remove()
+        return ids
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_a_launch_on_a_connection_lost_a_moment_ago_is_recorded_once_more(
+        make_app, postgres_admin):
+    app = make_app(idle_seconds=3600)  # never pinged: the lost connection is used
+    client = app.test_client()
+    first = client.post(LAUNCH, json=ADD)
+    assert first.status_code == 202
+    assert kill_connections(app, postgres_admin) >= 1
+    lines, logger = Lines(), logging.getLogger("celery_api.launch")
+    logger.addHandler(lines)
+    try:
+        second = client.post(LAUNCH, json=ADD)
+    finally:
+        logger.removeHandler(lines)
+    assert second.status_code == 202, second.get_data(as_text=True)
+    assert any("recording on a lost connection, once more" in line for line in lines.lines)
+    assert runs(app) == {first.get_json()["task_id"], second.get_json()["task_id"]}
+
+
+def test_an_idle_connection_lost_is_replaced_before_use(make_app, postgres_admin):
+    app = make_app(idle_seconds=0)  # every connection checked before use
+    client = app.test_client()
+    task_id = client.post(LAUNCH, json=ADD).get_json()["task_id"]
+    assert kill_connections(app, postgres_admin) >= 1
+    response = client.get(f"/api/celery/tasks/{task_id}")  # a read: no retry of its own
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["status"] == "PENDING"
+
+
+def test_a_read_on_a_connection_lost_a_moment_ago_is_a_503_then_recovers(
+        make_app, postgres_admin):
+    """The price of not pinging busy connections: right after a restart, one read per
+    process on a connection it held answers 503 (a retry cures it), never a 500."""
+    app = make_app(idle_seconds=3600)
+    client = app.test_client()
+    task_id = client.post(LAUNCH, json=ADD).get_json()["task_id"]
+    client.get(f"/api/celery/tasks/{task_id}")
+    assert kill_connections(app, postgres_admin) >= 1
+    lost = client.get(f"/api/celery/tasks/{task_id}")
+    assert lost.status_code == 503, lost.get_data(as_text=True)
+    assert lost.mimetype == "application/problem+json"
+    again = client.get(f"/api/celery/tasks/{task_id}")
+    assert again.status_code == 200, again.get_data(as_text=True)
