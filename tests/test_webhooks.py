@@ -645,3 +645,163 @@ def test_the_webhook_settings_are_checked_at_start(monkeypatch):
         settings.retry_schedule()
     monkeypatch.setenv("CELERY_API_WEBHOOK_RETRY_SCHEDULE", "1, 2.5,60")
     assert settings.retry_schedule() == [1.0, 2.5, 60.0]
+
+
+# Delivery under adversity, in this process against held receivers (deterministic: the
+# receiver holds the first request until the test releases it).
+
+class HeldReceiver:
+    """An HTTP receiver on 127.0.0.1 that holds each request until ``release`` (then
+    answers 200), counting what it received, keyed by ``webhook-id``."""
+
+    def __init__(self):
+        import http.server
+
+        receiver = self
+        self.arrived = threading.Semaphore(0)
+        self.go = threading.Event()
+        self.received: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.received.append(self.headers.get("webhook-id"))
+                receiver.arrived.release()
+                receiver.go.wait(60)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/held"
+
+    def stop(self):
+        self.go.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def held(app, monkeypatch):
+    """A subscription to a HeldReceiver, one pending delivery of it (not published: it
+    is delivered by hand), and a helper running deliver() in a thread."""
+    receiver = HeldReceiver()
+    monkeypatch.setitem(app.config, "WEBHOOK_ALLOWED_HOSTS", ["127.0.0.1"])
+    monkeypatch.setitem(app.config, "WEBHOOK_TIMEOUT", 60.0)
+    monkeypatch.setitem(app.config, "WEBHOOK_RETRY_SCHEDULE", [])
+    with app.app_context():
+        now = webhooks.utcnow()
+        db.session.add(WebhookSubscription(
+            id=(hook_id := str(uuid.uuid4())), url=receiver.url(), enabled=True,
+            event_types=["task.failed"], secret=webhooks.new_secret(), created_at=now,
+            updated_at=now))
+        db.session.commit()
+        [delivery_id] = webhooks._insert([webhooks._row(
+            "ping", receiver.url(), {"n": 1}, now, subscription_id=hook_id)])
+        db.session.info.pop(webhooks.OUTBOX)
+        db.session.commit()
+
+    outcomes: list[str] = []
+
+    def in_thread() -> threading.Thread:
+        def run():
+            with app.app_context():
+                try:
+                    outcomes.append(webhooks.deliver(delivery_id))
+                except Exception as exc:  # noqa: BLE001 - the test looks at it
+                    outcomes.append(repr(exc))
+                finally:
+                    db.session.remove()
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    yield receiver, hook_id, delivery_id, in_thread, outcomes
+    receiver.stop()
+    with app.app_context():
+        db.session.execute(sa.delete(WebhookDelivery).where(
+            WebhookDelivery.subscription_id == hook_id))
+        db.session.execute(sa.delete(WebhookSubscription).where(
+            WebhookSubscription.id == hook_id))
+        db.session.commit()
+
+
+def test_an_attempt_given_back_by_the_sweeper_is_ended_by_its_new_claimer_only(
+        app, held, monkeypatch):
+    """The first attempt overruns (held by the receiver); the sweeper gives the row
+    back and a second copy sends it and succeeds. When the first finally returns, its
+    outcome is not written: the row keeps the second copy's claim and start."""
+    receiver, _hook_id, delivery_id, in_thread, outcomes = held
+    monkeypatch.setattr(webhooks, "_batches_swept_until", None)
+    monkeypatch.setattr(webhooks, "publish", lambda *_a, **_k: None)  # delivered by hand
+    first = in_thread()
+    assert receiver.arrived.acquire(timeout=30)  # the first copy is at the receiver
+    with app.app_context():
+        later = webhooks.utcnow() + timedelta(
+            seconds=webhooks.stuck_seconds(app.config) + 1)
+        webhooks.sweep(now=later)  # left sending past its deadline: given back
+        row = db.session.get(WebhookDelivery, delivery_id)
+        assert (row.status, row.resets) == ("pending", 1)
+    second = in_thread()
+    assert receiver.arrived.acquire(timeout=30)
+    receiver.go.set()
+    first.join(60)
+    second.join(60)
+    assert sorted(outcomes) == ["not ours", "succeeded"]
+    with app.app_context():
+        row = db.session.get(WebhookDelivery, delivery_id)
+        assert row.status == "succeeded" and row.started_at is not None
+
+
+def test_a_subscription_deleted_during_a_send_ends_the_attempt_quietly(app, held):
+    receiver, hook_id, delivery_id, in_thread, outcomes = held
+    thread = in_thread()
+    assert receiver.arrived.acquire(timeout=30)
+    with app.app_context():
+        webhooks.delete(hook_id)
+    receiver.go.set()
+    thread.join(60)
+    assert outcomes == ["not ours"]  # not StaleDataError
+    with app.app_context():
+        assert db.session.get(WebhookDelivery, delivery_id) is None
+
+
+def test_an_unexpected_error_ends_the_attempt_failed_and_never_leaves_it_sending(
+        app, held):
+    """A resolver answering something that is not an address (a ValueError deep in
+    the guard, no handler expects it): the attempt ends failed with the error."""
+    _receiver, hook_id, delivery_id, _in_thread, _outcomes = held
+    with app.app_context():
+        db.session.execute(sa.update(WebhookSubscription)
+                           .where(WebhookSubscription.id == hook_id)
+                           .values(url="http://hooks.example.com/in"))
+        db.session.commit()
+        outcome = webhooks.deliver(delivery_id, resolve=lambda _host, _port: ["garbage"])
+        row = db.session.get(WebhookDelivery, delivery_id)
+        assert (outcome, row.status) == ("failed", "failed")
+        assert row.error.startswith("unexpected error: ValueError")
+
+
+def test_an_attempt_left_sending_again_and_again_is_ended_failed(app, held, monkeypatch):
+    _receiver, _hook_id, delivery_id, _in_thread, _outcomes = held
+    monkeypatch.setattr(webhooks, "_batches_swept_until", None)
+    monkeypatch.setattr(webhooks, "publish", lambda *_a, **_k: None)
+    with app.app_context():
+        now = webhooks.utcnow()
+        for resets in range(1, webhooks.MAX_RESETS + 1):
+            db.session.execute(sa.update(WebhookDelivery)
+                               .where(WebhookDelivery.id == delivery_id)
+                               .values(status="sending", started_at=now))
+            db.session.commit()
+            now += timedelta(seconds=webhooks.stuck_seconds(app.config) + 1)
+            webhooks.sweep(now=now)
+            row = db.session.get(WebhookDelivery, delivery_id, populate_existing=True)
+            assert row.resets == resets
+        assert row.status == "failed" and row.error.startswith("abandoned")
