@@ -805,3 +805,36 @@ def test_an_attempt_left_sending_again_and_again_is_ended_failed(app, held, monk
             row = db.session.get(WebhookDelivery, delivery_id, populate_existing=True)
             assert row.resets == resets
         assert row.status == "failed" and row.error.startswith("abandoned")
+
+
+def test_the_sweeper_publishes_a_published_backlog_again_only_after_the_horizon(
+        app, redis_server, monkeypatch):
+    """Pending rows published at commit but not taken (the webhook worker is down) are
+    not published again at every sweep: only once the re-publish horizon (the
+    broker's visibility timeout) has passed. A row whose publish failed is."""
+    import redis
+
+    queue = redis.Redis(port=redis_server.port, db=0)
+    monkeypatch.setattr(webhooks, "_batches_swept_until", None)
+    with app.app_context():
+        now = webhooks.utcnow()
+        rows = [webhooks._row("ping", "https://hooks.example.com/p", {"n": n}, now)
+                for n in range(3)]
+        ids = webhooks._insert(rows)
+        db.session.info.pop(webhooks.OUTBOX)  # "published": nothing consumes them here
+        db.session.commit()
+        db.session.execute(sa.update(WebhookDelivery).where(WebhookDelivery.id == ids[2])
+                           .values(published_at=None))  # its publish failed
+        db.session.commit()
+        try:
+            grace = app.config["WEBHOOK_SWEEP_SECONDS"]
+            before = queue.llen(webhooks.QUEUE)
+            for step in (1, 2, 3):  # sweeps within the horizon: only the unpublished one
+                assert webhooks.sweep(now=now + timedelta(seconds=grace + step)) == \
+                    (1 if step == 1 else 0)
+            assert queue.llen(webhooks.QUEUE) == before + 1
+            horizon = webhooks.republish_seconds(app.config)
+            assert webhooks.sweep(now=now + timedelta(seconds=horizon + 1)) == 2
+        finally:
+            db.session.execute(sa.delete(WebhookDelivery).where(WebhookDelivery.id.in_(ids)))
+            db.session.commit()
