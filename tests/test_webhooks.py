@@ -838,3 +838,50 @@ def test_the_sweeper_publishes_a_published_backlog_again_only_after_the_horizon(
         finally:
             db.session.execute(sa.delete(WebhookDelivery).where(WebhookDelivery.id.in_(ids)))
             db.session.commit()
+
+
+@pytest.mark.parametrize("competing_attempt", [0, 1], ids=["same-attempt", "next-attempt"])
+def test_a_resend_that_loses_the_race_is_a_409_and_leaves_one_open_attempt(
+        app, monkeypatch, competing_attempt):
+    """Two re-sends of a finished delivery at once: both pass the check for an open
+    attempt, then insert. Held at that window (the competing re-send's row is inserted
+    first, by a hook on the insert), the loser answers 409, never 500, and the message
+    keeps one open attempt (the unique index on the open attempts of a message)."""
+    with app.app_context():
+        now = webhooks.utcnow()
+        db.session.add(WebhookSubscription(
+            id=(hook_id := str(uuid.uuid4())), url="https://hooks.example.com/in",
+            enabled=True, event_types=["task.failed"], secret=webhooks.new_secret(),
+            created_at=now, updated_at=now))
+        row = webhooks._row("ping", "https://hooks.example.com/in", {}, now,
+                            subscription_id=hook_id)
+        [first] = webhooks._insert([dict(row, status="failed")])
+        db.session.info.pop(webhooks.OUTBOX)
+        db.session.commit()
+        insert = webhooks._insert
+
+        def competing_first(rows, *args, **kwargs):
+            winner = dict(rows[0], attempt=rows[0]["attempt"] + competing_attempt,
+                          message_id=rows[0]["message_id"])
+            db.session.execute(sa.insert(WebhookDelivery), winner)
+            return insert(rows, *args, **kwargs)
+
+        monkeypatch.setattr(webhooks, "_insert", competing_first)
+        try:
+            with pytest.raises(webhooks.Conflict, match="re-sent by another request"):
+                webhooks.resend(first, hook_id)
+            db.session.rollback()
+            monkeypatch.setattr(webhooks, "_insert", insert)
+            message = db.session.get(WebhookDelivery, first).message_id
+            statement = sa.insert(WebhookDelivery)
+            db.session.execute(statement, dict(row, message_id=message, attempt=2))
+            with pytest.raises(sa.exc.IntegrityError):  # a second open attempt
+                db.session.execute(statement, dict(row, message_id=message, attempt=3))
+            db.session.rollback()
+        finally:
+            db.session.rollback()
+            db.session.execute(sa.delete(WebhookDelivery).where(
+                WebhookDelivery.subscription_id == hook_id))
+            db.session.execute(sa.delete(WebhookSubscription).where(
+                WebhookSubscription.id == hook_id))
+            db.session.commit()
