@@ -885,3 +885,23 @@ def test_a_resend_that_loses_the_race_is_a_409_and_leaves_one_open_attempt(
             db.session.execute(sa.delete(WebhookSubscription).where(
                 WebhookSubscription.id == hook_id))
             db.session.commit()
+
+
+@pytest.mark.parametrize("raw", ["d9223372036854775808", "d99999999999999999999", "d0",
+                                 "d\u0661\u0662"])
+def test_a_tampered_deliveries_cursor_is_a_422(app, monkeypatch, raw):
+    """Out of the BIGINT range (OverflowError on SQLite, out of range on PostgreSQL),
+    zero, non-ASCII digits: never issued, so 422."""
+    import base64
+
+    monkeypatch.setitem(app.config, "WEBHOOK_ALLOWED_HOSTS", ["127.0.0.1"])
+    client = app.test_client()
+    hook = client.post(BASE, json={"url": "http://127.0.0.1:9/hook",
+                                   "event_types": ["task.failed"]}).get_json()
+    try:
+        cursor = base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+        body = assert_problem(client.get(f"{BASE}/{hook['id']}/deliveries?cursor={cursor}"),
+                              422, "cursor")
+        assert body["errors"]["query"]["cursor"]
+    finally:
+        client.delete(f"{BASE}/{hook['id']}")

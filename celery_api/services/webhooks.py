@@ -463,6 +463,9 @@ def resend(delivery_id: int, subscription_id: str | None,
 
 # Delivery logs.
 
+MAX_ID = 2**63 - 1  # the largest BIGINT
+
+
 def encode_cursor(delivery_id: int) -> str:
     return base64.urlsafe_b64encode(f"d{delivery_id}".encode()).decode().rstrip("=")
 
@@ -470,9 +473,13 @@ def encode_cursor(delivery_id: int) -> str:
 def decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("d") or not raw[1:].isdigit() or len(raw) > 20:
+        if not raw.startswith("d") or not raw[1:].isascii() or not raw[1:].isdigit() \
+                or len(raw) > 20:
             raise ValueError(raw)
-        return int(raw[1:])
+        value = int(raw[1:])
+        if not 1 <= value <= MAX_ID:  # a BIGINT id: anything else was never issued
+            raise ValueError(raw)
+        return value
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidParams(
             "Invalid request: cursor: not a cursor this service issued; pass next_cursor "
