@@ -7,6 +7,7 @@ what could not be published when the run finished."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -142,6 +143,23 @@ def test_a_result_past_the_size_limit_is_left_out_with_a_link(app, monkeypatch):
     assert documents[small]["result"] == {"n": 1} and not documents[small]["result_omitted"]
     assert documents[large]["result"] is None and documents[large]["result_omitted"]
     assert documents[large]["status_url"] == f"https://tasks.example.com/api/celery/tasks/{large}"
+    assert documents[small]["truncated"] == []
+
+
+def test_an_error_traceback_and_meta_past_the_size_limit_are_bounded_and_marked(
+        app, monkeypatch):
+    monkeypatch.setitem(app.config, "WEBHOOK_MAX_RESULT_BYTES", 100)
+    huge = stored_run(app, "FAILURE", error="E" * 5000,
+                      traceback="Traceback ...\n" + "  frame\n" * 1000 + "ValueError: boom",
+                      meta={"current": 1, "total": 2, "message": "m" * 5000})
+    with app.app_context():
+        [document] = webhooks.run_documents([db.session.get(TaskRun, huge)]).values()
+    assert document["error"].startswith("E" * 100) and len(document["error"]) < 200
+    assert document["traceback"].endswith("ValueError: boom")
+    assert len(document["traceback"]) < 200
+    assert document["meta"] is None and document["progress"] is None
+    assert document["truncated"] == ["error", "traceback", "meta", "progress"]
+    assert len(json.dumps(document)) < 2000
 
 
 def test_a_revoke_undone_because_the_broker_is_down_sends_no_event(tmp_path):
@@ -310,7 +328,8 @@ def path() -> str:
 
 
 def without_extras(data: dict) -> dict:
-    return {k: v for k, v in data.items() if k not in ("result_omitted", "status_url")}
+    return {k: v for k, v in data.items() if k not in ("result_omitted", "status_url",
+                                                           "truncated")}
 
 
 @pytest.mark.integration

@@ -226,7 +226,9 @@ def status_url(run_id: str) -> str:
 def run_documents(runs: list[TaskRun]) -> dict[str, dict]:
     """Each run's status document, as GET /tasks/{task_id} answers it, plus
     ``status_url``; a result larger than CELERY_API_WEBHOOK_MAX_RESULT_BYTES is left
-    out (``result`` null, ``result_omitted`` true: read it at ``status_url``)."""
+    out (``result`` null, ``result_omitted`` true: read it at ``status_url``); an
+    error or traceback longer than that is cut, meta or progress larger than that left
+    out, each named in ``truncated`` (:func:`_bound`)."""
     from celery_api.resources.status.routes import STATUS_SCHEMA, _status_body
     from celery_api.services.runs import RunView
 
@@ -257,9 +259,34 @@ def run_documents(runs: list[TaskRun]) -> dict[str, dict]:
         if omitted:
             document["result"] = None
         document["result_omitted"] = omitted
+        document["truncated"] = _bound(document, limit)
         document["status_url"] = status_url(run.id)
         documents[run.id] = document
     return documents
+
+
+TRUNCATED = "… [truncated: the whole value is at status_url]"
+
+
+def _bound(document: dict, limit: int) -> list[str]:
+    """Bound the other free-form fields of a status document to ``limit`` characters
+    each, as the result is: ``error`` keeps its start, ``traceback`` its end (where
+    the exception is), both marked; ``meta`` and ``progress`` past the limit are left
+    out (null). Returns the names of the fields cut or left out."""
+    cut = []
+    error = document.get("error")
+    if isinstance(error, str) and len(error) > limit:
+        document["error"] = error[:limit] + TRUNCATED
+        cut.append("error")
+    traceback = document.get("traceback")
+    if isinstance(traceback, str) and len(traceback) > limit:
+        document["traceback"] = TRUNCATED + "\n" + traceback[-limit:]
+        cut.append("traceback")
+    for field in ("meta", "progress"):
+        if len(json.dumps(document.get(field), default=str)) > limit:
+            document[field] = None
+            cut.append(field)
+    return cut
 
 
 def envelope(event_type: str, data: dict, now: datetime) -> dict:
