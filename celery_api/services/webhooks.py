@@ -13,14 +13,16 @@ change or not at all. When the session commits, the rows are published as
 ``celery_api.deliver_webhook`` tasks on the ``webhooks`` queue; if that publish fails
 (the broker is down at that moment, the process dies between the commit and the
 publish), beat's sweeper (:func:`sweep`) publishes every pending row that is due and
-was not taken within ``CELERY_API_WEBHOOK_SWEEP_SECONDS``. A delivery task claims its
-row (``pending`` -> ``sending``, a guarded update), so a row published twice is sent
-once.
+was never published (or whose publish failed) within
+``CELERY_API_WEBHOOK_SWEEP_SECONDS``, and a published one not taken after the broker's
+visibility timeout. A delivery task claims its row (``pending`` -> ``sending``, a
+guarded update with a claim token), so a row published twice is sent once, and only
+the claimer's update ends it.
 
 Delivery (:func:`deliver`, on the webhook worker): the body is the event
 ``{type, timestamp, data}`` serialized once, signed with ``standardwebhooks`` (one
 signature per active secret, so during a rotation's overlap both verify), POSTed
-through the SSRF guard (``celery_api.ssrf``) with a per-attempt timeout. 2xx is
+through the SSRF guard (``celery_api.ssrf``) with one deadline for the whole attempt. 2xx is
 success; 410 disables the subscription; anything else (another status, a timeout, a
 refused connection) schedules the next attempt after the next delay of
 ``CELERY_API_WEBHOOK_RETRY_SCHEDULE``, with +-20 % jitter. Each attempt is its own row,
