@@ -99,7 +99,12 @@ def parse_allowed(entries: Iterable[str]) -> frozenset[tuple[str, int | None]]:
         if not parts.hostname:
             raise ValueError(f"CELERY_API_WEBHOOK_ALLOWED_HOSTS: bad entry {entry!r}: use "
                              "host or host:port")
-        allowed.add((parts.hostname, port))
+        try:  # as the checked URLs' hosts are: an internationalized name IDNA-encoded
+            host = ascii_host(parts.hostname)
+        except Refused as exc:
+            raise ValueError(f"CELERY_API_WEBHOOK_ALLOWED_HOSTS: bad entry {entry!r}: "
+                             f"{exc}") from None
+        allowed.add((host, port))
     return frozenset(allowed)
 
 

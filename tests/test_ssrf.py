@@ -197,6 +197,10 @@ def test_an_internationalized_host_is_idna_encoded_for_the_check_host_and_sni():
     target = ssrf.check("http://Пример.example:8080/hook", resolve=resolver)
     assert target.host == "xn--e1afmkfd.example"
     assert target.host_header == "xn--e1afmkfd.example:8080"
+    # An allowlist entry names the host as written, and matches it encoded.
+    allowed = ssrf.parse_allowed(["пример.example"])
+    assert ssrf.check("http://пример.example/in", allowed, Flipping(["127.0.0.1"])).host \
+        == "xn--e1afmkfd.example"
     with pytest.raises(ssrf.Refused, match="not a valid internationalized name"):
         ssrf.check("http://a\u3002\u3002b/", resolve=resolver)
 
