@@ -58,6 +58,7 @@ def _sparse_index(name: str, column: str, *more: str) -> sa.Index:
     return sa.Index(name, column, *more, postgresql_where=where, sqlite_where=where)
 
 
+OPEN_ATTEMPT = "status IN ('pending', 'sending')"  # a webhook delivery not finished
 OPEN_RETRY = ("retry_of IS NOT NULL AND status IN "
               "('PENDING', 'RECEIVED', 'RETRY', 'STARTED', 'PROGRESS')")
 OPEN_CACHE_KEY = ("cache_key IS NOT NULL AND status IN "
@@ -334,6 +335,12 @@ class WebhookDelivery(db.Model):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     status_code: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    # The token of the delivery task that claimed the attempt (pending -> sending):
+    # only its update ends the attempt, so a copy sent after the sweeper gave the row
+    # back cannot overwrite another's outcome.
+    claim: Mapped[str | None] = mapped_column(sa.String(32), nullable=True)
+    # How often the sweeper gave it back to pending (left sending past its deadline).
+    resets: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     duration_ms: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
     # When the next attempt is due (it is inserted as its own row), if there is one.
     next_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -349,6 +356,10 @@ class WebhookDelivery(db.Model):
         sa.Index("ix_webhook_deliveries_pending_due_at", "due_at",
                  postgresql_where=sa.text("status = 'pending'"),
                  sqlite_where=sa.text("status = 'pending'")),
+        # At most one open attempt per message (concurrent re-sends make one).
+        sa.Index("ux_webhook_deliveries_open_message_id", "message_id", unique=True,
+                 postgresql_where=sa.text(OPEN_ATTEMPT),
+                 sqlite_where=sa.text(OPEN_ATTEMPT)),
     )
 
     def __repr__(self) -> str:

@@ -9,12 +9,20 @@ behalf. The rules:
 - the host is resolved once, and *every* address it resolves to must be public: a
   loopback, private, link-local, multicast, unspecified, reserved or otherwise
   non-global address (which includes the metadata endpoints 169.254.169.254 and
-  fd00:ec2::254) refuses the URL. IPv4-mapped IPv6 addresses are judged as IPv4;
+  fd00:ec2::254) refuses the URL. IPv6 addresses that embed an IPv4 one (IPv4-mapped,
+  6to4, Teredo, NAT64) are judged by that IPv4 address too. Besides Python's
+  ``ipaddress`` flags (which changed across patch versions), an explicit list of
+  special-purpose networks (``DENIED``, from the IANA registries) is refused;
 - the request then connects to the first checked address (never resolving again, so
   a DNS answer that changes between the check and the connection cannot point it
   elsewhere), with the URL's host name in ``Host`` and, for https, in the TLS SNI
   and the certificate check;
 - redirects are not followed (a 3xx is an answer like any other);
+- one deadline bounds the whole attempt (connect, sending, the answer's status line,
+  headers and body): a receiver dripping a byte at a time cannot hold it past
+  ``timeout`` (the socket is shut down when the deadline passes);
+- an internationalized host name is IDNA-encoded (``xn--``) before it is checked,
+  resolved, sent in ``Host`` and in the TLS SNI;
 - ``CELERY_API_WEBHOOK_ALLOWED_HOSTS`` (``host`` or ``host:port``, comma separated)
   lets chosen hosts through the address check; they are still resolved once and
   called at the address resolved.
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,6 +48,17 @@ SCHEMES = {"http": 80, "https": 443}
 METADATA = frozenset({ipaddress.ip_address("169.254.169.254"),
                       ipaddress.ip_address("fd00:ec2::254")})
 READ_LIMIT = 1024  # bytes of a receiver's answer kept (the error column)
+# Special-purpose networks (IANA IPv4 and IPv6 registries) that are never called,
+# whatever this Python's ipaddress.is_global says.
+DENIED = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24",
+    "192.88.99.0/24", "192.168.0.0/16", "192.175.48.0/24", "198.18.0.0/15",
+    "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64",
+    "2001::/23", "2001:db8::/32", "2002::/16", "3fff::/20", "5f00::/16", "fc00::/7",
+    "fe80::/10", "fec0::/10", "ff00::/8"))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class Refused(ValueError):
@@ -79,15 +99,40 @@ def parse_allowed(entries: Iterable[str]) -> frozenset[tuple[str, int | None]]:
         if not parts.hostname:
             raise ValueError(f"CELERY_API_WEBHOOK_ALLOWED_HOSTS: bad entry {entry!r}: use "
                              "host or host:port")
-        allowed.add((parts.hostname, port))
+        try:  # as the checked URLs' hosts are: an internationalized name IDNA-encoded
+            host = ascii_host(parts.hostname)
+        except Refused as exc:
+            raise ValueError(f"CELERY_API_WEBHOOK_ALLOWED_HOSTS: bad entry {entry!r}: "
+                             f"{exc}") from None
+        allowed.add((host, port))
     return frozenset(allowed)
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries: IPv4-mapped, 6to4, Teredo (server
+    and client), NAT64 (64:ff9b::/96)."""
+    found = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if ip in NAT64:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
 
 
 def blocked_reason(address: str) -> str | None:
     """Why ``address`` may not be called, or None for a public address."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        for inner in embedded_ipv4(ip):
+            reason = blocked_reason(str(inner))
+            if reason is not None:
+                return f"{reason} (embedded in {ip})"
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
     if ip in METADATA:
         return f"cloud metadata address {ip}"
     # The most specific name first: Python counts loopback and link-local as private too.
@@ -96,6 +141,9 @@ def blocked_reason(address: str) -> str | None:
                         ("reserved", ip.is_reserved), ("private", ip.is_private)):
         if flag:
             return f"{label} address {ip}"
+    for network in DENIED:
+        if ip.version == network.version and ip in network:
+            return f"non-public address {ip} (special-purpose network {network})"
     if not ip.is_global:
         return f"non-public address {ip}"
     return None
@@ -134,7 +182,17 @@ def split(url: str) -> tuple[str, str, int, str]:
     path = parts.path or "/"
     if parts.query:
         path += f"?{parts.query}"
-    return scheme, parts.hostname.lower(), port or SCHEMES[scheme], path
+    return scheme, ascii_host(parts.hostname.lower()), port or SCHEMES[scheme], path
+
+
+def ascii_host(host: str) -> str:
+    """``host`` as it goes on the wire: an internationalized name IDNA-encoded."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise Refused(f"host {host!r} is not a valid internationalized name: {exc}") from None
 
 
 def check(url: str, allowed: frozenset[tuple[str, int | None]] = frozenset(),
@@ -165,12 +223,63 @@ class Answer:
     seconds: float
 
 
+class DeadlineExceeded(urllib3.exceptions.TimeoutError):
+    """The whole attempt took longer than its timeout (a receiver answering slowly)."""
+
+
+class Deadline:
+    """Shuts the attempt's socket down when ``seconds`` have passed since it started:
+    a blocked read then returns, whatever the receiver is dripping."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                _shut(sock)
+
+    def check(self) -> None:
+        if self.expired:
+            raise DeadlineExceeded(f"no complete answer within {self.seconds:g} s")
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
 def post(target: Target, body: bytes, headers: dict[str, str], timeout: float) -> Answer:
     """POST ``body`` to the checked address of ``target``; never follows a redirect.
 
-    ``timeout`` bounds the connect and each read; urllib3 errors (refused, timed out,
-    TLS) propagate as ``urllib3.exceptions.HTTPError``.
+    ``timeout`` bounds the whole attempt (connect, send, status line, headers, the
+    READ_LIMIT bytes of body kept), not each read; urllib3 errors (refused, timed out,
+    TLS) propagate as ``urllib3.exceptions.HTTPError``, an attempt past its deadline as
+    :class:`DeadlineExceeded` (one of them).
     """
+    from celery_api.fences.urllib3 import deadline_connection
+
     limit = urllib3.Timeout(connect=timeout, read=timeout)
     common = {"port": target.port, "timeout": limit, "retries": False, "maxsize": 1}
     if target.scheme == "https":
@@ -180,15 +289,23 @@ def post(target: Target, body: bytes, headers: dict[str, str], timeout: float) -
     else:
         pool = urllib3.HTTPConnectionPool(target.address, **common)
     started = time.monotonic()
-    try:
-        response = pool.urlopen(
-            "POST", target.path, body=body, headers={**headers, "Host": target.host_header},
-            redirect=False, retries=False, preload_content=False, assert_same_host=False)
+    with Deadline(timeout) as deadline:
+        pool.ConnectionCls = deadline_connection(pool.ConnectionCls, deadline.watch)
         try:
-            data = response.read(READ_LIMIT)
+            try:
+                response = pool.urlopen(
+                    "POST", target.path, body=body,
+                    headers={**headers, "Host": target.host_header}, redirect=False,
+                    retries=False, preload_content=False, assert_same_host=False)
+                try:
+                    data = response.read(READ_LIMIT)
+                finally:
+                    response.release_conn()
+            except (urllib3.exceptions.HTTPError, OSError):
+                deadline.check()  # the socket was shut down by the deadline: say so
+                raise
+            deadline.check()  # a body cut short by the deadline is not an answer
+            return Answer(response.status, data.decode("utf-8", "replace"),
+                          time.monotonic() - started)
         finally:
-            response.release_conn()
-        return Answer(response.status, data.decode("utf-8", "replace"),
-                      time.monotonic() - started)
-    finally:
-        pool.close()
+            pool.close()

@@ -196,3 +196,24 @@ def test_flask_limiter_strategy_and_limits_redis_storage_internals(redis_server)
             assert ours.remaining == theirs.remaining
             assert abs(ours.reset_time - theirs.reset_time) < 0.01  # Lua's %.14g of theirs
         assert ours.remaining == 0
+
+
+def test_urllib3_connections_keep_their_socket():
+    """celery_api.fences.urllib3: a connection's ``connect()`` leaves its socket in
+    ``sock``, which the attempt's deadline shuts down."""
+    import socket
+
+    import urllib3
+
+    from celery_api.fences.urllib3 import deadline_connection
+
+    seen = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        cls = deadline_connection(urllib3.HTTPConnectionPool.ConnectionCls, seen.append)
+        conn = cls("127.0.0.1", listener.getsockname()[1], timeout=5)
+        conn.connect()
+        assert seen == [conn.sock] and isinstance(conn.sock, socket.socket)
+        conn.close()
+    finally:
+        listener.close()

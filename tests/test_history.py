@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from datetime import timedelta
 
@@ -156,10 +158,17 @@ def test_link_header_points_at_next_page(runs):
     assert follow.status_code == 200 and len(follow.get_json()["items"]) == 2
 
 
+def tampered_cursor(run_id: str) -> str:
+    raw = json.dumps(["2026-01-01T00:00:00+00:00", run_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 @pytest.mark.parametrize("query", [
     "limit=0", "limit=-5", "limit=501", "limit=99999999999999999999", "limit=abc",
     "status=DONE", "created_after=yesterday", "company_id=../../etc/passwd",
     "cursor=not-a-cursor", "cursor=eyJ4IjoxfQ", "task_type=" + "x" * 201,
+    # Tampered cursors (a NUL in the run id, a run id too long): 422, never a 500.
+    "cursor=" + tampered_cursor("a\x00b"), "cursor=" + tampered_cursor("x" * 300),
     "tag=' OR 1=1 --x", "unknown_filter=1",
 ])
 def test_bad_queries_are_422(runs, query):

@@ -47,6 +47,14 @@ def receiver():
     ("http://0.0.0.0/hook", "unspecified"),
     ("http://240.0.0.1/hook", "reserved"),
     ("http://100.64.0.1/hook", "non-public"),
+    # IPv6 forms that embed a private IPv4 address (6to4, Teredo, NAT64), and a
+    # special-purpose IPv4 network some Python versions call global.
+    ("http://[2002:7f00:1::]/hook", "loopback address 127.0.0.1 .embedded"),
+    ("http://[2002:a9fe:a9fe::]/hook", "cloud metadata address 169.254.169.254 .embedded"),
+    ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/hook", "loopback address 127.0.0.1"),
+    ("http://[64:ff9b::a00:1]/hook", "private address 10.0.0.1 .embedded"),
+    ("http://192.0.0.8/hook", "special-purpose network 192.0.0.0/24"),
+    ("http://[2002:5db8:d822::1]/hook", "special-purpose network 2002::/16"),
 ])
 def test_addresses_that_are_not_public_are_refused(url, reason):
     with pytest.raises(ssrf.Refused, match=reason):
@@ -182,3 +190,59 @@ def test_https_connects_to_the_checked_address_with_sni_and_the_certificate_of_t
     other = ssrf.check(f"https://impostor.test:{port}/in", allowed, Flipping(["127.0.0.1"]))
     with pytest.raises(urllib3.exceptions.SSLError):
         ssrf.post(other, b"{}", {}, timeout=5)
+
+
+def test_an_internationalized_host_is_idna_encoded_for_the_check_host_and_sni():
+    resolver = Flipping(["93.184.216.34"])
+    target = ssrf.check("http://Пример.example:8080/hook", resolve=resolver)
+    assert target.host == "xn--e1afmkfd.example"
+    assert target.host_header == "xn--e1afmkfd.example:8080"
+    # An allowlist entry names the host as written, and matches it encoded.
+    allowed = ssrf.parse_allowed(["пример.example"])
+    assert ssrf.check("http://пример.example/in", allowed, Flipping(["127.0.0.1"])).host \
+        == "xn--e1afmkfd.example"
+    with pytest.raises(ssrf.Refused, match="not a valid internationalized name"):
+        ssrf.check("http://a\u3002\u3002b/", resolve=resolver)
+
+
+@pytest.fixture
+def dripping():
+    """A receiver that answers one byte at a time, each a fraction of the timeout the
+    test uses apart, for far longer than that timeout (a slowloris answer); records
+    whether it got to send the whole answer."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    state = {"finished": False, "stop": threading.Event()}
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n" + b"x" * 40
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            try:
+                for byte in answer:
+                    conn.sendall(bytes([byte]))
+                    if state["stop"].wait(0.05):  # the drip's pace, not a wait for a state
+                        return
+                state["finished"] = True
+            except OSError:
+                return  # the client hung up: what the deadline is for
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1], state
+    state["stop"].set()
+    listener.close()
+    thread.join(10)
+
+
+def test_one_deadline_bounds_the_whole_attempt_not_each_read(dripping):
+    """Every byte arrives well within the timeout, the answer as a whole does not:
+    the attempt ends at its deadline, before the receiver has sent everything."""
+    port, state = dripping
+    target = ssrf.check(f"http://127.0.0.1:{port}/drip", ssrf.parse_allowed(["127.0.0.1"]))
+    with pytest.raises(ssrf.DeadlineExceeded):
+        ssrf.post(target, b"{}", {}, timeout=0.5)
+    assert not state["finished"]

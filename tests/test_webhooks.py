@@ -7,6 +7,7 @@ what could not be published when the run finished."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -142,6 +143,23 @@ def test_a_result_past_the_size_limit_is_left_out_with_a_link(app, monkeypatch):
     assert documents[small]["result"] == {"n": 1} and not documents[small]["result_omitted"]
     assert documents[large]["result"] is None and documents[large]["result_omitted"]
     assert documents[large]["status_url"] == f"https://tasks.example.com/api/celery/tasks/{large}"
+    assert documents[small]["truncated"] == []
+
+
+def test_an_error_traceback_and_meta_past_the_size_limit_are_bounded_and_marked(
+        app, monkeypatch):
+    monkeypatch.setitem(app.config, "WEBHOOK_MAX_RESULT_BYTES", 100)
+    huge = stored_run(app, "FAILURE", error="E" * 5000,
+                      traceback="Traceback ...\n" + "  frame\n" * 1000 + "ValueError: boom",
+                      meta={"current": 1, "total": 2, "message": "m" * 5000})
+    with app.app_context():
+        [document] = webhooks.run_documents([db.session.get(TaskRun, huge)]).values()
+    assert document["error"].startswith("E" * 100) and len(document["error"]) < 200
+    assert document["traceback"].endswith("ValueError: boom")
+    assert len(document["traceback"]) < 200
+    assert document["meta"] is None and document["progress"] is None
+    assert document["truncated"] == ["error", "traceback", "meta", "progress"]
+    assert len(json.dumps(document)) < 2000
 
 
 def test_a_revoke_undone_because_the_broker_is_down_sends_no_event(tmp_path):
@@ -310,7 +328,8 @@ def path() -> str:
 
 
 def without_extras(data: dict) -> dict:
-    return {k: v for k, v in data.items() if k not in ("result_omitted", "status_url")}
+    return {k: v for k, v in data.items() if k not in ("result_omitted", "status_url",
+                                                           "truncated")}
 
 
 @pytest.mark.integration
@@ -645,3 +664,263 @@ def test_the_webhook_settings_are_checked_at_start(monkeypatch):
         settings.retry_schedule()
     monkeypatch.setenv("CELERY_API_WEBHOOK_RETRY_SCHEDULE", "1, 2.5,60")
     assert settings.retry_schedule() == [1.0, 2.5, 60.0]
+
+
+# Delivery under adversity, in this process against held receivers (deterministic: the
+# receiver holds the first request until the test releases it).
+
+class HeldReceiver:
+    """An HTTP receiver on 127.0.0.1 that holds each request until ``release`` (then
+    answers 200), counting what it received, keyed by ``webhook-id``."""
+
+    def __init__(self):
+        import http.server
+
+        receiver = self
+        self.arrived = threading.Semaphore(0)
+        self.go = threading.Event()
+        self.received: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.received.append(self.headers.get("webhook-id"))
+                receiver.arrived.release()
+                receiver.go.wait(60)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/held"
+
+    def stop(self):
+        self.go.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def held(app, monkeypatch):
+    """A subscription to a HeldReceiver, one pending delivery of it (not published: it
+    is delivered by hand), and a helper running deliver() in a thread."""
+    receiver = HeldReceiver()
+    monkeypatch.setitem(app.config, "WEBHOOK_ALLOWED_HOSTS", ["127.0.0.1"])
+    monkeypatch.setitem(app.config, "WEBHOOK_TIMEOUT", 60.0)
+    monkeypatch.setitem(app.config, "WEBHOOK_RETRY_SCHEDULE", [])
+    with app.app_context():
+        now = webhooks.utcnow()
+        db.session.add(WebhookSubscription(
+            id=(hook_id := str(uuid.uuid4())), url=receiver.url(), enabled=True,
+            event_types=["task.failed"], secret=webhooks.new_secret(), created_at=now,
+            updated_at=now))
+        db.session.commit()
+        [delivery_id] = webhooks._insert([webhooks._row(
+            "ping", receiver.url(), {"n": 1}, now, subscription_id=hook_id)])
+        db.session.info.pop(webhooks.OUTBOX)
+        db.session.commit()
+
+    outcomes: list[str] = []
+
+    def in_thread() -> threading.Thread:
+        def run():
+            with app.app_context():
+                try:
+                    outcomes.append(webhooks.deliver(delivery_id))
+                except Exception as exc:  # noqa: BLE001 - the test looks at it
+                    outcomes.append(repr(exc))
+                finally:
+                    db.session.remove()
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    yield receiver, hook_id, delivery_id, in_thread, outcomes
+    receiver.stop()
+    with app.app_context():
+        db.session.execute(sa.delete(WebhookDelivery).where(
+            WebhookDelivery.subscription_id == hook_id))
+        db.session.execute(sa.delete(WebhookSubscription).where(
+            WebhookSubscription.id == hook_id))
+        db.session.commit()
+
+
+def test_an_attempt_given_back_by_the_sweeper_is_ended_by_its_new_claimer_only(
+        app, held, monkeypatch):
+    """The first attempt overruns (held by the receiver); the sweeper gives the row
+    back and a second copy sends it and succeeds. When the first finally returns, its
+    outcome is not written: the row keeps the second copy's claim and start."""
+    receiver, _hook_id, delivery_id, in_thread, outcomes = held
+    monkeypatch.setattr(webhooks, "_batches_swept_until", None)
+    monkeypatch.setattr(webhooks, "publish", lambda *_a, **_k: None)  # delivered by hand
+    first = in_thread()
+    assert receiver.arrived.acquire(timeout=30)  # the first copy is at the receiver
+    with app.app_context():
+        later = webhooks.utcnow() + timedelta(
+            seconds=webhooks.stuck_seconds(app.config) + 1)
+        webhooks.sweep(now=later)  # left sending past its deadline: given back
+        row = db.session.get(WebhookDelivery, delivery_id)
+        assert (row.status, row.resets) == ("pending", 1)
+    second = in_thread()
+    assert receiver.arrived.acquire(timeout=30)
+    receiver.go.set()
+    first.join(60)
+    second.join(60)
+    assert sorted(outcomes) == ["not ours", "succeeded"]
+    with app.app_context():
+        row = db.session.get(WebhookDelivery, delivery_id)
+        assert row.status == "succeeded" and row.started_at is not None
+
+
+def test_a_subscription_deleted_during_a_send_ends_the_attempt_quietly(app, held):
+    receiver, hook_id, delivery_id, in_thread, outcomes = held
+    thread = in_thread()
+    assert receiver.arrived.acquire(timeout=30)
+    with app.app_context():
+        webhooks.delete(hook_id)
+    receiver.go.set()
+    thread.join(60)
+    assert outcomes == ["not ours"]  # not StaleDataError
+    with app.app_context():
+        assert db.session.get(WebhookDelivery, delivery_id) is None
+
+
+def test_an_unexpected_error_ends_the_attempt_failed_and_never_leaves_it_sending(
+        app, held):
+    """A resolver answering something that is not an address (a ValueError deep in
+    the guard, no handler expects it): the attempt ends failed with the error."""
+    _receiver, hook_id, delivery_id, _in_thread, _outcomes = held
+    with app.app_context():
+        db.session.execute(sa.update(WebhookSubscription)
+                           .where(WebhookSubscription.id == hook_id)
+                           .values(url="http://hooks.example.com/in"))
+        db.session.commit()
+        outcome = webhooks.deliver(delivery_id, resolve=lambda _host, _port: ["garbage"])
+        row = db.session.get(WebhookDelivery, delivery_id)
+        assert (outcome, row.status) == ("failed", "failed")
+        assert row.error.startswith("unexpected error: ValueError")
+
+
+def test_an_attempt_left_sending_again_and_again_is_ended_failed(app, held, monkeypatch):
+    _receiver, _hook_id, delivery_id, _in_thread, _outcomes = held
+    monkeypatch.setattr(webhooks, "_batches_swept_until", None)
+    monkeypatch.setattr(webhooks, "publish", lambda *_a, **_k: None)
+    with app.app_context():
+        now = webhooks.utcnow()
+        for resets in range(1, webhooks.MAX_RESETS + 1):
+            db.session.execute(sa.update(WebhookDelivery)
+                               .where(WebhookDelivery.id == delivery_id)
+                               .values(status="sending", started_at=now))
+            db.session.commit()
+            now += timedelta(seconds=webhooks.stuck_seconds(app.config) + 1)
+            webhooks.sweep(now=now)
+            row = db.session.get(WebhookDelivery, delivery_id, populate_existing=True)
+            assert row.resets == resets
+        assert row.status == "failed" and row.error.startswith("abandoned")
+
+
+def test_the_sweeper_publishes_a_published_backlog_again_only_after_the_horizon(
+        app, redis_server, monkeypatch):
+    """Pending rows published at commit but not taken (the webhook worker is down) are
+    not published again at every sweep: only once the re-publish horizon (the
+    broker's visibility timeout) has passed. A row whose publish failed is."""
+    import redis
+
+    queue = redis.Redis(port=redis_server.port, db=0)
+    monkeypatch.setattr(webhooks, "_batches_swept_until", None)
+    with app.app_context():
+        now = webhooks.utcnow()
+        rows = [webhooks._row("ping", "https://hooks.example.com/p", {"n": n}, now)
+                for n in range(3)]
+        ids = webhooks._insert(rows)
+        db.session.info.pop(webhooks.OUTBOX)  # "published": nothing consumes them here
+        db.session.commit()
+        db.session.execute(sa.update(WebhookDelivery).where(WebhookDelivery.id == ids[2])
+                           .values(published_at=None))  # its publish failed
+        db.session.commit()
+        try:
+            grace = app.config["WEBHOOK_SWEEP_SECONDS"]
+            before = queue.llen(webhooks.QUEUE)
+            for step in (1, 2, 3):  # sweeps within the horizon: only the unpublished one
+                assert webhooks.sweep(now=now + timedelta(seconds=grace + step)) == \
+                    (1 if step == 1 else 0)
+            assert queue.llen(webhooks.QUEUE) == before + 1
+            horizon = webhooks.republish_seconds(app.config)
+            assert webhooks.sweep(now=now + timedelta(seconds=horizon + 1)) == 2
+        finally:
+            db.session.execute(sa.delete(WebhookDelivery).where(WebhookDelivery.id.in_(ids)))
+            db.session.commit()
+
+
+@pytest.mark.parametrize("competing_attempt", [0, 1], ids=["same-attempt", "next-attempt"])
+def test_a_resend_that_loses_the_race_is_a_409_and_leaves_one_open_attempt(
+        app, monkeypatch, competing_attempt):
+    """Two re-sends of a finished delivery at once: both pass the check for an open
+    attempt, then insert. Held at that window (the competing re-send's row is inserted
+    first, by a hook on the insert), the loser answers 409, never 500, and the message
+    keeps one open attempt (the unique index on the open attempts of a message)."""
+    with app.app_context():
+        now = webhooks.utcnow()
+        db.session.add(WebhookSubscription(
+            id=(hook_id := str(uuid.uuid4())), url="https://hooks.example.com/in",
+            enabled=True, event_types=["task.failed"], secret=webhooks.new_secret(),
+            created_at=now, updated_at=now))
+        row = webhooks._row("ping", "https://hooks.example.com/in", {}, now,
+                            subscription_id=hook_id)
+        [first] = webhooks._insert([dict(row, status="failed")])
+        db.session.info.pop(webhooks.OUTBOX)
+        db.session.commit()
+        insert = webhooks._insert
+
+        def competing_first(rows, *args, **kwargs):
+            winner = dict(rows[0], attempt=rows[0]["attempt"] + competing_attempt,
+                          message_id=rows[0]["message_id"])
+            db.session.execute(sa.insert(WebhookDelivery), winner)
+            return insert(rows, *args, **kwargs)
+
+        monkeypatch.setattr(webhooks, "_insert", competing_first)
+        try:
+            with pytest.raises(webhooks.Conflict, match="re-sent by another request"):
+                webhooks.resend(first, hook_id)
+            db.session.rollback()
+            monkeypatch.setattr(webhooks, "_insert", insert)
+            message = db.session.get(WebhookDelivery, first).message_id
+            statement = sa.insert(WebhookDelivery)
+            db.session.execute(statement, dict(row, message_id=message, attempt=2))
+            with pytest.raises(sa.exc.IntegrityError):  # a second open attempt
+                db.session.execute(statement, dict(row, message_id=message, attempt=3))
+            db.session.rollback()
+        finally:
+            db.session.rollback()
+            db.session.execute(sa.delete(WebhookDelivery).where(
+                WebhookDelivery.subscription_id == hook_id))
+            db.session.execute(sa.delete(WebhookSubscription).where(
+                WebhookSubscription.id == hook_id))
+            db.session.commit()
+
+
+@pytest.mark.parametrize("raw", ["d9223372036854775808", "d99999999999999999999", "d0",
+                                 "d\u0661\u0662"])
+def test_a_tampered_deliveries_cursor_is_a_422(app, monkeypatch, raw):
+    """Out of the BIGINT range (OverflowError on SQLite, out of range on PostgreSQL),
+    zero, non-ASCII digits: never issued, so 422."""
+    import base64
+
+    monkeypatch.setitem(app.config, "WEBHOOK_ALLOWED_HOSTS", ["127.0.0.1"])
+    client = app.test_client()
+    hook = client.post(BASE, json={"url": "http://127.0.0.1:9/hook",
+                                   "event_types": ["task.failed"]}).get_json()
+    try:
+        cursor = base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+        body = assert_problem(client.get(f"{BASE}/{hook['id']}/deliveries?cursor={cursor}"),
+                              422, "cursor")
+        assert body["errors"]["query"]["cursor"]
+    finally:
+        client.delete(f"{BASE}/{hook['id']}")

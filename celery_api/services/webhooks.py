@@ -13,14 +13,16 @@ change or not at all. When the session commits, the rows are published as
 ``celery_api.deliver_webhook`` tasks on the ``webhooks`` queue; if that publish fails
 (the broker is down at that moment, the process dies between the commit and the
 publish), beat's sweeper (:func:`sweep`) publishes every pending row that is due and
-was not taken within ``CELERY_API_WEBHOOK_SWEEP_SECONDS``. A delivery task claims its
-row (``pending`` -> ``sending``, a guarded update), so a row published twice is sent
-once.
+was never published (or whose publish failed) within
+``CELERY_API_WEBHOOK_SWEEP_SECONDS``, and a published one not taken after the broker's
+visibility timeout. A delivery task claims its row (``pending`` -> ``sending``, a
+guarded update with a claim token), so a row published twice is sent once, and only
+the claimer's update ends it.
 
 Delivery (:func:`deliver`, on the webhook worker): the body is the event
 ``{type, timestamp, data}`` serialized once, signed with ``standardwebhooks`` (one
 signature per active secret, so during a rotation's overlap both verify), POSTed
-through the SSRF guard (``celery_api.ssrf``) with a per-attempt timeout. 2xx is
+through the SSRF guard (``celery_api.ssrf``) with one deadline for the whole attempt. 2xx is
 success; 410 disables the subscription; anything else (another status, a timeout, a
 refused connection) schedules the next attempt after the next delay of
 ``CELERY_API_WEBHOOK_RETRY_SCHEDULE``, with +-20 % jitter. Each attempt is its own row,
@@ -226,7 +228,9 @@ def status_url(run_id: str) -> str:
 def run_documents(runs: list[TaskRun]) -> dict[str, dict]:
     """Each run's status document, as GET /tasks/{task_id} answers it, plus
     ``status_url``; a result larger than CELERY_API_WEBHOOK_MAX_RESULT_BYTES is left
-    out (``result`` null, ``result_omitted`` true: read it at ``status_url``)."""
+    out (``result`` null, ``result_omitted`` true: read it at ``status_url``); an
+    error or traceback longer than that is cut, meta or progress larger than that left
+    out, each named in ``truncated`` (:func:`_bound`)."""
     from celery_api.resources.status.routes import STATUS_SCHEMA, _status_body
     from celery_api.services.runs import RunView
 
@@ -257,9 +261,34 @@ def run_documents(runs: list[TaskRun]) -> dict[str, dict]:
         if omitted:
             document["result"] = None
         document["result_omitted"] = omitted
+        document["truncated"] = _bound(document, limit)
         document["status_url"] = status_url(run.id)
         documents[run.id] = document
     return documents
+
+
+TRUNCATED = "… [truncated: the whole value is at status_url]"
+
+
+def _bound(document: dict, limit: int) -> list[str]:
+    """Bound the other free-form fields of a status document to ``limit`` characters
+    each, as the result is: ``error`` keeps its start, ``traceback`` its end (where
+    the exception is), both marked; ``meta`` and ``progress`` past the limit are left
+    out (null). Returns the names of the fields cut or left out."""
+    cut = []
+    error = document.get("error")
+    if isinstance(error, str) and len(error) > limit:
+        document["error"] = error[:limit] + TRUNCATED
+        cut.append("error")
+    traceback = document.get("traceback")
+    if isinstance(traceback, str) and len(traceback) > limit:
+        document["traceback"] = TRUNCATED + "\n" + traceback[-limit:]
+        cut.append("traceback")
+    for field in ("meta", "progress"):
+        if len(json.dumps(document.get(field), default=str)) > limit:
+            document[field] = None
+            cut.append(field)
+    return cut
 
 
 def envelope(event_type: str, data: dict, now: datetime) -> dict:
@@ -288,9 +317,12 @@ def _row(event_type: str, url: str, payload: dict, now: datetime, *,
             "created_at": now}
 
 
-def _insert(rows: list[dict], countdown: float | None = None) -> list[int]:
-    """Insert delivery rows in the session's transaction (a repeated message attempt is
-    skipped); they are published when the session commits."""
+def _insert(rows: list[dict], countdown: float | None = None, *,
+            publish: bool = True) -> list[int]:
+    """Insert delivery rows in the session's transaction (a repeated message attempt,
+    or a second open attempt of a message, is skipped); with ``publish`` they are
+    marked published (``published_at``) and published when the session commits (a
+    publish that fails clears the mark: :func:`_publish_committed`)."""
     if not rows:
         return []
     dialect = db.session.get_bind().dialect.name
@@ -298,13 +330,15 @@ def _insert(rows: list[dict], countdown: float | None = None) -> list[int]:
               if dialect == "sqlite" else None)
     if insert is None:
         statement = sa.insert(WebhookDelivery)
-    else:
-        statement = insert(WebhookDelivery).on_conflict_do_nothing(
-            index_elements=["message_id", "attempt"])
+    else:  # any unique index: (message_id, attempt) and one open attempt per message
+        statement = insert(WebhookDelivery).on_conflict_do_nothing()
+    if publish:
+        rows = [dict(row, published_at=utcnow()) for row in rows]
     ids = [db.session.execute(statement.returning(WebhookDelivery.id), row).scalar()
            for row in rows]
     ids = [i for i in ids if i is not None]
-    db.session.info.setdefault(OUTBOX, []).extend((i, countdown) for i in ids)
+    if publish:
+        db.session.info.setdefault(OUTBOX, []).extend((i, countdown) for i in ids)
     return ids
 
 
@@ -444,7 +478,12 @@ def resend(delivery_id: int, subscription_id: str | None,
                    subscription_id=delivery.subscription_id, run_id=delivery.run_id,
                    message_id=delivery.message_id)
         row["attempt"] = later + 1
-        [new_id] = _insert([row])
+        inserted = _insert([row])
+        if not inserted:  # a concurrent re-send inserted this attempt, or an open one
+            db.session.rollback()
+            raise Conflict(f"Message {delivery.message_id} is being re-sent by another "
+                           "request; follow it in the deliveries.")
+        [new_id] = inserted
         db.session.commit()
         log.info("🪝 delivery %s re-sent as %s (attempt %d of %s)", delivery_id, new_id,
                  later + 1, delivery.message_id)
@@ -453,6 +492,9 @@ def resend(delivery_id: int, subscription_id: str | None,
 
 # Delivery logs.
 
+MAX_ID = 2**63 - 1  # the largest BIGINT
+
+
 def encode_cursor(delivery_id: int) -> str:
     return base64.urlsafe_b64encode(f"d{delivery_id}".encode()).decode().rstrip("=")
 
@@ -460,9 +502,13 @@ def encode_cursor(delivery_id: int) -> str:
 def decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("d") or not raw[1:].isdigit() or len(raw) > 20:
+        if not raw.startswith("d") or not raw[1:].isascii() or not raw[1:].isdigit() \
+                or len(raw) > 20:
             raise ValueError(raw)
-        return int(raw[1:])
+        value = int(raw[1:])
+        if not 1 <= value <= MAX_ID:  # a BIGINT id: anything else was never issued
+            raise ValueError(raw)
+        return value
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidParams(
             "Invalid request: cursor: not a cursor this service issued; pass next_cursor "
@@ -529,12 +575,26 @@ def _publish_committed(session) -> None:
     outbox = session.info.pop(OUTBOX, None)
     if not outbox:
         return
+    unpublished = []
     for delivery_id, countdown in outbox:
         try:
             publish(delivery_id, countdown)
         except Exception as exc:  # noqa: BLE001 - the sweeper publishes it later
+            unpublished.append(delivery_id)
             log.warning("🪝 delivery %s not published now (%s); beat's sweeper will",
                         delivery_id, exc)
+    if unpublished:
+        # Marked published when inserted: unmark them, so the sweeper's next pass (not
+        # the re-publish horizon) publishes them. If this fails too, the horizon does.
+        try:
+            with db.engine.begin() as connection:
+                connection.execute(sa.update(WebhookDelivery)
+                                   .where(WebhookDelivery.id.in_(unpublished),
+                                          WebhookDelivery.status == "pending")
+                                   .values(published_at=None))
+        except Exception as exc:  # noqa: BLE001 - the re-publish horizon covers it
+            log.warning("🪝 could not unmark %d unpublished deliveries (%s); the sweeper "
+                        "publishes them after the re-publish horizon", len(unpublished), exc)
 
 
 @event.listens_for(Session, "after_rollback")
@@ -568,15 +628,36 @@ def sweep_batches(since: datetime, until: datetime) -> int:
     return written
 
 
+MAX_RESETS = 3  # an attempt left sending this many times is ended failed
+
+
+def republish_seconds(config) -> float:
+    """How long a published, unclaimed delivery waits before the sweeper publishes it
+    again: the broker's visibility timeout (after which Redis redelivers a message a
+    dead worker held), never less than the sweep grace."""
+    options = config.get("CELERY", {}).get("broker_transport_options") or {}
+    return max(float(options.get("visibility_timeout") or 300),
+               config["WEBHOOK_SWEEP_SECONDS"])
+
+
+def stuck_seconds(config) -> float:
+    """How long an attempt may stay ``sending`` before the sweeper gives it back: past
+    its deadline (CELERY_API_WEBHOOK_TIMEOUT bounds the whole POST) with room for the
+    connect, DNS and database work around it, plus the sweep grace."""
+    return config["WEBHOOK_TIMEOUT"] * 2 + 30 + config["WEBHOOK_SWEEP_SECONDS"]
+
+
 def sweep(now: datetime | None = None, *, limit: int = PAGE) -> int:
-    """Publish the pending deliveries that are due and were not taken by a webhook
-    worker within CELERY_API_WEBHOOK_SWEEP_SECONDS of being due (or of their last
-    publish): their task was never published, or was lost. Also gives back to
-    ``pending`` the attempts left ``sending`` by a worker that died mid-delivery.
-    Returns how many were published."""
+    """Publish the pending deliveries that are due and were never published (the
+    publish at commit failed, or a long retry waits in the database), or were published
+    longer ago than :func:`republish_seconds` and still not taken (the message was
+    lost). Also gives back to ``pending`` the attempts left ``sending`` past
+    :func:`stuck_seconds` by a worker that died mid-delivery, and ends ``failed`` one
+    given back MAX_RESETS times. Returns how many were published."""
     global _batches_swept_until
+    config = current_app.config
     now = now or utcnow()
-    grace = timedelta(seconds=current_app.config["WEBHOOK_SWEEP_SECONDS"])
+    grace = timedelta(seconds=config["WEBHOOK_SWEEP_SECONDS"])
     # Each finished run is looked at once, after the grace: the transactions that
     # finish a batch have written its event by then, if one of them could.
     until = now - grace
@@ -585,15 +666,29 @@ def sweep(now: datetime | None = None, *, limit: int = PAGE) -> int:
         sweep_batches(since, until)
         db.session.commit()  # published when committed, like any event
         _batches_swept_until = until
-    stuck = now - grace - timedelta(seconds=current_app.config["WEBHOOK_TIMEOUT"] * 2)
-    db.session.execute(
+    stuck = now - timedelta(seconds=stuck_seconds(config))
+    left = (WebhookDelivery.status == "sending", WebhookDelivery.started_at < stuck)
+    abandoned = db.session.execute(
         sa.update(WebhookDelivery)
-        .where(WebhookDelivery.status == "sending", WebhookDelivery.started_at < stuck)
-        .values(status="pending", started_at=None, published_at=None))
+        .where(*left, WebhookDelivery.resets >= MAX_RESETS - 1)
+        .values(status="failed", finished_at=now, claim=None,
+                resets=WebhookDelivery.resets + 1,
+                error=f"abandoned: left sending {MAX_RESETS} times (its webhook worker "
+                      "died or hung each time); re-send it once that is fixed")
+        .execution_options(synchronize_session=False)).rowcount
+    if abandoned:
+        log.warning("🪝 sweeper ended %d delivery attempt(s) left sending %d times",
+                    abandoned, MAX_RESETS)
+    db.session.execute(
+        sa.update(WebhookDelivery).where(*left)
+        .values(status="pending", started_at=None, published_at=None, claim=None,
+                resets=WebhookDelivery.resets + 1)
+        .execution_options(synchronize_session=False))
+    republish = now - timedelta(seconds=republish_seconds(config))
     due = (sa.select(WebhookDelivery.id)
            .where(WebhookDelivery.status == "pending", WebhookDelivery.due_at <= now - grace,
                   sa.or_(WebhookDelivery.published_at.is_(None),
-                         WebhookDelivery.published_at <= now - grace))
+                         WebhookDelivery.published_at <= republish))
            .order_by(WebhookDelivery.due_at).limit(limit))
     if db.engine.dialect.name == "postgresql":
         due = due.with_for_update(skip_locked=True)  # two beats never publish one twice
@@ -602,7 +697,8 @@ def sweep(now: datetime | None = None, *, limit: int = PAGE) -> int:
         if ids:
             db.session.execute(sa.update(WebhookDelivery)
                                .where(WebhookDelivery.id.in_(ids))
-                               .values(published_at=now))
+                               .values(published_at=now)
+                               .execution_options(synchronize_session=False))
             for delivery_id in ids:
                 publish(delivery_id)
         db.session.commit()
@@ -648,30 +744,52 @@ def sign(secrets: list[str], message_id: str, when: datetime, body: str) -> str:
 
 
 def deliver(delivery_id: int, resolve: ssrf.Resolver = ssrf.system_resolve) -> str:
-    """Send one attempt; return its outcome (succeeded, failed, skipped, not pending)."""
-    config = current_app.config
+    """Send one attempt; return its outcome (succeeded, failed, skipped, not pending,
+    not ours). The attempt is claimed with a token; only an update carrying that token
+    ends it, so a copy the sweeper re-published after this one overran never writes
+    over another's outcome. An unexpected error ends the attempt ``failed`` with it
+    (never left ``sending``)."""
     now = utcnow()
+    claim = uuid.uuid4().hex
     claimed = db.session.execute(
         sa.update(WebhookDelivery)
         .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending")
-        .values(status="sending", started_at=now)).rowcount
+        .values(status="sending", started_at=now, claim=claim)
+        .execution_options(synchronize_session=False)).rowcount
     db.session.commit()
     if claimed != 1:
         return "not pending"  # sent by another copy of the task, or deleted
-    delivery = db.session.get(WebhookDelivery, delivery_id)
+    delivery = db.session.get(WebhookDelivery, delivery_id, populate_existing=True)
+    if delivery is None:
+        return "not pending"  # deleted with its subscription since the claim
+    db.session.expunge(delivery)  # read only: the outcome is a guarded update (_end)
+    try:
+        return _attempt(delivery, claim, now, resolve)
+    except sa.exc.SQLAlchemyError:
+        raise  # the database: deliver_safely decides (unavailable: the sweeper retries)
+    except Exception as exc:  # noqa: BLE001 - a bug must not leave the row sending
+        db.session.rollback()
+        log.exception("🪝 delivery %s failed unexpectedly", delivery_id)
+        return _end(delivery, claim, "failed",
+                    error=f"unexpected error: {type(exc).__name__}: {exc}"[:2000])
+
+
+def _attempt(delivery: WebhookDelivery, claim: str, now: datetime,
+             resolve: ssrf.Resolver) -> str:
+    config = current_app.config
     subscription = None
     if delivery.subscription_id is not None:
         subscription = db.session.get(WebhookSubscription, delivery.subscription_id)
         if subscription is None or (not subscription.enabled and delivery.event_type != PING):
-            return _end(delivery, "skipped", error="the webhook subscription is "
+            return _end(delivery, claim, "skipped", error="the webhook subscription is "
                         + ("deleted" if subscription is None else "disabled"))
         url, secrets = subscription.url, signing_secrets(subscription, now)
     else:
         url, secrets = delivery.url, [s for s in [config.get("WEBHOOK_SECRET")] if s]
         if not secrets:
-            return _end(delivery, "failed", error="CELERY_API_WEBHOOK_SECRET is not set: "
-                        "launch webhooks cannot be signed")
-    delivery.url = url
+            return _end(delivery, claim, "failed", error="CELERY_API_WEBHOOK_SECRET is not "
+                        "set: launch webhooks cannot be signed")
+    delivery.url = url  # detached: written by _end's update
     body = json.dumps(delivery.payload, separators=(",", ":"), ensure_ascii=False)
     sent_at = utcnow()
     headers = {"webhook-id": delivery.message_id,
@@ -682,54 +800,69 @@ def deliver(delivery_id: int, resolve: ssrf.Resolver = ssrf.system_resolve) -> s
         target = ssrf.check(url, allowed_hosts(), resolve)
     except ssrf.Refused as exc:
         # Final: the URL or its DNS points inside; re-send once that is fixed.
-        return _end(delivery, "failed", error=f"refused by the SSRF guard: {exc}")
+        return _end(delivery, claim, "failed", error=f"refused by the SSRF guard: {exc}")
+    db.session.rollback()  # no transaction held open while the receiver answers
     try:
         answer = ssrf.post(target, body.encode(), headers, config["WEBHOOK_TIMEOUT"])
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        return _end(delivery, "failed", error=f"{type(exc).__name__}: {exc}"[:2000],
+        return _end(delivery, claim, "failed", error=f"{type(exc).__name__}: {exc}"[:2000],
                     retry=True)
     duration = answer.seconds * 1000
     if 200 <= answer.status < 300:
-        return _end(delivery, "succeeded", status_code=answer.status, duration_ms=duration)
+        return _end(delivery, claim, "succeeded", status_code=answer.status,
+                    duration_ms=duration)
     error = f"HTTP {answer.status}: {answer.body}"[:2000]
     if answer.status == 410 and subscription is not None:
-        subscription.enabled = False
-        subscription.disabled_reason = (f"the endpoint answered 410 Gone on "
-                                        f"{utcnow().isoformat()} (delivery {delivery.id})")
-        subscription.updated_at = utcnow()
-        log.warning("🪝 webhook %s disabled: %s answered 410 Gone", subscription.id, url)
-        return _end(delivery, "failed", status_code=410, duration_ms=duration, error=error)
-    return _end(delivery, "failed", status_code=answer.status, duration_ms=duration,
+        at = utcnow()
+        db.session.execute(
+            sa.update(WebhookSubscription)
+            .where(WebhookSubscription.id == delivery.subscription_id)
+            .values(enabled=False, updated_at=at,
+                    disabled_reason=f"the endpoint answered 410 Gone on {at.isoformat()} "
+                                    f"(delivery {delivery.id})")
+            .execution_options(synchronize_session=False))
+        log.warning("🪝 webhook %s disabled: %s answered 410 Gone",
+                    delivery.subscription_id, url)
+        return _end(delivery, claim, "failed", status_code=410, duration_ms=duration,
+                    error=error)
+    return _end(delivery, claim, "failed", status_code=answer.status, duration_ms=duration,
                 error=error, retry=answer.status != 410)
 
 
-def _end(delivery: WebhookDelivery, status: str, *, retry: bool = False, **values) -> str:
+def _end(delivery: WebhookDelivery, claim: str, status: str, *, retry: bool = False,
+         **values) -> str:
     """Write the attempt's outcome, and the next attempt when one is due, in one
     transaction; publish the next attempt (with its delay, when the broker may hold
-    it) once committed."""
+    it) once committed. The outcome is an update guarded by the claim: when it matches
+    no row (the subscription was deleted meanwhile, or the sweeper gave the row back
+    and another copy claimed it), nothing is written."""
     now = utcnow()
-    delivery.status = status
-    delivery.finished_at = now
-    for key, value in values.items():
-        setattr(delivery, key, value)
     delay = retry_delay(delivery.attempt, current_app.config["WEBHOOK_RETRY_SCHEDULE"]) \
         if retry else None
+    due = now + timedelta(seconds=delay) if delay is not None else None
+    ended = db.session.execute(
+        sa.update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery.id, WebhookDelivery.claim == claim,
+               WebhookDelivery.status == "sending")
+        .values(status=status, finished_at=now, url=delivery.url, next_retry_at=due,
+                **values)
+        .execution_options(synchronize_session=False)).rowcount
+    if ended != 1:
+        db.session.rollback()
+        log.warning("🪝 delivery %s (attempt %d): outcome %s not written: the row is "
+                    "deleted or no longer this task's (the sweeper gave it back)",
+                    delivery.id, delivery.attempt, status)
+        return "not ours"
     if delay is not None:
         from celery_api.services.launch import hold_seconds
 
-        due = now + timedelta(seconds=delay)
-        delivery.next_retry_at = due
         row = _row(delivery.event_type, delivery.url, delivery.payload, due,
                    subscription_id=delivery.subscription_id, run_id=delivery.run_id,
                    message_id=delivery.message_id)
         row["attempt"], row["created_at"] = delivery.attempt + 1, now
         # Short delays wait in the broker; longer ones in the database (the sweeper).
         held = delay > hold_seconds(current_app.config)
-        db.session.flush()
-        ids = _insert([row], countdown=delay)
-        if held:
-            db.session.info[OUTBOX] = [item for item in db.session.info[OUTBOX]
-                                       if item[0] not in ids]
+        _insert([row], countdown=delay, publish=not held)
     db.session.commit()
     level = logging.INFO if status == "succeeded" else logging.WARNING
     log.log(level, "🪝 delivery %s (%s, attempt %d) to %s: %s%s%s", delivery.id,
