@@ -5,9 +5,10 @@ the launch sends ``cache_ttl`` (0 opts out), and it has no ``countdown``, ``eta`
 ``expires`` (README, "Result caching"). Its *identity* is the SHA-256 of the canonical
 JSON (sorted keys, compact) of its task type, its params as the task's schema loaded
 them (defaults applied), its queue and its priority. Such a launch is answered by the
-newest run of the same identity that is unfinished (not revoked, no termination asked)
-or that succeeded less than ``cache_ttl`` seconds ago; otherwise it starts a run, which
-carries the identity in ``task_runs.cache_key``.
+newest run of the same identity that is unfinished (not revoked, no termination asked;
+if PENDING, younger than ``pending_seconds``) or that succeeded less than ``cache_ttl``
+seconds ago; otherwise it starts a run, which carries the identity in
+``task_runs.cache_key``.
 
 Who starts the run when identical launches race:
 
@@ -19,8 +20,14 @@ Who starts the run when identical launches race:
   its run may answer.
 - in every case, a unique index over the unfinished runs of an identity
   (``ux_task_runs_open_cache_key``) refuses a second one: the insert that loses is
-  answered by the run that won. Without ``REDIS_URL`` (or while Redis does not answer)
-  this index decides alone, and the lookup is an indexed query of ``task_runs``.
+  answered by the run that won. Without ``REDIS_URL`` (or while Redis does not answer,
+  and for ``BREAKER_SECONDS`` after it failed) this index decides alone, and the lookup
+  is an indexed query of ``task_runs``.
+- the index covers unfinished runs only: a launch whose lookup missed while an
+  identical run was in flight, and which inserts after that run succeeded, looks again
+  before it publishes (``answered_by_other``) and yields to it.
+- a Redis miss (no key, or one naming a run that cannot answer) asks the database
+  before claiming: a flushed, restarted or expired key never hides a success.
 """
 
 from __future__ import annotations
