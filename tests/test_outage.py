@@ -187,6 +187,10 @@ def test_database_outage_answers_503_loses_nothing_and_recovers(tmp_path, privat
     try:
         done = launch(stack, "acme.add", {"a": 1, "b": 2})
         wait_status(stack, done, "SUCCESS")
+        # The status showed the backend's end: wait for the record, then read it once
+        # (only a recorded SUCCESS enters the status cache the outage is read from).
+        final_record(stack, done)
+        assert status(stack, done)["result"] == {"sum": 3}
         slow = launch(stack, "acme.sleep", {"seconds": 3})
         wait_status(stack, slow, {"STARTED", "PROGRESS"})
         queued_revoke = launch(stack, "acme.add", {"a": 5, "b": 5}, queue="parked")

@@ -529,3 +529,247 @@ def test_a_generated_client_reads_a_cached_answer(cs, tmp_path):
     assert again.status_code == 200 and isinstance(again.parsed, models.TaskLaunchResponse)
     assert again.parsed.cached is True and again.parsed.task_id == first.parsed.task_id
     cs.client.delete(f"/api/celery/tasks/{first.parsed.task_id}")
+
+
+def test_a_launch_recorded_after_an_identical_run_succeeded_is_answered_by_it(
+        cs, monkeypatch):
+    """Launch B misses and is held just before its insert while launch A records,
+    publishes and succeeds (with REDIS_URL, A finds the key naming B's run, not recorded
+    yet). The unique index covers unfinished runs only, so B's insert passes: B must
+    look again before it publishes, remove its record and be answered by A's run."""
+    from celery_api.services import launch as launch_service
+
+    key = uuid.uuid4().hex
+    real_record = launch_service.record_runs
+    arrived, gate = threading.Event(), threading.Event()
+
+    def record_runs(prepared):
+        if threading.current_thread().name == "launch-b":
+            arrived.set()
+            assert gate.wait(30)
+        return real_record(prepared)
+
+    monkeypatch.setattr(launch_service, "record_runs", record_runs)
+    answers: dict = {}
+
+    def launch_b():
+        answers["b"] = post(cs, params={"key": key}, client=cs.app.test_client())
+
+    thread = threading.Thread(target=launch_b, name="launch-b")
+    thread.start()
+    assert arrived.wait(30)
+    first = new(post(cs, params={"key": key}))
+    assert final_record(cs, first).status == "SUCCESS"
+    gate.set()
+    thread.join(30)
+    assert served(answers["b"])["task_id"] == first
+    assert runs_of(cs, "acme.count_cached", key) == [first]
+    assert served(post(cs, params={"key": key}))["task_id"] == first
+    if cs.mode == "redis":
+        assert pointer(cs, first) == first
+    assert counted(cs, key) == (1, {first})
+
+
+def test_a_success_is_found_when_the_redis_key_is_gone(cs):
+    """A FLUSHDB, a restart without persistence or the key's own expiry (set from a
+    launch's short cache_ttl) must not hide a success from a launch that accepts it."""
+    if cs.mode != "redis":
+        pytest.skip("REDIS_URL only")
+    key = uuid.uuid4().hex
+    client = redis.Redis.from_url(cs.redis_url)
+    first = new(post(cs, params={"key": key}))
+    assert final_record(cs, first).status == "SUCCESS"
+    client.flushdb()
+    assert served(post(cs, params={"key": key}))["task_id"] == first
+    assert pointer(cs, first) == first  # the key names it again
+    # A run started by a launch with cache_ttl=1; its key gone as at that expiry.
+    other = {"key": key, "step": 2}
+    short = new(post(cs, params=other, cache_ttl=1))
+    assert final_record(cs, short).status == "SUCCESS"
+    client.delete(result_cache.PREFIX + record(cs, short).cache_key)
+    assert served(post(cs, params=other, cache_ttl=86400))["task_id"] == short
+    assert counted(cs, key) == (3, {first, short})
+
+
+def test_a_terminate_that_was_not_sent_leaves_the_run_in_the_cache(cs, monkeypatch):
+    """The revoke broadcast fails (503): the run, still running, is put back with its
+    identity, so an identical launch is still answered by it, not a second run."""
+    key = uuid.uuid4().hex
+    params = {"key": key, "seconds": 30}
+    first = new(post(cs, params=params))
+    wait_status(cs, first, {"STARTED", "PROGRESS"})
+
+    def revoke(*args, **kwargs):
+        raise OSError("the broker is down (injected)")
+
+    monkeypatch.setattr(cs.celery.control, "revoke", revoke)
+    stop = cs.client.delete(f"/api/celery/tasks/{first}?terminate=true")
+    assert stop.status_code == 503, stop.get_data(as_text=True)
+    monkeypatch.undo()
+    run = record(cs, first)
+    assert run.cache_key is not None and run.error is None
+    assert served(post(cs, params=params))["task_id"] == first
+    assert cs.client.delete(f"/api/celery/tasks/{first}?terminate=true").status_code == 202
+    assert final_record(cs, first).status == "REVOKED"
+
+
+def test_a_revoke_not_sent_after_an_identical_run_took_the_identity(cs, monkeypatch):
+    """Between a revoke's record and its failed broadcast an identical launch starts a
+    run (the revoked one no longer answers). The put-back cannot give the first run its
+    identity back (the unique index): it is put back PENDING without it, so a revoke
+    answered "not sent" never leaves it REVOKED, and the newer run answers."""
+    key = uuid.uuid4().hex
+    first = new(post(cs, params={"key": key}, queue="parked"))
+    taken: list = []
+
+    def revoke(*args, **kwargs):
+        taken.append(new(post(cs, params={"key": key}, queue="parked",
+                              client=cs.app.test_client())))
+        raise OSError("the broker is down (injected)")
+
+    monkeypatch.setattr(cs.celery.control, "revoke", revoke)
+    answer = cs.client.delete(f"/api/celery/tasks/{first}")
+    assert answer.status_code == 503, answer.get_data(as_text=True)
+    monkeypatch.undo()
+    run = record(cs, first)
+    assert (run.status, run.cache_key, run.error) == ("PENDING", None, None)
+    assert served(post(cs, params={"key": key}, queue="parked"))["task_id"] == taken[0]
+    for run_id in (first, taken[0]):
+        assert cs.client.delete(f"/api/celery/tasks/{run_id}").status_code == 200
+
+
+def test_a_run_never_published_answers_no_longer_than_the_stranded_bound(
+        cs, monkeypatch):
+    """The publish fails and so does every write of its FAILURE (or the API process
+    dies between record and publish): the run stays PENDING, never published. It
+    answers identical launches no longer than reconcile's stranded threshold; then the
+    next launch takes the identity and runs."""
+    from kombu.exceptions import OperationalError
+    from sqlalchemy.exc import OperationalError as DatabaseError
+
+    from celery_api.services import launch as launch_service
+
+    key = uuid.uuid4().hex
+
+    def publish(*args, **kwargs):
+        raise OperationalError("the broker is down (injected)")
+
+    def finish(*args, **kwargs):
+        raise DatabaseError("UPDATE", {}, Exception("the database blinked (injected)"))
+
+    monkeypatch.setattr(launch_service, "publish", publish)
+    monkeypatch.setattr(runstate, "finish", finish)
+    assert post(cs, params={"key": key}).status_code == 503
+    monkeypatch.undo()
+    [stranded] = runs_of(cs, "acme.count_cached", key)
+    run = record(cs, stranded)
+    assert run.status == "PENDING" and run.cache_key is not None
+    # README: CELERY_API_RECONCILE_GRACE_SECONDS plus the broker's visibility timeout.
+    transport = cs.app.config["CELERY"].get("broker_transport_options") or {}
+    bound = (cs.app.config["RECONCILE_GRACE_SECONDS"]
+             + transport.get("visibility_timeout", 0))
+    monkeypatch.setattr(result_cache, "now",
+                        lambda: run.created_at + timedelta(seconds=bound - 1))
+    assert served(post(cs, params={"key": key}))["task_id"] == stranded
+    monkeypatch.setattr(result_cache, "now",
+                        lambda: run.created_at + timedelta(seconds=bound))
+    fresh = new(post(cs, params={"key": key}))
+    assert record(cs, stranded).cache_key is None
+    assert final_record(cs, fresh).status == "SUCCESS"
+    assert counted(cs, key) == (1, {fresh})
+    cs.client.delete(f"/api/celery/tasks/{stranded}")
+
+
+def test_a_failure_write_that_fails_once_is_retried(cs, monkeypatch):
+    from kombu.exceptions import OperationalError
+    from sqlalchemy.exc import OperationalError as DatabaseError
+
+    from celery_api.services import launch as launch_service
+
+    key = uuid.uuid4().hex
+    real_finish = runstate.finish
+    calls: list = []
+
+    def publish(*args, **kwargs):
+        raise OperationalError("the broker is down (injected)")
+
+    def finish(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise DatabaseError("UPDATE", {}, Exception("the database blinked (injected)"))
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(launch_service, "publish", publish)
+    monkeypatch.setattr(runstate, "finish", finish)
+    assert post(cs, params={"key": key}).status_code == 503
+    monkeypatch.undo()
+    [doomed] = runs_of(cs, "acme.count_cached", key)
+    run = record(cs, doomed)
+    assert run.status == "FAILURE" and "not published, never ran" in run.error
+    assert new(post(cs, params={"key": key}, queue="parked")) != doomed
+
+
+def test_reconcile_takes_stranded_runs_out_of_the_cache(cs, monkeypatch):
+    """A PENDING run whose message no queue holds (here: never published, the API
+    process gone before its publish) answers no more once reconcile finds it."""
+    from celery_api.services import launch as launch_service
+
+    key = uuid.uuid4().hex
+
+    def publish(*args, **kwargs):
+        raise SystemExit("the API process dies here (injected)")
+
+    monkeypatch.setattr(launch_service, "_unpublished", lambda record, reason: None)
+    monkeypatch.setattr(launch_service, "publish", publish)
+    with pytest.raises(SystemExit):
+        post(cs, params={"key": key}, queue="parked")
+    monkeypatch.undo()
+    [lost] = runs_of(cs, "acme.count_cached", key)
+    queued = new(post(cs, params={"key": key, "step": 2}, queue="parked"))
+    assert served(post(cs, params={"key": key}, queue="parked"))["task_id"] == lost
+    later = record(cs, lost).created_at + timedelta(seconds=3600)
+    monkeypatch.setattr(maintenance, "utcnow", lambda: later)
+    with cs.app.app_context():
+        found = maintenance.reconcile(grace_seconds=0)
+        db.session.remove()
+    assert lost in found["stranded_ids"] and queued not in found["stranded_ids"]
+    assert record(cs, lost).cache_key is None
+    assert record(cs, queued).cache_key is not None  # its message is in the queue
+    fresh = new(post(cs, params={"key": key}, queue="parked"))
+    for run_id in (lost, queued, fresh):
+        cs.client.delete(f"/api/celery/tasks/{run_id}")
+
+
+def test_after_a_redis_failure_the_cache_leaves_redis_alone_for_a_while(
+        cs, tmp_path, monkeypatch):
+    """A Redis that fails (here: refuses; frozen, it would cost the socket timeout on
+    every launch) is asked once, then skipped for BREAKER_SECONDS: launches go straight
+    to the database, then Redis is tried again."""
+    if cs.mode != "redis":
+        pytest.skip("REDIS_URL only")
+    from tests.support import free_port
+
+    down = build_app(dict(cs.config, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+                          INSTANCE_PATH=tmp_path))
+    client = down.test_client()
+    asked: list = []
+    real_find = result_cache.RedisStore.find
+
+    def find(self, cache_key, ttl):
+        asked.append(cache_key)
+        return real_find(self, cache_key, ttl)
+
+    monkeypatch.setattr(result_cache.RedisStore, "find", find)
+    ids = [new(post(cs, params={"key": uuid.uuid4().hex}, queue="parked", client=client))
+           for _ in range(3)]
+    assert len(asked) == 1
+    breaker = down.extensions["celery_api.result_cache"]
+    assert not breaker.available()
+    moment = result_cache.monotonic()
+    monkeypatch.setattr(result_cache, "monotonic",
+                        lambda: moment + result_cache.BREAKER_SECONDS)
+    ids.append(new(post(cs, params={"key": uuid.uuid4().hex}, queue="parked",
+                        client=client)))
+    assert len(asked) == 2
+    for run_id in ids:
+        client.delete(f"/api/celery/tasks/{run_id}")

@@ -22,6 +22,7 @@ from tests.support import (
     RedisServer,
     Worker,
     build_app,
+    free_port,
     make_config,
     service_env,
     wait_for,
@@ -237,3 +238,22 @@ def test_the_refresher_starts_on_the_first_call_and_stops_cleanly(tmp_path):
         assert state.store.client.get(state.store.lock_key) is None
     finally:
         server.stop()
+
+
+def test_a_max_age_that_a_round_can_outlast_is_refused_at_startup(tmp_path):
+    """A round is as old as its inspect timeout (plus the broker's) when it is written:
+    with a max age at or below that, /stats could not keep the bound it states."""
+    from celery_api.settings import ConfigurationError
+
+    broker = f"redis://127.0.0.1:{free_port()}/0"
+    for inspect, max_age in ((6.0, 5.0), (4.5, 5.0)):  # + the 0.5 s broker timeout
+        with pytest.raises(ConfigurationError) as refused:
+            build_app(make_config(tmp_path / f"{inspect}", broker, INSPECT_TIMEOUT=inspect,
+                                  STATS_MAX_AGE_SECONDS=max_age, BROKER_TIMEOUT=0.5))
+        assert "CELERY_API_STATS_MAX_AGE_SECONDS" in str(refused.value)
+        assert "CELERY_API_INSPECT_TIMEOUT" in str(refused.value)
+    for inspect, max_age in ((4.4, 5.0), (6.0, 0)):  # 0: every call collects, no bound
+        app = build_app(make_config(tmp_path / f"ok-{inspect}", broker,
+                                    INSPECT_TIMEOUT=inspect, STATS_MAX_AGE_SECONDS=max_age,
+                                    BROKER_TIMEOUT=0.5))
+        assert app.extensions["celery_api.stats"].max_age == max_age

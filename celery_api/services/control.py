@@ -89,10 +89,11 @@ def revoke_records(task_ids: list[str], error: str, *, terminate: bool = False,
     moved it on since) and the caller gets a 503.
     """
     before = {run_id: {"status": status, "finished_at": finished_at, "error": old_error,
-                       "revoked_by": old_revoked_by}
-              for run_id, status, finished_at, old_error, old_revoked_by in db.session.execute(
+                       "revoked_by": old_revoked_by, "cache_key": cache_key}
+              for run_id, status, finished_at, old_error, old_revoked_by, cache_key
+              in db.session.execute(
                   sa.select(TaskRun.id, TaskRun.status, TaskRun.finished_at, TaskRun.error,
-                            TaskRun.revoked_by)
+                            TaskRun.revoked_by, TaskRun.cache_key)
                   .where(TaskRun.id.in_(task_ids)))}
     if terminate:
         written = list(db.session.execute(
@@ -118,13 +119,13 @@ def revoke_records(task_ids: list[str], error: str, *, terminate: bool = False,
 
 
 def _put_back(task_ids: list[str], written_error: str, before: dict) -> None:
+    """Give each record back what it said before the revoke, its result cache identity
+    included. An identical run may have been recorded meanwhile (the revoke had taken
+    this one out of the cache): then the unique index refuses the identity back, and
+    the record is put back without it (that newer run answers identical launches)."""
     try:
         for task_id in task_ids:
-            db.session.execute(
-                sa.update(TaskRun)
-                .where(TaskRun.id == task_id, TaskRun.error == written_error,
-                       TaskRun.status.in_(("REVOKED", before[task_id]["status"])))
-                .values(**before[task_id]))
+            _put_back_one(task_id, written_error, before[task_id])
         # Their task.revoked events, not sent yet (the broker is what failed): dropped.
         webhooks.forget_pending(task_ids, "task.revoked")
         db.session.commit()
@@ -133,6 +134,21 @@ def _put_back(task_ids: list[str], written_error: str, before: dict) -> None:
         # never raised over it.
         db.session.rollback()
         log.exception("❌ could not undo the revoke records of %d run(s)", len(task_ids))
+
+
+def _put_back_one(task_id: str, written_error: str, values: dict) -> None:
+    statement = (sa.update(TaskRun)
+                 .where(TaskRun.id == task_id, TaskRun.error == written_error,
+                        TaskRun.status.in_(("REVOKED", values["status"]))))
+    try:
+        db.session.execute(statement.values(**values))
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        log.warning("🚫 %s put back without its result cache identity: an identical run "
+                    "took it meanwhile", task_id)
+        db.session.execute(statement.values(**dict(values, cache_key=None)))
+        db.session.commit()
 
 
 def retry(task_id: str, *, launched_by: str | None = None) -> launch_service.Launched:

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -303,14 +304,18 @@ def _launch_once(prepared: Prepared, ttl: int) -> Launched:
                      record["task_type"], hit.id, hit.status)
             return Launched(id=hit.id, task_type=hit.task_type, status=hit.status, cached=True)
         try:
-            launched = _start(prepared)
+            launched = _start(prepared, check=functools.partial(_yield_to_other, key, ttl))
         except IntegrityError:
             # An unfinished run of this identity is in the database (the unique index),
             # one this launch's lookup did not see: it answers.
             with _database_reads():
                 winner = result_cache.find_in_database(key, ttl)
+                if winner is None:
+                    # It finished meanwhile, or it is a PENDING run past the bound
+                    # (never published): take the identity from the latter, look again.
+                    result_cache.release_stale(key)
             if winner is None:
-                continue  # it finished meanwhile: look again
+                continue
             store.point(key, winner.id, record["id"], ttl)
             record_result_cache(record["task_type"], "hit")
             return Launched(id=winner.id, task_type=winner.task_type, status=winner.status,
@@ -318,10 +323,31 @@ def _launch_once(prepared: Prepared, ttl: int) -> Launched:
         except BaseException:
             store.release(key, record["id"])
             raise
+        if launched.cached:
+            store.point(key, launched.id, record["id"], ttl)
+            record_result_cache(record["task_type"], "hit")
+            return launched
         record_result_cache(record["task_type"], "miss")
         return launched
     raise Conflict(f"Identical launches of {record['task_type']} kept racing; "
                    "send the request again.")
+
+
+def _yield_to_other(key: str, ttl: int, record: dict) -> Launched | None:
+    """Recorded, not published: if another run of the identity answers after all (it
+    succeeded between this launch's lookup and its insert), remove this record and
+    answer with that run. A lookup that fails leaves the launch to go on."""
+    try:
+        other = result_cache.answered_by_other(key, ttl, record)
+    except SQLAlchemyError as exc:
+        log.warning("could not look again for a run answering %s: %s", record["id"], exc)
+        return None
+    if other is None:
+        return None
+    forget([record["id"]])
+    log.info("📤 %s answered by run %s (%s) from the result cache, found after its record",
+             record["task_type"], other.id, other.status)
+    return Launched(id=other.id, task_type=other.task_type, status=other.status, cached=True)
 
 
 def _database_reads():
@@ -331,14 +357,17 @@ def _database_reads():
         outcome="database_unavailable")
 
 
-def _start(prepared: Prepared) -> Launched:
-    """Admit, record and publish a prepared run."""
+def _start(prepared: Prepared, check=None) -> Launched:
+    """Admit, record and publish a prepared run. ``check(record)``, called between the
+    record and the publish, may answer instead (then nothing is published)."""
     task_type = prepared.record["task_type"]
     options = prepared.options
     limits.admit([prepared])  # the task type's limit and the queue's bound (429)
     record = prepared.record
     task_id = record["id"]
     record_runs([prepared])
+    if check is not None and (answer := check(record)) is not None:
+        return answer
     if prepared.held:
         log.info("📤 launching %s as %s on queue %s, held until %s", task_type, task_id,
                  record["queue"], record["dispatch_at"].isoformat())
@@ -367,13 +396,24 @@ def _unpublished(record: dict, reason: str) -> None:
     if record["cache_key"] is None:
         forget([record["id"]])
         return
-    try:
-        runstate.finish(record["id"], "FAILURE", from_=runstate.QUEUED,
-                        error=storable_text(f"not published, never ran: {reason}"))
-        db.session.commit()
-    except SQLAlchemyError:
-        db.session.rollback()
-        log.exception("❌ could not record that %s was not published", record["id"])
+    for attempt in range(1, FAILURE_WRITES + 1):
+        try:
+            runstate.finish(record["id"], "FAILURE", from_=runstate.QUEUED,
+                            error=storable_text(f"not published, never ran: {reason}"))
+            db.session.commit()
+            return
+        except SQLAlchemyError:
+            db.session.rollback()
+            if attempt == FAILURE_WRITES:
+                # Left PENDING: it answers identical launches no longer than
+                # result_cache.pending_seconds, and reconcile reports it stranded.
+                log.exception("❌ could not record that %s was not published",
+                              record["id"])
+            else:
+                time.sleep(0.1 * attempt)
+
+
+FAILURE_WRITES = 3  # a database that blinks while the broker is down
 
 
 def forget(task_ids: list[str]) -> None:

@@ -102,7 +102,8 @@ def _stranded(celery_app, now, grace: float) -> dict:
     visibility timeout (Redis) or as soon as the worker's connection drops (RabbitMQ),
     so a run older than that which is still PENDING, held by no queue and no worker,
     was lost on the way (a broker that lost its data, a queue deleted by hand). Those
-    are logged and returned as ``stranded_ids`` for an operator to retry or revoke.
+    are logged and returned as ``stranded_ids`` for an operator to retry or revoke, and
+    leave the result cache (their ``cache_key`` is cleared).
     """
     transport = current_app.config["CELERY"]["broker_transport_options"] or {}
     settle = grace + transport.get("visibility_timeout", 0)
@@ -132,6 +133,13 @@ def _stranded(celery_app, now, grace: float) -> dict:
     for run_id in stranded:
         log.warning("⚠️ %s is PENDING but no queue or worker holds its message: retry or "
                     "revoke it", run_id)
+    if stranded:
+        # They answer identical launches no more (the result cache): a new one runs.
+        db.session.execute(sa.update(TaskRun)
+                           .where(TaskRun.id.in_(stranded), TaskRun.status == "PENDING",
+                                  TaskRun.cache_key.is_not(None))
+                           .values(cache_key=None))
+        db.session.commit()
     return {"stranded": len(stranded), "stranded_ids": stranded}
 
 

@@ -5,9 +5,10 @@ the launch sends ``cache_ttl`` (0 opts out), and it has no ``countdown``, ``eta`
 ``expires`` (README, "Result caching"). Its *identity* is the SHA-256 of the canonical
 JSON (sorted keys, compact) of its task type, its params as the task's schema loaded
 them (defaults applied), its queue and its priority. Such a launch is answered by the
-newest run of the same identity that is unfinished (not revoked, no termination asked)
-or that succeeded less than ``cache_ttl`` seconds ago; otherwise it starts a run, which
-carries the identity in ``task_runs.cache_key``.
+newest run of the same identity that is unfinished (not revoked, no termination asked;
+if PENDING, younger than ``pending_seconds``) or that succeeded less than ``cache_ttl``
+seconds ago; otherwise it starts a run, which carries the identity in
+``task_runs.cache_key``.
 
 Who starts the run when identical launches race:
 
@@ -19,8 +20,14 @@ Who starts the run when identical launches race:
   its run may answer.
 - in every case, a unique index over the unfinished runs of an identity
   (``ux_task_runs_open_cache_key``) refuses a second one: the insert that loses is
-  answered by the run that won. Without ``REDIS_URL`` (or while Redis does not answer)
-  this index decides alone, and the lookup is an indexed query of ``task_runs``.
+  answered by the run that won. Without ``REDIS_URL`` (or while Redis does not answer,
+  and for ``BREAKER_SECONDS`` after it failed) this index decides alone, and the lookup
+  is an indexed query of ``task_runs``.
+- the index covers unfinished runs only: a launch whose lookup missed while an
+  identical run was in flight, and which inserts after that run succeeded, looks again
+  before it publishes (``answered_by_other``) and yields to it.
+- a Redis miss (no key, or one naming a run that cannot answer) asks the database
+  before claiming: a flushed, restarted or expired key never hides a success.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ PREFIX = "celery-api:result-cache:"
 # flight. A run in flight for longer is still deduplicated by the database's index.
 IN_FLIGHT_SECONDS = 3600
 _QUIET_SECONDS = 30.0  # one warning per this long while Redis is down
+# After a Redis error the cache leaves Redis alone this long (the database decides): a
+# Redis that hangs (frozen, a dead route) costs one socket timeout, not one per launch.
+BREAKER_SECONDS = 5.0
 
 # Set KEYS[1] to ARGV[1] (for ARGV[3] s) when it is missing or names ARGV[2].
 _COMPARE_AND_SET = """
@@ -69,6 +79,21 @@ return 0
 def now() -> datetime:
     """The clock of cache_ttl (tests move it)."""
     return utcnow()
+
+
+def monotonic() -> float:
+    """The circuit breaker's clock (tests move it)."""
+    return time.monotonic()
+
+
+def pending_seconds(config=None) -> float:
+    """How long a PENDING run answers identical launches: what reconcile waits before it
+    calls a PENDING run stranded (its grace plus the broker's visibility timeout). A run
+    whose launch died between its record and its publish never leaves PENDING; past
+    this it answers no more, so it cannot hold its identity forever."""
+    config = config or current_app.config
+    transport = config["CELERY"].get("broker_transport_options") or {}
+    return config["RECONCILE_GRACE_SECONDS"] + transport.get("visibility_timeout", 0)
 
 
 def identity(record: dict) -> str:
@@ -104,6 +129,8 @@ class Hit:
 def _servable(row, key: str, ttl: int, moment: datetime) -> bool:
     if row is None or row.cache_key != key:
         return False  # purged, or its termination was asked (the key is cleared)
+    if row.status == "PENDING":
+        return row.created_at > moment - timedelta(seconds=pending_seconds())
     if row.status in runstate.UNFINISHED:
         return True
     return (row.status == "SUCCESS" and row.finished_at is not None
@@ -111,24 +138,63 @@ def _servable(row, key: str, ttl: int, moment: datetime) -> bool:
 
 
 _COLUMNS = (TaskRun.id, TaskRun.task_type, TaskRun.status, TaskRun.finished_at,
-            TaskRun.cache_key)
+            TaskRun.cache_key, TaskRun.created_at)
+
+
+def _answering(key: str, ttl: int, moment: datetime):
+    """The condition of the runs of identity ``key`` that may answer at ``moment``."""
+    return sa.and_(TaskRun.cache_key == key, sa.or_(
+        TaskRun.status.in_(runstate.UNFINISHED - {"PENDING"}),
+        sa.and_(TaskRun.status == "PENDING",
+                TaskRun.created_at > moment - timedelta(seconds=pending_seconds())),
+        sa.and_(TaskRun.status == "SUCCESS",
+                TaskRun.finished_at > moment - timedelta(seconds=ttl))))
 
 
 def find_in_database(key: str, ttl: int) -> Hit | None:
-    """The newest run of identity ``key`` that may answer (unfinished, or succeeded
-    less than ``ttl`` seconds ago)."""
+    """The newest run of identity ``key`` that may answer (unfinished and, if PENDING,
+    younger than ``pending_seconds``; or succeeded less than ``ttl`` seconds ago)."""
     moment = now()
     with db.engine.connect() as conn:
         row = conn.execute(
-            sa.select(*_COLUMNS)
-            .where(TaskRun.cache_key == key, sa.or_(
-                TaskRun.status.in_(runstate.UNFINISHED),
-                sa.and_(TaskRun.status == "SUCCESS",
-                        TaskRun.finished_at > moment - timedelta(seconds=ttl))))
+            sa.select(*_COLUMNS).where(_answering(key, ttl, moment))
             .order_by(TaskRun.created_at.desc()).limit(1)).first()
     if row is None or not _servable(row, key, ttl, moment):
         return None
     return Hit(row.id, row.task_type, row.status)
+
+
+def answered_by_other(key: str, ttl: int, record: dict) -> Hit | None:
+    """After recording ``record`` (not published yet): another run of its identity that
+    answers it instead. The unique index keeps a second unfinished run out, but not a run
+    that finished (SUCCESS) between this launch's lookup and its insert; and without the
+    index (Redis alone) the older of two unfinished runs wins, so only one yields."""
+    moment = now()
+    with db.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(*_COLUMNS)
+            .where(_answering(key, ttl, moment), TaskRun.id != record["id"])
+            .order_by(TaskRun.created_at.desc())).all()
+    mine = (record["created_at"], record["id"])
+    for row in rows:
+        if _servable(row, key, ttl, moment) and (
+                row.status == "SUCCESS" or (row.created_at, row.id) < mine):
+            return Hit(row.id, row.task_type, row.status)
+    return None
+
+
+def release_stale(key: str) -> int:
+    """Take identity ``key`` from its PENDING runs older than ``pending_seconds`` (never
+    published, or their message lost): they answer no more, and the unique index must
+    let a new run in. Guarded by the status, so a worker's claim of one wins or loses
+    whole."""
+    moment = now()
+    with db.engine.begin() as conn:
+        return conn.execute(
+            sa.update(TaskRun)
+            .where(TaskRun.cache_key == key, TaskRun.status == "PENDING",
+                   TaskRun.created_at <= moment - timedelta(seconds=pending_seconds()))
+            .values(cache_key=None)).rowcount
 
 
 def _run(run_id: str):
@@ -161,8 +227,13 @@ class RedisStore:
         self._set = self.client.register_script(_COMPARE_AND_SET)
         self._delete = self.client.register_script(_COMPARE_AND_DELETE)
         self._warned_at = 0.0
+        self.down_until = 0.0  # the breaker: Redis is skipped until then
+
+    def available(self) -> bool:
+        return monotonic() >= self.down_until
 
     def failed(self, action: str, exc: Exception) -> None:
+        self.down_until = monotonic() + BREAKER_SECONDS
         moment = time.monotonic()
         if moment - self._warned_at > _QUIET_SECONDS:
             self._warned_at = moment
@@ -170,15 +241,19 @@ class RedisStore:
                         "decides meanwhile: %s", action, exc)
 
     def find(self, key: str, ttl: int) -> tuple[Hit | None, str | None]:
-        """The run the key names if it may answer; else None and what the key named."""
+        """The run the key names if it may answer; else the database's answer (a key
+        lost to a flush, a restart or its expiry must not hide a success), pointed to
+        by the key; else None and what the key named."""
         named = self.client.get(PREFIX + key)
-        if named is None:
-            return None, None
-        run_id = named.decode()
-        row = _run(run_id)
-        if _servable(row, key, ttl, now()):
-            return Hit(row.id, row.task_type, row.status), run_id
-        return None, run_id
+        run_id = named.decode() if named is not None else None
+        if run_id is not None:
+            row = _run(run_id)
+            if _servable(row, key, ttl, now()):
+                return Hit(row.id, row.task_type, row.status), run_id
+        hit = find_in_database(key, ttl)
+        if hit is not None:
+            self.claim(key, hit.id, run_id, ttl)  # lost to another launch: it names one
+        return hit, run_id
 
     def claim(self, key: str, run_id: str, seen: str | None, ttl: int) -> bool:
         """Name ``run_id`` in the key if it still names ``seen`` (or nothing)."""
@@ -208,4 +283,9 @@ def init_app(app: Flask) -> None:
 
 
 def store() -> DatabaseStore | RedisStore:
-    return current_app.extensions["celery_api.result_cache"]
+    """The store that decides now: Redis's, unless it failed less than
+    ``BREAKER_SECONDS`` ago (then the database's)."""
+    chosen = current_app.extensions["celery_api.result_cache"]
+    if isinstance(chosen, RedisStore) and not chosen.available():
+        return DatabaseStore()
+    return chosen

@@ -50,6 +50,7 @@ from celery_api import metrics
 from celery_api.catalog import known_queues
 from celery_api.services.errors import Unavailable
 from celery_api.services.health import ensure_broker
+from celery_api.settings import ConfigurationError
 
 log = logging.getLogger("celery_api.stats")
 COMMANDS = ("stats", "active", "scheduled", "registered")
@@ -187,6 +188,7 @@ class StatsState:
         self.idle = max(config["STATS_IDLE_SECONDS"], self.refresh)
         self.timeout = config["INSPECT_TIMEOUT"]
         self.broker_timeout = config["BROKER_TIMEOUT"]
+        check_bound(self.max_age, self.timeout, self.broker_timeout)
         # A round lasts about one timeout (the ping waits it out), two when a known worker
         # is silent. The lock outlives that; a snapshot older than a pause and two rounds
         # means its refresher is gone, and a caller takes over.
@@ -408,6 +410,19 @@ def _replies(celery_app, command: str, timeout: float, broker_timeout: float,
         else:
             inspector = celery_app.control.inspect(timeout=timeout, connection=conn)
         return getattr(inspector, command)() or {}
+
+
+def check_bound(max_age: float, timeout: float, broker_timeout: float) -> None:
+    """Refuse a max age that a round itself can outlast: a snapshot is as old as its
+    round when it is written (up to the inspect timeout plus the broker's), so /stats
+    could not keep the bound it states. 0 (every call collects) has no bound to keep."""
+    if max_age > 0 and timeout + broker_timeout >= max_age:
+        raise ConfigurationError(
+            f"CELERY_API_STATS_MAX_AGE_SECONDS ({max_age:g} s) must be greater than "
+            f"CELERY_API_INSPECT_TIMEOUT ({timeout:g} s) plus CELERY_API_BROKER_TIMEOUT "
+            f"({broker_timeout:g} s): a round of broadcasts takes up to that long, so "
+            "/stats could answer older than its bound. Raise the max age (or set it to 0: "
+            "every call collects), or lower the inspect timeout.")
 
 
 def init_app(app: Flask) -> None:
