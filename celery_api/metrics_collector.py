@@ -15,11 +15,10 @@ import sqlalchemy as sa
 from flask import current_app
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 
-from celery_api.catalog import known_queues
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
 from celery_api.services.runstate import FINISHED
-from celery_api.services.stats import queue_lengths
+from celery_api.services.stats import observed_queues, queue_lengths
 
 log = logging.getLogger("celery_api.metrics")
 RUN_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
@@ -38,7 +37,7 @@ class SystemCollector:
                                    labels=["queue"])
         try:
             for queue, depth in queue_lengths(current_app.extensions["celery"],
-                                              known_queues()).items():
+                                              observed_queues()).items():
                 family.add_metric([queue], depth)
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail on the broker
             log.warning("queue depth unavailable: %s", exc)

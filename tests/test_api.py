@@ -235,7 +235,7 @@ def test_stats_without_workers_answers_and_says_so(client):
     assert body["inspect_timeout"] == 0.5 and body["collected_in_seconds"] >= 0
     assert set(body) >= {"active_tasks", "scheduled_tasks", "registered_tasks", "worker_stats",
                          "queues"}
-    assert "celery" in body["queues"]
+    assert "celery" in body["queues"] and "webhooks" in body["queues"]
 
 
 def test_openapi_document(client):

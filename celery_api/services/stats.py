@@ -50,6 +50,7 @@ from celery_api import metrics
 from celery_api.catalog import known_queues
 from celery_api.services.errors import Unavailable
 from celery_api.services.health import ensure_broker
+from celery_api.services.webhooks import QUEUE as WEBHOOKS_QUEUE
 from celery_api.settings import ConfigurationError
 
 log = logging.getLogger("celery_api.stats")
@@ -281,7 +282,7 @@ class StatsState:
         taken_at, started = time.time(), time.monotonic()
         futures = {command: self._submit(celery_app, command, known) for command in COMMANDS}
         try:
-            lengths = queue_lengths(celery_app, known_queues(), self.broker_timeout)
+            lengths = queue_lengths(celery_app, observed_queues(), self.broker_timeout)
             replies = {command: future.result() for command, future in futures.items()}
         except Exception as exc:  # noqa: BLE001
             log.error("❌ broker unreachable for stats: %s", exc)
@@ -427,6 +428,12 @@ def check_bound(max_age: float, timeout: float, broker_timeout: float) -> None:
 
 def init_app(app: Flask) -> None:
     app.extensions["celery_api.stats"] = StatsState(app)
+
+
+def observed_queues() -> list[str]:
+    """The queues whose depth /stats and /metrics show: the catalog's, where tasks are
+    launched, and the webhook deliveries' own (a backlog there is worth seeing too)."""
+    return [*known_queues(), WEBHOOKS_QUEUE]
 
 
 def queue_lengths(celery_app, queues: list[str], timeout: float | None = None
