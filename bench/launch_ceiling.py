@@ -36,25 +36,7 @@ STACKS = ("sqlite", "postgres")
 class BareServer(LiveServer):
     """bench/bare_app.py under gunicorn with this project's gunicorn.conf.py."""
 
-    def start(self, timeout: float = 60.0) -> BareServer:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "bare_app:app"],
-            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-        from tests.support import wait_for
-
-        def up():
-            if self.process.poll() is not None:
-                raise AssertionError(f"gunicorn exited: see {self.log_path}")
-            try:
-                import requests
-
-                return requests.get(f"{self.url}/healthz", timeout=2).status_code == 200
-            except OSError:
-                return False
-
-        wait_for(up, timeout=timeout, interval=0.2, message="the bare endpoint to serve")
-        return self
+    APP = "bare_app:app"
 
 
 def create_key(env: dict, name: str = "bench") -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from celery.beat import PersistentScheduler
 
@@ -46,43 +47,42 @@ class Scheduler(PersistentScheduler):
         return min(interval, max(0.05, self._next_dispatch - time.monotonic()))
 
     @staticmethod
-    def _publish_due(flask_app) -> None:
+    def _guarded(flask_app, work: Callable[[], object], failed: str) -> None:
+        """Run ``work`` in an app context: whatever it raises is logged and beat keeps
+        running (the next tick tries again); the session is always given back."""
         from celery_api.extensions import db
-        from celery_api.services import dispatch
 
         with flask_app.app_context():
             try:
-                while dispatch.publish_due() == dispatch.PAGE:  # a full page: more are due
-                    pass
+                work()
             except Exception:  # noqa: BLE001 - beat keeps running; the next tick retries
-                log.exception("❌ could not publish the held runs that are due")
-            finally:
-                db.session.remove()
-
-    @staticmethod
-    def _fire_schedules(flask_app) -> None:
-        from celery_api.extensions import db
-        from celery_api.services import schedules
-
-        with flask_app.app_context():
-            try:
-                schedules.fire_all_due()
-            except Exception:  # noqa: BLE001 - beat keeps running; the next tick retries
-                log.exception("❌ could not fire the schedules that are due")
+                log.exception("❌ could not %s", failed)
                 db.session.rollback()
             finally:
                 db.session.remove()
 
-    @staticmethod
-    def _sweep_webhooks(flask_app) -> None:
-        from celery_api.extensions import db
+    @classmethod
+    def _publish_due(cls, flask_app) -> None:
+        from celery_api.services import dispatch
+
+        cls._guarded(flask_app, lambda: _drain(dispatch.publish_due, dispatch.PAGE),
+                     "publish the held runs that are due")
+
+    @classmethod
+    def _fire_schedules(cls, flask_app) -> None:
+        from celery_api.services import schedules
+
+        cls._guarded(flask_app, schedules.fire_all_due, "fire the schedules that are due")
+
+    @classmethod
+    def _sweep_webhooks(cls, flask_app) -> None:
         from celery_api.services import webhooks
 
-        with flask_app.app_context():
-            try:
-                while webhooks.sweep() == webhooks.PAGE:  # a full page: more are due
-                    pass
-            except Exception:  # noqa: BLE001 - beat keeps running; the next tick retries
-                log.exception("❌ could not publish the pending webhook deliveries")
-            finally:
-                db.session.remove()
+        cls._guarded(flask_app, lambda: _drain(webhooks.sweep, webhooks.PAGE),
+                     "publish the pending webhook deliveries")
+
+
+def _drain(step: Callable[[], int], page: int) -> None:
+    """Call ``step`` until it handles less than a full ``page``: then nothing more is due."""
+    while step() == page:
+        pass

@@ -280,6 +280,8 @@ class Beat:
 class LiveServer:
     """The API under gunicorn with the production config file, on a free port."""
 
+    APP = "wsgi:app"  # the WSGI app gunicorn serves
+
     def __init__(self, env: dict, log_path: Path, **extra_env: str):
         self.port = free_port()
         self.env = dict(env, PORT=str(self.port), **extra_env)
@@ -293,7 +295,7 @@ class LiveServer:
     def start(self, timeout: float = 60.0) -> LiveServer:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], env=self.env,
+            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", self.APP], env=self.env,
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
 
         def up():
