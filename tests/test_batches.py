@@ -71,6 +71,18 @@ def test_batch_records_every_run_with_its_options_and_answers_202(history_app):
     assert [row["task_id"] for row in tagged["items"]] == [second.id]
 
 
+def test_a_batch_without_tags_is_recorded_too(history_app):
+    """On PostgreSQL a batch's records go in through COPY, on the driver's own cursor:
+    with no tag to insert nothing else begins the transaction, which must still commit
+    (it was rolled back with the connection once: a 202 whose runs were never recorded)."""
+    app, client = history_app, history_app.test_client()
+    response = client.post(BATCH, json={"tasks": [add(1, 2), add(3, 4), add(5, 6)]})
+    assert response.status_code == 202, response.get_data(as_text=True)
+    body = response.get_json()
+    recorded = {run.id for run in runs_of(app, body["batch_id"])}
+    assert recorded == {t["task_id"] for t in body["tasks"]} and len(recorded) == 3
+
+
 def test_one_invalid_item_launches_nothing_and_names_each_bad_index(client, app):
     before = count_all(app)
     tasks = [add(1, 2), {"task_type": "acme.nope", "params": {}}, add(1, -5),

@@ -221,6 +221,10 @@ def record_runs(prepared: list[Prepared]) -> None:
     try:
         for attempt in (1, 2):
             with db.engine.connect() as connection:
+                # Begun explicitly: COPY goes through the driver's own cursor, which
+                # SQLAlchemy does not see, so without it commit() would have nothing to
+                # commit and the records would be rolled back with the connection.
+                connection.begin()
                 try:
                     if len(records) > 1 and connection.dialect.name == "postgresql":
                         _copy_runs(connection, records)
