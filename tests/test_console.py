@@ -228,17 +228,43 @@ def test_launch_form_shows_a_422_next_to_its_field_then_watches_progress_to_succ
     assert page.get_by_label("Key").input_value() == release  # what was typed is kept
 
     page.get_by_label("Steps").fill("4")
+    polls, streams = [], []
+    page.on("request", lambda request: (
+        polls if request.url.endswith("/state.json") else
+        streams if request.url.endswith("/events") else []).append(request.url))
     page.get_by_role("button", name="Launch").click()
     page.wait_for_url(re.compile(r"/console/runs/[0-9a-f-]{36}\?notice=launched"))
     page.get_by_text("waiting for release").wait_for()  # the progress meta, live
+    expect(page.locator("html")).to_have_attribute("data-live", "stream")
     assert page.locator("#run-progress-bar").get_attribute("value") == "1"
     assert page.locator("#run-progress-bar").get_attribute("max") == "4"
     assert page.locator("#run-status").inner_text() == "PROGRESS"
     console.redis.set(f"console:release:{release}", 1)
-    page.locator("#run-status .status-success").wait_for()  # the page's own polling
+    page.locator("#run-status .status-success").wait_for()  # the stream, then a reload
+    assert polls == []  # followed by the server's event stream, never polled
+    assert len(streams) >= 1 and all("/console/runs/" in url for url in streams)
     result = page.locator("#run-result").inner_text()
     assert f'"released": "{release}"' in result and '"steps": 4' in result
     assert page.locator("#run-worker").inner_text().startswith("console-")
+
+
+def test_a_run_page_polls_when_its_event_stream_is_refused(page, console):
+    launched = api(console, "POST", "/tasks/launch", json={
+        "task_type": "acme.add", "params": {"a": 1, "b": 2}, "countdown": 600})
+    task_id = launched.json()["task_id"]
+    sign_in(page, console, console.viewer)
+    # A proxy (or a full waiting hub) that refuses the stream: the page falls back to
+    # polling, and still sees its run end.
+    page.route(re.compile(r".*/events$"), lambda route: route.fulfill(
+        status=503, content_type="application/json", body='{"status": 503}'))
+    polls = []
+    page.on("request", lambda request: polls.append(request.url)
+            if request.url.endswith("/state.json") else None)
+    page.goto(f"{console.url}/console/runs/{task_id}")
+    expect(page.locator("html")).to_have_attribute("data-live", "polling")
+    api(console, "DELETE", f"/tasks/{task_id}")  # revoked while the page polls
+    expect(page.locator("#run-status")).to_have_text("REVOKED")
+    assert polls and all(f"/console/runs/{task_id}/state.json" in url for url in polls)
 
 
 def test_revoking_a_queued_run(page, console):
@@ -254,11 +280,12 @@ def test_revoking_a_queued_run(page, console):
     task_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
     assert page.locator("#run-status").inner_text() == "PENDING"
 
-    # The revoke's answer is held while the page could still poll: a page that polls
-    # on sees its run finished (the revoke is done on the server) and reloads itself,
-    # replacing the form's navigation, and the revoke's notice is lost (seen under
-    # load). The hold lasts until such a poll is seen, or for four poll intervals (the
-    # window in which a poller would have asked; the page must not).
+    # The revoke's answer is held while the page could still follow its run: a page
+    # that follows on (its event stream, or a poll) sees its run finished (the revoke
+    # is done on the server) and reloads itself, replacing the form's navigation, and
+    # the revoke's notice is lost (seen under load). The hold lasts until such a poll
+    # is seen, or for 2 s (the stream would have told the page the run was revoked in
+    # that window; the page must have closed it).
     held, polls = [], []
     page.route(re.compile(r".*/revoke$"), lambda route: held.append(route))
     page.get_by_role("button", name="Revoke").click(no_wait_after=True)  # dialog: yes
@@ -435,10 +462,20 @@ def test_a_session_signs_in_acts_within_its_scopes_and_ends(keyed_app):
             "REVOKED", name, name)
         assert sorted(record.tags) == ["console", "held"]
         db.session.remove()
+    # Its page's event stream: the final state at once (the run has ended), then, to a
+    # browser reconnecting with that event's id, 204 (stop reconnecting).
+    events = client.get(f"/console/runs/{task_id}/events")
+    assert events.status_code == 200 and events.mimetype == "text/event-stream"
+    body = events.get_data(as_text=True)
+    assert "event: status" in body and '"status":"REVOKED"' in body
+    last = re.search(r"^id: (\S+)$", body, re.M).group(1)
+    assert client.get(f"/console/runs/{task_id}/events",
+                      headers={"Last-Event-ID": last}).status_code == 204
     assert client.get("/console/schedules").status_code == 403  # no admin scope
     run = client.get(f"/console/runs/{task_id}")
     assert client.post("/console/sign-out", data={"csrf_token": _token(run)}).status_code == 302
     assert client.get("/console/runs").status_code == 302
+    assert client.get(f"/console/runs/{task_id}/events").status_code == 401
     with keyed_app.app_context():
         assert not db.session.execute(db.select(ConsoleSession)).scalars().all()
         db.session.remove()
