@@ -19,15 +19,23 @@ from types import SimpleNamespace
 import pytest
 import redis
 import requests
+import sqlalchemy as sa
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
 from celery_api.extensions import db
-from celery_api.models import ConsoleSession, TaskRun, utcnow
+from celery_api.models import (
+    ConsoleSession,
+    TaskRun,
+    WebhookDelivery,
+    WebhookSubscription,
+    utcnow,
+)
 from celery_api.services import keys
 from tests.support import (
     COMPANY,
     LiveServer,
+    WebhookReceiver,
     Worker,
     build_app,
     create_key,
@@ -35,6 +43,7 @@ from tests.support import (
     make_config,
     optional_component,
     service_env,
+    wait_for,
 )
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -55,16 +64,21 @@ def console(tmp_path_factory, redis_server):
     app = build_app(config)
     ops = create_key(app, "ops", "read", "launch", "control", "admin")
     viewer = create_key(app, "viewer", "read")
+    receiver = WebhookReceiver()  # the webhooks page's subscriptions are sent here
     env = dict(service_env(config), CELERY_API_AUTH="required",
                CELERY_API_TASK_MODULES="acme_tasks,console_tasks",
-               CELERY_API_INSPECT_TIMEOUT="2", CELERY_API_STATS_CACHE_SECONDS="0")
+               CELERY_API_INSPECT_TIMEOUT="2", CELERY_API_STATS_CACHE_SECONDS="0",
+               CELERY_API_WEBHOOK_ALLOWED_HOSTS=receiver.host,
+               CELERY_API_WEBHOOK_RETRY_SCHEDULE="0.2")
     server = LiveServer(env, folder / "gunicorn.log", WEB_CONCURRENCY="2").start()
     name = f"console-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
-    worker = Worker(env, name, folder / "worker.log").start(app.extensions["celery"])
+    worker = Worker(env, name, folder / "worker.log", queues="celery,webhooks").start(
+        app.extensions["celery"])
     yield SimpleNamespace(app=app, url=server.url, ops=ops, viewer=viewer, worker=worker,
-                          redis=redis.Redis.from_url(broker))
+                          redis=redis.Redis.from_url(broker), receiver=receiver)
     worker.stop()
     server.stop()
+    receiver.stop()
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +325,54 @@ def test_revoking_a_queued_run(page, console):
     assert page.get_by_text("retried as").count() == 0
     page.get_by_role("link", name=task_id[:8]).first.wait_for()  # its lineage names it
     api(console, "DELETE", f"/tasks/{re.search(r'/runs/([0-9a-f-]{36})', page.url).group(1)}")
+
+
+# Webhooks.
+
+def test_a_webhook_subscription_is_created_pinged_rotated_and_deleted(page, console):
+    where = f"/hook-{uuid.uuid4().hex[:10]}"
+    url = console.receiver.plan(where, [500, 500])  # the ping and its one retry fail
+    sign_in(page, console, console.ops)
+    page.get_by_role("link", name="Webhooks").click()
+    page.get_by_label("URL").fill(url)
+    page.get_by_label("task.failed").check()
+    page.get_by_role("button", name="Create subscription").click()
+    page.get_by_text("Copy this secret now: it is shown this once.").wait_for()
+    secret = page.locator("#webhook-secret").inner_text()
+    assert secret.startswith("whsec_")
+    page.get_by_role("link", name="Its deliveries").click()
+    page.get_by_role("button", name="Ping").click()
+    wait_for(lambda: len(console.receiver.at(where)) == 2, timeout=30,
+             message="the ping and its retry at the receiver")
+    assert console.receiver.at(where)[0]["payload"]["type"] == "ping"
+    rows = page.locator("tbody tr")
+
+    def listed(status: str, count: int):  # the page as the operator reloads it
+        def check():
+            page.reload()
+            return rows.filter(has_text=status).count() == count
+        return check
+    wait_for(listed("failed", 2), timeout=30, message="both attempts listed as failed")
+    first, second = rows.nth(1).inner_text(), rows.nth(0).inner_text()  # newest first
+    assert "500" in first and "500" in second
+    assert rows.nth(1).locator("time").count() == 2  # a next retry, and its creation
+    page.get_by_role("button", name="Re-send").first.click()
+    wait_for(listed("succeeded", 1), timeout=30, message="the re-sent ping delivered")
+    assert "200" in rows.filter(has_text="succeeded").inner_text()
+    assert len(console.receiver.at(where)) == 3
+
+    page.get_by_role("link", name="All webhooks").click()
+    page.get_by_role("button", name=f"Disable {url}").click()
+    page.get_by_role("button", name=f"Enable {url}").wait_for()
+    assert page.locator("tbody tr", has_text=url).get_by_text("disabled").count() == 1
+    page.get_by_role("button", name=f"Rotate secret {url}").click()  # dialog: yes
+    page.get_by_text("Secret rotated").wait_for()
+    rotated = page.locator("#webhook-secret").inner_text()
+    assert rotated.startswith("whsec_") and rotated != secret
+    page.get_by_role("link", name="All webhooks").click()
+    page.get_by_role("button", name=f"Delete {url}").click()  # dialog: yes
+    page.get_by_text("No subscriptions yet").wait_for()
+    assert api(console, "GET", "/webhooks").json()["total"] == 0
 
 
 # The history and the workers.
@@ -561,3 +623,67 @@ def test_a_batch_shows_its_progress_and_its_queued_runs_are_revoked(keyed_app):
     again = client.post(f"/console/batches/{batch_id}/revoke",
                         data={"csrf_token": _token(page)})
     assert again.status_code == 409 and "still queued" in again.get_data(as_text=True)
+
+
+def _signed_in(app, *scopes):
+    client = app.test_client()
+    key = create_key(app, f"k-{uuid.uuid4().hex[:6]}", *scopes)
+    assert client.post("/console/sign-in", data={"key": key}).status_code == 302
+    return client
+
+
+def test_webhooks_need_the_admin_scope_and_a_bad_url_is_shown_on_the_form(keyed_app):
+    admin = _signed_in(keyed_app, "read", "admin")
+    form = admin.get("/console/webhooks")
+    assert form.status_code == 200 and "No subscriptions yet" in form.get_data(as_text=True)
+    # A private address (the SSRF guard) and no event: 422, the form kept, nothing made.
+    refused = admin.post("/console/webhooks", data={
+        "csrf_token": _token(form), "url": "http://10.1.2.3/hook", "description": "kept"})
+    text = refused.get_data(as_text=True)
+    assert refused.status_code == 422 and "event_types" in text and 'value="kept"' in text
+    refused = admin.post("/console/webhooks", data={
+        "csrf_token": _token(form), "url": "http://10.1.2.3/hook",
+        "event_types": "task.failed"})
+    assert refused.status_code == 422 and "url" in refused.get_data(as_text=True)
+    allowed = keyed_app.config["WEBHOOK_ALLOWED_HOSTS"]
+    keyed_app.config["WEBHOOK_ALLOWED_HOSTS"] = ["127.0.0.1:9"]
+    try:
+        created = admin.post("/console/webhooks", data={
+            "csrf_token": _token(form), "url": "http://127.0.0.1:9/hook",
+            "event_types": ["task.failed", "task.succeeded"], "task_type": "acme.add"})
+    finally:
+        keyed_app.config["WEBHOOK_ALLOWED_HOSTS"] = allowed
+    text = created.get_data(as_text=True)
+    assert created.status_code == 200 and "shown this once" in text
+    secret = re.search(r'id="webhook-secret">(whsec_[^<]+)<', text).group(1)
+    with keyed_app.app_context():
+        [hook] = db.session.execute(db.select(WebhookSubscription)).scalars().all()
+        assert hook.secret == secret and hook.event_types == ["task.failed", "task.succeeded"]
+        hook_id = hook.id
+        db.session.remove()
+    listing = admin.get("/console/webhooks").get_data(as_text=True)
+    assert "http://127.0.0.1:9/hook" in listing and secret not in listing  # never again
+    assert admin.post(f"/console/webhooks/{hook_id}/ping",
+                      data={"csrf_token": _token(form)}).status_code == 302
+    page = admin.get(f"/console/webhooks/{hook_id}").get_data(as_text=True)
+    assert "<td>ping" in page and "pending" in page  # sent by the webhook worker
+    bad = admin.get(f"/console/webhooks/{hook_id}?cursor=nope")
+    assert bad.status_code == 422 and "cursor" in bad.get_data(as_text=True)
+
+    # Without the admin scope: no link, no page, and every action refused.
+    operator = _signed_in(keyed_app, "read", "launch", "control")
+    runs_page = operator.get("/console/runs")
+    assert "/console/webhooks" not in runs_page.get_data(as_text=True)
+    assert operator.get("/console/webhooks").status_code == 403
+    token = _token(runs_page)  # the session's own token (its sign-out form)
+    for path, data in ((f"/console/webhooks/{hook_id}/delete", {}),
+                       (f"/console/webhooks/{hook_id}/rotate", {}),
+                       ("/console/webhooks", {"url": "http://127.0.0.1:9/x",
+                                              "event_types": "task.failed"})):
+        assert operator.post(path, data={"csrf_token": token, **data}).status_code == 403
+    with keyed_app.app_context():
+        assert db.session.get(WebhookSubscription, hook_id).secret == secret  # unchanged
+        db.session.execute(sa.delete(WebhookDelivery))
+        db.session.execute(sa.delete(WebhookSubscription))
+        db.session.commit()
+        db.session.remove()

@@ -74,6 +74,7 @@ NAV = [
     NavEntry("Workers & queues", "console.workers", "read"),
     NavEntry("Batches", "console.batches", "read"),
     NavEntry("Schedules", "console.schedules", "admin"),
+    NavEntry("Webhooks", "console.webhooks", "admin"),
 ]
 
 
@@ -264,6 +265,7 @@ def init_app(app: Flask) -> None:
         runs,
         schedules,
         signin,
+        webhooks,
         workers,
     )
 

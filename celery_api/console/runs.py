@@ -18,7 +18,7 @@ from celery_api.models import Schedule, TaskRun
 from celery_api.resources.fields import EARLIEST, LATEST, STATES, known_state, parse_task_id
 from celery_api.resources.history.schemas import HistoryArgsSchema
 from celery_api.resources.status.waits import events_answer
-from celery_api.services import control, database, history, runs, runstate
+from celery_api.services import control, database, history, runs, runstate, webhooks
 from celery_api.services.history import MAX_LIMIT, HistoryQuery
 from celery_api.smorest import unstorable_text
 
@@ -180,7 +180,9 @@ class RunPage(MethodView):
             finished=runstate.is_finished(view.status),
             queued=view.status in runstate.QUEUED,
             retryable=view.status in runstate.RETRYABLE, lineage=lineage_of(view.run),
-            notice=notice)
+            notice=notice,
+            webhook_deliveries=(webhooks.launch_deliveries(view.run.id)
+                                if view.run.webhook_url else []))
 
 
 class RunJson(MethodView):
