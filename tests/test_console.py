@@ -31,7 +31,7 @@ from celery_api.models import (
     WebhookSubscription,
     utcnow,
 )
-from celery_api.services import keys
+from celery_api.services import keys, webhooks
 from tests.support import (
     COMPANY,
     LiveServer,
@@ -685,5 +685,67 @@ def test_webhooks_need_the_admin_scope_and_a_bad_url_is_shown_on_the_form(keyed_
         assert db.session.get(WebhookSubscription, hook_id).secret == secret  # unchanged
         db.session.execute(sa.delete(WebhookDelivery))
         db.session.execute(sa.delete(WebhookSubscription))
+        db.session.commit()
+        db.session.remove()
+
+
+def test_launch_options_cache_ttl_and_webhook_url(keyed_app):
+    client = _signed_in(keyed_app, "read", "launch", "control")
+    form = client.get("/console/launch/acme.add")
+    text = form.get_data(as_text=True)
+    assert 'name="o.cache_ttl"' in text and 'name="o.webhook_url"' in text
+    a = uuid.uuid4().int % 10**6  # params no other test launches
+    fields = {"csrf_token": _token(form), "p.a": str(a), "p.b": "1", "o.cache_ttl": "60"}
+    cache_was = keyed_app.config["RESULT_CACHE"]
+    keyed_app.config["RESULT_CACHE"] = True  # (off in the tests' default config)
+    try:
+        first = client.post("/console/launch/acme.add", data=fields)
+        # The same launch while the first is in flight: answered by it, and its page
+        # says so.
+        again = client.post("/console/launch/acme.add", data=fields)
+        fresh = client.post("/console/launch/acme.add",
+                            data=dict(fields, **{"o.cache_ttl": "0"}))  # 0: a new run
+    finally:
+        keyed_app.config["RESULT_CACHE"] = cache_was
+    assert first.status_code == 302 and "notice=launched" in first.headers["Location"]
+    assert again.status_code == 302 and "notice=cached" in again.headers["Location"]
+    task_id = re.search(r"/runs/([0-9a-f-]{36})", first.headers["Location"]).group(1)
+    assert f"/runs/{task_id}?" in again.headers["Location"]
+    shown = client.get(again.headers["Location"]).get_data(as_text=True)
+    assert "Answered by an identical run (result cache)" in shown
+    assert "notice=launched" in fresh.headers["Location"]
+    assert f"/runs/{task_id}?" not in fresh.headers["Location"]
+    refused = client.post("/console/launch/acme.add",
+                          data=dict(fields, **{"o.cache_ttl": "-1"}))
+    assert refused.status_code == 422 and 'id="field-o-cache_ttl-error"' in refused.get_data(
+        as_text=True)
+
+    # webhook_url: refused next to its field while the deployment signs none...
+    hooked = dict(fields, **{"o.cache_ttl": "", "o.webhook_url": "http://127.0.0.1:9/run"})
+    refused = client.post("/console/launch/acme.add", data=hooked)
+    text = refused.get_data(as_text=True)
+    assert refused.status_code == 422 and 'id="field-o-webhook_url-error"' in text
+    assert "CELERY_API_WEBHOOK_SECRET" in text
+    # ...accepted when it does; the run's page lists the deliveries to it.
+    saved = {k: keyed_app.config[k] for k in ("WEBHOOK_SECRET", "WEBHOOK_ALLOWED_HOSTS")}
+    keyed_app.config.update(WEBHOOK_SECRET=webhooks.new_secret(),
+                            WEBHOOK_ALLOWED_HOSTS=["127.0.0.1:9"])
+    try:
+        launched = client.post("/console/launch/acme.add",
+                               data=dict(hooked, **{"o.countdown": "900"}))
+        assert launched.status_code == 302, launched.get_data(as_text=True)
+        run_url = launched.headers["Location"]
+        page = client.get(run_url)
+        assert "Deliveries to its webhook_url" in page.get_data(as_text=True)
+        hooked_id = re.search(r"/runs/([0-9a-f-]{36})", run_url).group(1)
+        client.post(f"/console/runs/{hooked_id}/revoke", data={"csrf_token": _token(page)})
+        page = client.get(f"/console/runs/{hooked_id}").get_data(as_text=True)
+        assert "<td>task.revoked" in page and "pending" in page
+    finally:
+        keyed_app.config.update(saved)
+    for run in (task_id, re.search(r"/runs/([0-9a-f-]{36})", fresh.headers["Location"])[1]):
+        client.post(f"/console/runs/{run}/revoke", data={"csrf_token": _token(form)})
+    with keyed_app.app_context():
+        db.session.execute(sa.delete(WebhookDelivery))
         db.session.commit()
         db.session.remove()

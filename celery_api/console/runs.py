@@ -32,6 +32,8 @@ NOTICES = {
     "terminating": "Stop signal sent: the status becomes REVOKED once the worker confirms.",
     "retried": "Retry launched: this is the new run.",
     "launched": "Launched.",
+    "cached": "Answered by an identical run (result cache): no new run was launched; "
+              "this is the run that answered.",
 }
 
 
