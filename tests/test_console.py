@@ -469,11 +469,28 @@ def test_bad_input_to_the_console_is_answered_never_a_500(client):
                  {"p.a": "1", "p.b": "2", "o.priority": "²"},
                  {"p.a": "1", "p.b": "2", "o.eta": "9999-12-31T23:59:59", "tz_offset": "600"},
                  {"p.a": "1", "p.b": "2", "o.countdown": "5", "o.eta": "2030-01-01T00:00"},
-                 {"p.a": "1", "p.b": "2", "o.tags": "ok, " + "t" * 100}):
+                 {"p.a": "1", "p.b": "2", "o.tags": "ok, " + "t" * 100},
+                 {"p.a": "1", "p.b": "2", "o.cache_ttl": "1.5"},
+                 {"p.a": "1", "p.b": "2", "o.webhook_url": "not a url\x00"}):
         answer = client.post("/console/launch/acme.add", data={**form, "csrf_token": token})
         assert answer.status_code == 422, (form, answer.status_code)
-    for path in ("/console/runs/not-a-uuid", "/console/batches/%00", "/console/launch/nope"):
+    for form in ({"url": "http://x/\x00", "event_types": "task.failed"},
+                 {"url": "https://example.com/h", "event_types": "no.such"},
+                 {"url": "https://example.com/h", "event_types": "task.failed",
+                  "task_type": "t" * 300, "description": "d" * 600},
+                 {"url": "https://example.com/h", "event_types": "task.failed",
+                  "description": "nul\x00"}):
+        answer = client.post("/console/webhooks", data={**form, "csrf_token": token})
+        assert answer.status_code == 422, (form, answer.status_code)
+    for path in ("/console/runs/not-a-uuid", "/console/batches/%00", "/console/launch/nope",
+                 "/console/runs/not-a-uuid/events", "/console/webhooks/nope",
+                 f"/console/webhooks/{uuid.uuid4()}", f"/console/runs/{uuid.uuid4()}/events"):
         assert client.get(path).status_code in (404, 422), path
+    for path in (f"/console/webhooks/{uuid.uuid4()}/ping", "/console/webhooks/nope/delete",
+                 f"/console/webhooks/{uuid.uuid4()}/deliveries/x/resend",
+                 f"/console/webhooks/{uuid.uuid4()}/deliveries/99999999999999999999/resend",
+                 f"/console/runs/{uuid.uuid4()}/webhook-deliveries/1/resend"):
+        assert client.post(path, data={"csrf_token": token}).status_code in (404, 422), path
 
 
 # Without a browser, on SQLite and on PostgreSQL: the session's life and the actions.
