@@ -27,6 +27,7 @@ from tests.support import (  # noqa: E402
     COMPANY,
     LiveServer,
     RedisServer,
+    WebhookReceiver,
     Worker,
     build_app,
     create_key,
@@ -49,22 +50,26 @@ def main() -> int:
                          SII_SANDBOX_STEP_SECONDS=0.3)
     app = build_app(config)
     key = create_key(app, "ops", "read", "launch", "control", "admin")
+    receiver = WebhookReceiver()  # the demo subscription's endpoint
     env = dict(service_env(config), CELERY_API_AUTH="required", CELERY_API_TASK_MODULES="",
-               SII_SANDBOX_STEP_SECONDS="0.3", CELERY_API_STATS_CACHE_SECONDS="0")
+               SII_SANDBOX_STEP_SECONDS="0.3", CELERY_API_STATS_CACHE_SECONDS="0",
+               CELERY_API_WEBHOOK_ALLOWED_HOSTS=receiver.host,
+               CELERY_API_WEBHOOK_RETRY_SCHEDULE="0.5")
     server = LiveServer(env, folder / "gunicorn.log").start()
     worker = Worker(env, f"worker1@{uuid.uuid4().hex[:6]}", folder / "worker.log",
-                    concurrency=2).start(app.extensions["celery"])
+                    concurrency=2, queues="celery,webhooks").start(app.extensions["celery"])
     try:
-        shoot(server.url, key)
+        shoot(server.url, key, receiver)
     finally:
         worker.stop()
         server.stop()
+        receiver.stop()
         redis_server.stop()
     print(f"screenshots in {OUT.relative_to(ROOT)}")
     return 0
 
 
-def shoot(url: str, key: str) -> None:
+def shoot(url: str, key: str, receiver: WebhookReceiver) -> None:
     headers = {"Authorization": f"Bearer {key}"}
 
     def call(method, path, **kwargs):
@@ -90,6 +95,15 @@ def shoot(url: str, key: str) -> None:
     call("POST", "/schedules", json={"name": "f29-every-hour", "task_type":
                                      "sii.sync_f29_all_companies", "params": {},
                                      "interval_seconds": 3600})
+
+    hook = call("POST", "/webhooks", json={
+        "url": receiver.plan("/erp/celery-events", [503]), "event_types": ["task.failed",
+                                                                         "task.succeeded"],
+        "task_type": "sii.sync_f29", "description": "ERP: F29 outcomes"})["id"]
+    call("POST", f"/webhooks/{hook}/ping")  # refused once (503), then delivered
+    call("POST", "/webhooks", json={"url": receiver.plan("/chat/alerts"),
+                                    "event_types": ["task.failed", "batch.finished"],
+                                    "description": "Ops chat"})
 
     def settled():
         rows = call("GET", "/history?limit=100")["items"]
@@ -136,6 +150,10 @@ def shoot(url: str, key: str) -> None:
         page.screenshot(path=OUT / "batch.png")
         page.goto(f"{url}/console/schedules")
         page.screenshot(path=OUT / "schedules.png")
+        page.goto(f"{url}/console/webhooks")
+        page.screenshot(path=OUT / "webhooks.png", full_page=True)
+        page.goto(f"{url}/console/webhooks/{hook}")
+        page.screenshot(path=OUT / "webhook-deliveries.png", full_page=True)
 
         phone = browser.new_context(viewport=PHONE, timezone_id="America/Santiago",
                                     locale="en-US")

@@ -19,15 +19,23 @@ from types import SimpleNamespace
 import pytest
 import redis
 import requests
+import sqlalchemy as sa
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
 from celery_api.extensions import db
-from celery_api.models import ConsoleSession, TaskRun, utcnow
-from celery_api.services import keys
+from celery_api.models import (
+    ConsoleSession,
+    TaskRun,
+    WebhookDelivery,
+    WebhookSubscription,
+    utcnow,
+)
+from celery_api.services import keys, webhooks
 from tests.support import (
     COMPANY,
     LiveServer,
+    WebhookReceiver,
     Worker,
     build_app,
     create_key,
@@ -35,6 +43,7 @@ from tests.support import (
     make_config,
     optional_component,
     service_env,
+    wait_for,
 )
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -55,16 +64,21 @@ def console(tmp_path_factory, redis_server):
     app = build_app(config)
     ops = create_key(app, "ops", "read", "launch", "control", "admin")
     viewer = create_key(app, "viewer", "read")
+    receiver = WebhookReceiver()  # the webhooks page's subscriptions are sent here
     env = dict(service_env(config), CELERY_API_AUTH="required",
                CELERY_API_TASK_MODULES="acme_tasks,console_tasks",
-               CELERY_API_INSPECT_TIMEOUT="2", CELERY_API_STATS_CACHE_SECONDS="0")
+               CELERY_API_INSPECT_TIMEOUT="2", CELERY_API_STATS_CACHE_SECONDS="0",
+               CELERY_API_WEBHOOK_ALLOWED_HOSTS=receiver.host,
+               CELERY_API_WEBHOOK_RETRY_SCHEDULE="0.2")
     server = LiveServer(env, folder / "gunicorn.log", WEB_CONCURRENCY="2").start()
     name = f"console-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
-    worker = Worker(env, name, folder / "worker.log").start(app.extensions["celery"])
+    worker = Worker(env, name, folder / "worker.log", queues="celery,webhooks").start(
+        app.extensions["celery"])
     yield SimpleNamespace(app=app, url=server.url, ops=ops, viewer=viewer, worker=worker,
-                          redis=redis.Redis.from_url(broker))
+                          redis=redis.Redis.from_url(broker), receiver=receiver)
     worker.stop()
     server.stop()
+    receiver.stop()
 
 
 @pytest.fixture(scope="module")
@@ -228,17 +242,43 @@ def test_launch_form_shows_a_422_next_to_its_field_then_watches_progress_to_succ
     assert page.get_by_label("Key").input_value() == release  # what was typed is kept
 
     page.get_by_label("Steps").fill("4")
+    polls, streams = [], []
+    page.on("request", lambda request: (
+        polls if request.url.endswith("/state.json") else
+        streams if request.url.endswith("/events") else []).append(request.url))
     page.get_by_role("button", name="Launch").click()
     page.wait_for_url(re.compile(r"/console/runs/[0-9a-f-]{36}\?notice=launched"))
     page.get_by_text("waiting for release").wait_for()  # the progress meta, live
+    expect(page.locator("html")).to_have_attribute("data-live", "stream")
     assert page.locator("#run-progress-bar").get_attribute("value") == "1"
     assert page.locator("#run-progress-bar").get_attribute("max") == "4"
     assert page.locator("#run-status").inner_text() == "PROGRESS"
     console.redis.set(f"console:release:{release}", 1)
-    page.locator("#run-status .status-success").wait_for()  # the page's own polling
+    page.locator("#run-status .status-success").wait_for()  # the stream, then a reload
+    assert polls == []  # followed by the server's event stream, never polled
+    assert len(streams) >= 1 and all("/console/runs/" in url for url in streams)
     result = page.locator("#run-result").inner_text()
     assert f'"released": "{release}"' in result and '"steps": 4' in result
     assert page.locator("#run-worker").inner_text().startswith("console-")
+
+
+def test_a_run_page_polls_when_its_event_stream_is_refused(page, console):
+    launched = api(console, "POST", "/tasks/launch", json={
+        "task_type": "acme.add", "params": {"a": 1, "b": 2}, "countdown": 600})
+    task_id = launched.json()["task_id"]
+    sign_in(page, console, console.viewer)
+    # A proxy (or a full waiting hub) that refuses the stream: the page falls back to
+    # polling, and still sees its run end.
+    page.route(re.compile(r".*/events$"), lambda route: route.fulfill(
+        status=503, content_type="application/json", body='{"status": 503}'))
+    polls = []
+    page.on("request", lambda request: polls.append(request.url)
+            if request.url.endswith("/state.json") else None)
+    page.goto(f"{console.url}/console/runs/{task_id}")
+    expect(page.locator("html")).to_have_attribute("data-live", "polling")
+    api(console, "DELETE", f"/tasks/{task_id}")  # revoked while the page polls
+    expect(page.locator("#run-status")).to_have_text("REVOKED")
+    assert polls and all(f"/console/runs/{task_id}/state.json" in url for url in polls)
 
 
 def test_revoking_a_queued_run(page, console):
@@ -254,11 +294,12 @@ def test_revoking_a_queued_run(page, console):
     task_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
     assert page.locator("#run-status").inner_text() == "PENDING"
 
-    # The revoke's answer is held while the page could still poll: a page that polls
-    # on sees its run finished (the revoke is done on the server) and reloads itself,
-    # replacing the form's navigation, and the revoke's notice is lost (seen under
-    # load). The hold lasts until such a poll is seen, or for four poll intervals (the
-    # window in which a poller would have asked; the page must not).
+    # The revoke's answer is held while the page could still follow its run: a page
+    # that follows on (its event stream, or a poll) sees its run finished (the revoke
+    # is done on the server) and reloads itself, replacing the form's navigation, and
+    # the revoke's notice is lost (seen under load). The hold lasts until such a poll
+    # is seen, or for 2 s (the stream would have told the page the run was revoked in
+    # that window; the page must have closed it).
     held, polls = [], []
     page.route(re.compile(r".*/revoke$"), lambda route: held.append(route))
     page.get_by_role("button", name="Revoke").click(no_wait_after=True)  # dialog: yes
@@ -284,6 +325,54 @@ def test_revoking_a_queued_run(page, console):
     assert page.get_by_text("retried as").count() == 0
     page.get_by_role("link", name=task_id[:8]).first.wait_for()  # its lineage names it
     api(console, "DELETE", f"/tasks/{re.search(r'/runs/([0-9a-f-]{36})', page.url).group(1)}")
+
+
+# Webhooks.
+
+def test_a_webhook_subscription_is_created_pinged_rotated_and_deleted(page, console):
+    where = f"/hook-{uuid.uuid4().hex[:10]}"
+    url = console.receiver.plan(where, [500, 500])  # the ping and its one retry fail
+    sign_in(page, console, console.ops)
+    page.get_by_role("link", name="Webhooks").click()
+    page.get_by_label("URL").fill(url)
+    page.get_by_label("task.failed").check()
+    page.get_by_role("button", name="Create subscription").click()
+    page.get_by_text("Copy this secret now: it is shown this once.").wait_for()
+    secret = page.locator("#webhook-secret").inner_text()
+    assert secret.startswith("whsec_")
+    page.get_by_role("link", name="Its deliveries").click()
+    page.get_by_role("button", name="Ping").click()
+    wait_for(lambda: len(console.receiver.at(where)) == 2, timeout=30,
+             message="the ping and its retry at the receiver")
+    assert console.receiver.at(where)[0]["payload"]["type"] == "ping"
+    rows = page.locator("tbody tr")
+
+    def listed(status: str, count: int):  # the page as the operator reloads it
+        def check():
+            page.reload()
+            return rows.filter(has_text=status).count() == count
+        return check
+    wait_for(listed("failed", 2), timeout=30, message="both attempts listed as failed")
+    first, second = rows.nth(1).inner_text(), rows.nth(0).inner_text()  # newest first
+    assert "500" in first and "500" in second
+    assert rows.nth(1).locator("time").count() == 2  # a next retry, and its creation
+    page.get_by_role("button", name="Re-send").first.click()
+    wait_for(listed("succeeded", 1), timeout=30, message="the re-sent ping delivered")
+    assert "200" in rows.filter(has_text="succeeded").inner_text()
+    assert len(console.receiver.at(where)) == 3
+
+    page.get_by_role("link", name="All webhooks").click()
+    page.get_by_role("button", name=f"Disable {url}").click()
+    page.get_by_role("button", name=f"Enable {url}").wait_for()
+    assert page.locator("tbody tr", has_text=url).get_by_text("disabled").count() == 1
+    page.get_by_role("button", name=f"Rotate secret {url}").click()  # dialog: yes
+    page.get_by_text("Secret rotated").wait_for()
+    rotated = page.locator("#webhook-secret").inner_text()
+    assert rotated.startswith("whsec_") and rotated != secret
+    page.get_by_role("link", name="All webhooks").click()
+    page.get_by_role("button", name=f"Delete {url}").click()  # dialog: yes
+    page.get_by_text("No subscriptions yet").wait_for()
+    assert api(console, "GET", "/webhooks").json()["total"] == 0
 
 
 # The history and the workers.
@@ -380,11 +469,28 @@ def test_bad_input_to_the_console_is_answered_never_a_500(client):
                  {"p.a": "1", "p.b": "2", "o.priority": "²"},
                  {"p.a": "1", "p.b": "2", "o.eta": "9999-12-31T23:59:59", "tz_offset": "600"},
                  {"p.a": "1", "p.b": "2", "o.countdown": "5", "o.eta": "2030-01-01T00:00"},
-                 {"p.a": "1", "p.b": "2", "o.tags": "ok, " + "t" * 100}):
+                 {"p.a": "1", "p.b": "2", "o.tags": "ok, " + "t" * 100},
+                 {"p.a": "1", "p.b": "2", "o.cache_ttl": "1.5"},
+                 {"p.a": "1", "p.b": "2", "o.webhook_url": "not a url\x00"}):
         answer = client.post("/console/launch/acme.add", data={**form, "csrf_token": token})
         assert answer.status_code == 422, (form, answer.status_code)
-    for path in ("/console/runs/not-a-uuid", "/console/batches/%00", "/console/launch/nope"):
+    for form in ({"url": "http://x/\x00", "event_types": "task.failed"},
+                 {"url": "https://example.com/h", "event_types": "no.such"},
+                 {"url": "https://example.com/h", "event_types": "task.failed",
+                  "task_type": "t" * 300, "description": "d" * 600},
+                 {"url": "https://example.com/h", "event_types": "task.failed",
+                  "description": "nul\x00"}):
+        answer = client.post("/console/webhooks", data={**form, "csrf_token": token})
+        assert answer.status_code == 422, (form, answer.status_code)
+    for path in ("/console/runs/not-a-uuid", "/console/batches/%00", "/console/launch/nope",
+                 "/console/runs/not-a-uuid/events", "/console/webhooks/nope",
+                 f"/console/webhooks/{uuid.uuid4()}", f"/console/runs/{uuid.uuid4()}/events"):
         assert client.get(path).status_code in (404, 422), path
+    for path in (f"/console/webhooks/{uuid.uuid4()}/ping", "/console/webhooks/nope/delete",
+                 f"/console/webhooks/{uuid.uuid4()}/deliveries/x/resend",
+                 f"/console/webhooks/{uuid.uuid4()}/deliveries/99999999999999999999/resend",
+                 f"/console/runs/{uuid.uuid4()}/webhook-deliveries/1/resend"):
+        assert client.post(path, data={"csrf_token": token}).status_code in (404, 422), path
 
 
 # Without a browser, on SQLite and on PostgreSQL: the session's life and the actions.
@@ -435,10 +541,20 @@ def test_a_session_signs_in_acts_within_its_scopes_and_ends(keyed_app):
             "REVOKED", name, name)
         assert sorted(record.tags) == ["console", "held"]
         db.session.remove()
+    # Its page's event stream: the final state at once (the run has ended), then, to a
+    # browser reconnecting with that event's id, 204 (stop reconnecting).
+    events = client.get(f"/console/runs/{task_id}/events")
+    assert events.status_code == 200 and events.mimetype == "text/event-stream"
+    body = events.get_data(as_text=True)
+    assert "event: status" in body and '"status":"REVOKED"' in body
+    last = re.search(r"^id: (\S+)$", body, re.M).group(1)
+    assert client.get(f"/console/runs/{task_id}/events",
+                      headers={"Last-Event-ID": last}).status_code == 204
     assert client.get("/console/schedules").status_code == 403  # no admin scope
     run = client.get(f"/console/runs/{task_id}")
     assert client.post("/console/sign-out", data={"csrf_token": _token(run)}).status_code == 302
     assert client.get("/console/runs").status_code == 302
+    assert client.get(f"/console/runs/{task_id}/events").status_code == 401
     with keyed_app.app_context():
         assert not db.session.execute(db.select(ConsoleSession)).scalars().all()
         db.session.remove()
@@ -524,3 +640,129 @@ def test_a_batch_shows_its_progress_and_its_queued_runs_are_revoked(keyed_app):
     again = client.post(f"/console/batches/{batch_id}/revoke",
                         data={"csrf_token": _token(page)})
     assert again.status_code == 409 and "still queued" in again.get_data(as_text=True)
+
+
+def _signed_in(app, *scopes):
+    client = app.test_client()
+    key = create_key(app, f"k-{uuid.uuid4().hex[:6]}", *scopes)
+    assert client.post("/console/sign-in", data={"key": key}).status_code == 302
+    return client
+
+
+def test_webhooks_need_the_admin_scope_and_a_bad_url_is_shown_on_the_form(keyed_app):
+    admin = _signed_in(keyed_app, "read", "admin")
+    form = admin.get("/console/webhooks")
+    assert form.status_code == 200 and "No subscriptions yet" in form.get_data(as_text=True)
+    # A private address (the SSRF guard) and no event: 422, the form kept, nothing made.
+    refused = admin.post("/console/webhooks", data={
+        "csrf_token": _token(form), "url": "http://10.1.2.3/hook", "description": "kept"})
+    text = refused.get_data(as_text=True)
+    assert refused.status_code == 422 and "event_types" in text and 'value="kept"' in text
+    refused = admin.post("/console/webhooks", data={
+        "csrf_token": _token(form), "url": "http://10.1.2.3/hook",
+        "event_types": "task.failed"})
+    assert refused.status_code == 422 and "url" in refused.get_data(as_text=True)
+    allowed = keyed_app.config["WEBHOOK_ALLOWED_HOSTS"]
+    keyed_app.config["WEBHOOK_ALLOWED_HOSTS"] = ["127.0.0.1:9"]
+    try:
+        created = admin.post("/console/webhooks", data={
+            "csrf_token": _token(form), "url": "http://127.0.0.1:9/hook",
+            "event_types": ["task.failed", "task.succeeded"], "task_type": "acme.add"})
+    finally:
+        keyed_app.config["WEBHOOK_ALLOWED_HOSTS"] = allowed
+    text = created.get_data(as_text=True)
+    assert created.status_code == 200 and "shown this once" in text
+    secret = re.search(r'id="webhook-secret">(whsec_[^<]+)<', text).group(1)
+    with keyed_app.app_context():
+        [hook] = db.session.execute(db.select(WebhookSubscription)).scalars().all()
+        assert hook.secret == secret and hook.event_types == ["task.failed", "task.succeeded"]
+        hook_id = hook.id
+        db.session.remove()
+    listing = admin.get("/console/webhooks").get_data(as_text=True)
+    assert "http://127.0.0.1:9/hook" in listing and secret not in listing  # never again
+    assert admin.post(f"/console/webhooks/{hook_id}/ping",
+                      data={"csrf_token": _token(form)}).status_code == 302
+    page = admin.get(f"/console/webhooks/{hook_id}").get_data(as_text=True)
+    assert "<td>ping" in page and "pending" in page  # sent by the webhook worker
+    bad = admin.get(f"/console/webhooks/{hook_id}?cursor=nope")
+    assert bad.status_code == 422 and "cursor" in bad.get_data(as_text=True)
+
+    # Without the admin scope: no link, no page, and every action refused.
+    operator = _signed_in(keyed_app, "read", "launch", "control")
+    runs_page = operator.get("/console/runs")
+    assert "/console/webhooks" not in runs_page.get_data(as_text=True)
+    assert operator.get("/console/webhooks").status_code == 403
+    token = _token(runs_page)  # the session's own token (its sign-out form)
+    for path, data in ((f"/console/webhooks/{hook_id}/delete", {}),
+                       (f"/console/webhooks/{hook_id}/rotate", {}),
+                       ("/console/webhooks", {"url": "http://127.0.0.1:9/x",
+                                              "event_types": "task.failed"})):
+        assert operator.post(path, data={"csrf_token": token, **data}).status_code == 403
+    with keyed_app.app_context():
+        assert db.session.get(WebhookSubscription, hook_id).secret == secret  # unchanged
+        db.session.execute(sa.delete(WebhookDelivery))
+        db.session.execute(sa.delete(WebhookSubscription))
+        db.session.commit()
+        db.session.remove()
+
+
+def test_launch_options_cache_ttl_and_webhook_url(keyed_app):
+    client = _signed_in(keyed_app, "read", "launch", "control")
+    form = client.get("/console/launch/acme.add")
+    text = form.get_data(as_text=True)
+    assert 'name="o.cache_ttl"' in text and 'name="o.webhook_url"' in text
+    a = uuid.uuid4().int % 10**6  # params no other test launches
+    fields = {"csrf_token": _token(form), "p.a": str(a), "p.b": "1", "o.cache_ttl": "60"}
+    cache_was = keyed_app.config["RESULT_CACHE"]
+    keyed_app.config["RESULT_CACHE"] = True  # (off in the tests' default config)
+    try:
+        first = client.post("/console/launch/acme.add", data=fields)
+        # The same launch while the first is in flight: answered by it, and its page
+        # says so.
+        again = client.post("/console/launch/acme.add", data=fields)
+        fresh = client.post("/console/launch/acme.add",
+                            data=dict(fields, **{"o.cache_ttl": "0"}))  # 0: a new run
+    finally:
+        keyed_app.config["RESULT_CACHE"] = cache_was
+    assert first.status_code == 302 and "notice=launched" in first.headers["Location"]
+    assert again.status_code == 302 and "notice=cached" in again.headers["Location"]
+    task_id = re.search(r"/runs/([0-9a-f-]{36})", first.headers["Location"]).group(1)
+    assert f"/runs/{task_id}?" in again.headers["Location"]
+    shown = client.get(again.headers["Location"]).get_data(as_text=True)
+    assert "Answered by an identical run (result cache)" in shown
+    assert "notice=launched" in fresh.headers["Location"]
+    assert f"/runs/{task_id}?" not in fresh.headers["Location"]
+    refused = client.post("/console/launch/acme.add",
+                          data=dict(fields, **{"o.cache_ttl": "-1"}))
+    assert refused.status_code == 422 and 'id="field-o-cache_ttl-error"' in refused.get_data(
+        as_text=True)
+
+    # webhook_url: refused next to its field while the deployment signs none...
+    hooked = dict(fields, **{"o.cache_ttl": "", "o.webhook_url": "http://127.0.0.1:9/run"})
+    refused = client.post("/console/launch/acme.add", data=hooked)
+    text = refused.get_data(as_text=True)
+    assert refused.status_code == 422 and 'id="field-o-webhook_url-error"' in text
+    assert "CELERY_API_WEBHOOK_SECRET" in text
+    # ...accepted when it does; the run's page lists the deliveries to it.
+    saved = {k: keyed_app.config[k] for k in ("WEBHOOK_SECRET", "WEBHOOK_ALLOWED_HOSTS")}
+    keyed_app.config.update(WEBHOOK_SECRET=webhooks.new_secret(),
+                            WEBHOOK_ALLOWED_HOSTS=["127.0.0.1:9"])
+    try:
+        launched = client.post("/console/launch/acme.add",
+                               data=dict(hooked, **{"o.countdown": "900"}))
+        assert launched.status_code == 302, launched.get_data(as_text=True)
+        run_url = launched.headers["Location"]
+        page = client.get(run_url)
+        assert "Deliveries to its webhook_url" in page.get_data(as_text=True)
+        hooked_id = re.search(r"/runs/([0-9a-f-]{36})", run_url).group(1)
+        client.post(f"/console/runs/{hooked_id}/revoke", data={"csrf_token": _token(page)})
+        page = client.get(f"/console/runs/{hooked_id}").get_data(as_text=True)
+        assert "<td>task.revoked" in page and "pending" in page
+    finally:
+        keyed_app.config.update(saved)
+    for run in (task_id, re.search(r"/runs/([0-9a-f-]{36})", fresh.headers["Location"])[1]):
+        client.post(f"/console/runs/{run}/revoke", data={"csrf_token": _token(form)})
+    with keyed_app.app_context():
+        db.session.execute(sa.delete(WebhookDelivery))
+        db.session.commit()
+        db.session.remove()

@@ -3,8 +3,9 @@
 Server-rendered pages (Jinja templates in ``templates/console``) with one small script
 and one stylesheet of our own (``static/``): no CDN, no build step. The pages call the
 services (``celery_api.services``) directly, with the same queries as the API, never the
-HTTP API itself. Live parts (the runs table, a run's progress, the workers page) poll
-the console's own endpoints with ``fetch``.
+HTTP API itself. Live parts (the runs table, the workers page) poll the console's own
+endpoints with ``fetch``; a run's page follows its run by the console's event stream
+(the API's, through the same waiting hub), and polls only if that stream fails.
 
 Who is looking: a server-side session (``sessions``), opened by signing in with an API
 key when ``CELERY_API_AUTH=required``, or on the first visit when it is ``off``. The
@@ -73,6 +74,7 @@ NAV = [
     NavEntry("Workers & queues", "console.workers", "read"),
     NavEntry("Batches", "console.batches", "read"),
     NavEntry("Schedules", "console.schedules", "admin"),
+    NavEntry("Webhooks", "console.webhooks", "admin"),
 ]
 
 
@@ -96,7 +98,8 @@ def console_page(scope: str, rate: str = "read"):
 
 
 def wants_json() -> bool:
-    return request.path.endswith(".json") or request.args.get("fragment") == "1"
+    return (request.path.endswith((".json", "/events"))
+            or request.args.get("fragment") == "1")
 
 
 # Request hooks.
@@ -262,6 +265,7 @@ def init_app(app: Flask) -> None:
         runs,
         schedules,
         signin,
+        webhooks,
         workers,
     )
 

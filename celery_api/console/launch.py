@@ -21,7 +21,7 @@ from celery_api.auth import caller
 from celery_api.catalog import get_catalog, known_queues
 from celery_api.console import blp, console_page
 from celery_api.resources.tasks.routes import params_json_schema
-from celery_api.resources.tasks.schemas import LaunchOptionsSchema
+from celery_api.resources.tasks.schemas import MAX_CACHE_TTL, LaunchOptionsSchema
 from celery_api.services import launch as launch_service
 from celery_api.services.errors import InvalidParams
 
@@ -122,6 +122,15 @@ def option_fields() -> list[FormField]:
                   help="Empty: the task type's queue"),
         FormField("o.tags", "tags", "Tags", "text",
                   attrs={"placeholder": "nightly, ops"}, help="Comma separated"),
+        FormField("o.cache_ttl", "cache_ttl", "Result cache (seconds)", "number",
+                  attrs={"min": 0, "max": MAX_CACHE_TTL, "step": "1"},
+                  help="An identical run in flight, or one that succeeded this recently, "
+                       "answers instead of a new run; 0: always a new run; empty: the "
+                       "task type's default"),
+        FormField("o.webhook_url", "webhook_url", "Webhook URL", "text",
+                  attrs={"type": "url", "placeholder": "https://hooks.example.com/run"},
+                  help="Also send this run's events here, signed with the deployment's "
+                       "CELERY_API_WEBHOOK_SECRET"),
     ]
 
 
@@ -247,15 +256,18 @@ class LaunchForm(MethodView):
                 launch_service.LaunchOptions(
                     priority=loaded.get("priority"), countdown=loaded.get("countdown"),
                     eta=loaded.get("eta"), expires=loaded.get("expires"),
-                    queue=loaded.get("queue"), tags=loaded.get("tags") or []),
-                launch_service.Lineage(launched_by=caller()))
+                    queue=loaded.get("queue"), tags=loaded.get("tags") or [],
+                    cache_ttl=loaded.get("cache_ttl"), webhook_url=loaded.get("webhook_url")),
+                launch_service.Lineage(launched_by=caller()),
+                cache=True)  # as the API's launches: the result cache may answer
         except InvalidParams as exc:
             body = (exc.errors or {}).get("json", {})
             left = _attach(params, body.get("params", {}))
             left += _attach(options, {k: v for k, v in body.items() if k != "params"})
             current_app.logger.info("console launch of %s refused: %s", task_type, exc.detail)
             return self._render(definition, params, options, [exc.detail, *left], 422)
-        return redirect(url_for("console.run", task_id=launched.id, notice="launched"))
+        return redirect(url_for("console.run", task_id=launched.id,
+                                notice="cached" if launched.cached else "launched"))
 
 
 blp.add_url_rule("/launch", view_func=LaunchIndex.as_view("launch_index"))

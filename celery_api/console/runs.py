@@ -17,7 +17,8 @@ from celery_api.extensions import db
 from celery_api.models import Schedule, TaskRun
 from celery_api.resources.fields import EARLIEST, LATEST, STATES, known_state, parse_task_id
 from celery_api.resources.history.schemas import HistoryArgsSchema
-from celery_api.services import control, database, history, runs, runstate
+from celery_api.resources.status.waits import events_answer
+from celery_api.services import control, database, history, runs, runstate, webhooks
 from celery_api.services.history import MAX_LIMIT, HistoryQuery
 from celery_api.smorest import unstorable_text
 
@@ -31,6 +32,8 @@ NOTICES = {
     "terminating": "Stop signal sent: the status becomes REVOKED once the worker confirms.",
     "retried": "Retry launched: this is the new run.",
     "launched": "Launched.",
+    "cached": "Answered by an identical run (result cache): no new run was launched; "
+              "this is the run that answered.",
 }
 
 
@@ -179,7 +182,9 @@ class RunPage(MethodView):
             finished=runstate.is_finished(view.status),
             queued=view.status in runstate.QUEUED,
             retryable=view.status in runstate.RETRYABLE, lineage=lineage_of(view.run),
-            notice=notice)
+            notice=notice,
+            webhook_deliveries=(webhooks.launch_deliveries(view.run.id)
+                                if view.run.webhook_url else []))
 
 
 class RunJson(MethodView):
@@ -187,6 +192,16 @@ class RunJson(MethodView):
     def get(self, task_id):
         """The run's live state, polled by its page."""
         return jsonify(run_json(runs.describe(parse_task_id(task_id), lineage=False)))
+
+
+class RunEvents(MethodView):
+    @console_page("read")
+    def get(self, task_id):
+        """The run's live state as Server-Sent Events, followed by its page: the API's
+        event stream (GET /tasks/{id}/events, the same waiting hub: no thread held per
+        viewer) carrying this page's state document (``state.json``)."""
+        return events_answer(parse_task_id(task_id), request.headers.get("Last-Event-ID"),
+                             run_json)
 
 
 class RunRevoke(MethodView):
@@ -212,6 +227,7 @@ class RunRetry(MethodView):
 
 blp.add_url_rule("/runs/<task_id>", view_func=RunPage.as_view("run"))
 blp.add_url_rule("/runs/<task_id>/state.json", view_func=RunJson.as_view("run_json"))
+blp.add_url_rule("/runs/<task_id>/events", view_func=RunEvents.as_view("run_events"))
 blp.add_url_rule("/runs/<task_id>/revoke", view_func=RunRevoke.as_view("run_revoke"))
 blp.add_url_rule("/runs/<task_id>/retry", view_func=RunRetry.as_view("run_retry"))
 

@@ -1,6 +1,7 @@
 // The console's only script (no inline script: the Content-Security-Policy allows
 // this file only). Times in the viewer's zone, confirmations, live regions, a run's
-// progress, and the viewer's UTC offset for date-time fields.
+// progress (its event stream, or polling when that fails), and the viewer's UTC
+// offset for date-time fields.
 "use strict";
 
 (function () {
@@ -85,7 +86,9 @@
   function runState() {
     var section = document.querySelector("[data-run-state-url]");
     if (!section || section.getAttribute("data-finished") === "1") return;
-    var timer = poll(section.getAttribute("data-run-state-url"), 500, function (state) {
+    var done = false;
+    function apply(state) {
+      if (done || leaving) return;
       var status = document.getElementById("run-status");
       status.innerHTML = "";
       var badge = document.createElement("span");
@@ -106,10 +109,44 @@
       document.getElementById("run-worker").textContent = state.worker || "—";
       document.getElementById("run-attempts").textContent = String(state.attempts || 0);
       if (state.finished) {
-        window.clearInterval(timer);
+        done = true;
+        stop();
         document.documentElement.setAttribute("data-polling", "finished");
         window.location.reload();  // the result, error and actions come with the page
       }
+    }
+    var timer = null, stream = null;
+    function stop() {
+      if (timer !== null) window.clearInterval(timer);
+      if (stream !== null) stream.close();
+    }
+    function fallBack() {
+      // The stream was refused or cannot be opened: poll the state instead.
+      if (stream !== null) { stream.close(); stream = null; }
+      if (timer === null && !done && !leaving) {
+        document.documentElement.setAttribute("data-live", "polling");
+        timer = poll(section.getAttribute("data-run-state-url"), 500, apply);
+      }
+    }
+    var streamUrl = section.getAttribute("data-run-events-url");
+    if (!streamUrl || typeof window.EventSource !== "function") { fallBack(); return; }
+    // The server's event stream: each event carries the whole state. It ends when the
+    // run finishes, or after the server's longest stream (the browser reconnects with
+    // Last-Event-ID by itself); an answer other than a stream closes it for good.
+    stream = new EventSource(streamUrl);
+    stream.addEventListener("open", function () {
+      document.documentElement.setAttribute("data-live", "stream");
+    });
+    ["status", "progress"].forEach(function (name) {
+      stream.addEventListener(name, function (event) {
+        try { apply(JSON.parse(event.data)); } catch (e) { /* the next event */ }
+      });
+    });
+    stream.addEventListener("error", function () {
+      if (stream !== null && stream.readyState === EventSource.CLOSED) fallBack();
+    });
+    document.addEventListener("submit", function (event) {
+      if (!event.defaultPrevented) stop();  // leaving: see above
     });
   }
 
