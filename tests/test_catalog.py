@@ -22,7 +22,7 @@ def test_builtin_and_external_modules_register():
         "sii.sync_documents_all_companies",
         "sii.sync_f29", "sii.sync_f29_all_companies"]
     assert catalog.by_celery_name("acme.add").task_type == "acme.add"
-    assert "acme.add" in catalog and len(catalog) == 12
+    assert "acme.add" in catalog and len(catalog) == 13
 
 
 def test_validate_returns_json_ready_params_with_defaults():
