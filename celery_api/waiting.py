@@ -42,6 +42,7 @@ from email.utils import formatdate
 from flask import Flask
 
 from celery_api.extensions import db
+from celery_api.fences.gunicorn import recv_nowait
 from celery_api.services import runevents, runs, runstate
 from celery_api.services.errors import NotFound
 
@@ -420,12 +421,9 @@ class Hub:
                     self._stop_deadline = time.monotonic() + 5.0
 
     def _read(self, w: Waiter, conns: set[Waiter]) -> None:
-        try:
-            data = w.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        data = recv_nowait(w.sock, 4096)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client went away
             self._drop(w, conns)
         # anything else (a pipelined request) is discarded: the connection closes after

@@ -85,6 +85,17 @@ class _ProblemSocket:
         self._sock.sendall(data)
 
 
+def recv_nowait(sock, size: int) -> bytes | None:
+    """What a non-blocking socket has: None when nothing yet, b"" when the peer went
+    away (or the socket failed), else the bytes read."""
+    try:
+        return sock.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 PARKED = object()  # what ``handle`` returns for a connection the waiting hub took
 
 
@@ -189,12 +200,9 @@ class EdgeThreadWorker(ThreadWorker):
         self.pending_conns.remove(conn)
 
     def _read_head(self, conn, _client):
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = recv_nowait(conn.sock, 65536)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client went away before its request was complete
             self._drop_pending(conn)
             self.nr_conns -= 1
