@@ -279,9 +279,10 @@ class Hub:
                 continue
             finished = runstate.is_finished(view.status)
             rendered: dict = {}  # one rendering per kind (and last state) for all waiters
+            sends: list = []  # handed to the I/O loop at once: one wake for all waiters
             for w in parked:
                 if w.kind == "wait" and finished:
-                    self._answer(w, view, rendered)
+                    self._answer(w, view, rendered, sends)
                 elif w.kind == "stream":
                     fp = view_fingerprint(view)
                     if fp != w.last:
@@ -290,14 +291,20 @@ class Hub:
                             rendered[key] = w.render(view, w.last)
                         data = rendered[key]
                         w.last = fp
-                        self._send(w, data, close=finished)
+                        sends.append((w, data, finished))
                     elif finished:
-                        self._send(w, b"", close=True)
+                        sends.append((w, b"", True))
                     if finished:
                         self.unregister(w)
+            if sends:
+                self._command(("send", sends))
             db.session.rollback()  # end the read: the next one sees new commits
 
-    def _answer(self, w: Waiter, view, rendered: dict | None = None) -> None:
+    def _answer(self, w: Waiter, view, rendered: dict | None = None,
+                sends: list | None = None) -> None:
+        """Answer a ``wait`` waiter and forget it. ``rendered`` shares the body and head
+        among the waiters of one wake (same route, same headers: one rendering);
+        ``sends`` collects the answer for the caller to hand over with the others."""
         if view is GONE:
             data = problem_answer(404, "Not Found", f"Task {w.task_id} was purged from "
                                   "the history while it was waited on.")
@@ -309,9 +316,15 @@ class Hub:
             if "wait" not in rendered:
                 rendered["wait"] = w.render(view)
             body = rendered["wait"]
-            data = response_head(w.status, w.headers, len(body)) + body
-        self._send(w, data, close=True)
+            key = ("head", w.status, tuple(w.headers))
+            if key not in rendered:
+                rendered[key] = response_head(w.status, w.headers, len(body)) + body
+            data = rendered[key]
         self.unregister(w)
+        if sends is None:
+            self._command(("send", [(w, data, True)]))
+        else:
+            sends.append((w, data, True))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -321,14 +334,22 @@ class Hub:
                 _, _, w = heapq.heappop(self.deadlines)
                 if not w.done:
                     due.append(w)
+        views: dict = {}  # one read and one rendering per run for the waiters due now
+        rendered: dict = {}
+        sends: list = []
         for w in due:
             if w.kind == "block":
                 w.event.set()
             elif w.kind == "wait":
-                self._answer(w, self._describe(w.task_id))
+                if w.task_id not in views:
+                    views[w.task_id] = self._describe(w.task_id)
+                    rendered[w.task_id] = {}
+                self._answer(w, views[w.task_id], rendered[w.task_id], sends)
             else:  # a stream at its longest: it ends, the client reconnects
-                self._send(w, b"", close=True)
                 self.unregister(w)
+                sends.append((w, b"", True))
+        if sends:
+            self._command(("send", sends))
 
     def _answer_all(self) -> None:
         """Stopping: every parked waiter is answered with the current state."""
@@ -354,7 +375,7 @@ class Hub:
         self._command(("stop",))
 
     def _send(self, w: Waiter, data: bytes, close: bool = False) -> None:
-        self._command(("send", w, data, close))
+        self._command(("send", [(w, data, close)]))
 
     # --- the I/O thread ---
 
@@ -409,12 +430,12 @@ class Hub:
                 conns.add(w)
                 self._flush(w, conns)
             elif command[0] == "send":
-                _, w, data, close = command
-                if w.closed:
-                    continue
-                w.out += data
-                w.closing = w.closing or close
-                self._flush(w, conns)
+                for w, data, close in command[1]:
+                    if w.closed:
+                        continue
+                    w.out += data
+                    w.closing = w.closing or close
+                    self._flush(w, conns)
             else:
                 stop = True
                 if self._stop_deadline is None:
