@@ -109,3 +109,36 @@ def test_a_read_on_a_connection_lost_a_moment_ago_is_a_503_then_recovers(
     assert lost.mimetype == "application/problem+json"
     again = client.get(f"/api/celery/tasks/{task_id}")
     assert again.status_code == 200, again.get_data(as_text=True)
+
+
+def test_a_launch_committed_whose_answer_was_lost_is_recorded_once(make_app):
+    """A single launch's record is one autocommitted INSERT (services.launch.record_runs).
+    Held at the window: the database commits it, then the connection is lost before the
+    client hears so. The second try on a new connection meets the run's own id: that
+    is the record written, not a conflict: 202, one row."""
+    app = make_app(idle_seconds=3600)
+    client = app.test_client()
+    lost = []
+
+    def commit_then_lose_the_answer(cursor, statement, parameters, context):
+        if lost or not statement.startswith("INSERT INTO task_runs"):
+            return None  # executed as usual
+        cursor.execute(statement, parameters)  # autocommit: it is written now
+        lost.append(parameters["id"] if isinstance(parameters, dict) else parameters)
+        cursor.connection.close()
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    with app.app_context():
+        sa.event.listen(db.engine, "do_execute", commit_then_lose_the_answer)
+    lines, logger = Lines(), logging.getLogger("celery_api.launch")
+    logger.addHandler(lines)
+    try:
+        response = client.post(LAUNCH, json=ADD)
+    finally:
+        logger.removeHandler(lines)
+        with app.app_context():
+            sa.event.remove(db.engine, "do_execute", commit_then_lose_the_answer)
+    assert lost, "the hook never held a launch's INSERT"
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert any("recording on a lost connection, once more" in line for line in lines.lines)
+    assert runs(app) == {response.get_json()["task_id"]}
