@@ -49,7 +49,7 @@ from limits import RateLimitItem, parse_many
 
 from celery_api import settings
 from celery_api.auth import caller
-from celery_api.fences.limits import one_trip
+from celery_api.fences.limits import one_trip, request_hooks_off
 from celery_api.services.errors import ServiceError
 from celery_api.smorest import problem_response
 
@@ -250,6 +250,8 @@ def init_app(app: Flask) -> None:
     limiter.init_app(app)
     # One Redis round trip per limit and request, headers included (fences/limits.py).
     one_trip(limiter)
+    if all(app.config[kind.config] is None for kind in KINDS.values()):
+        request_hooks_off(limiter)  # nothing to count per request (fences/limits.py)
     state = LimitsState(app, limiter)
     app.extensions[EXTENSION] = state
     _attach(app, limiter)

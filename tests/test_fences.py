@@ -198,6 +198,35 @@ def test_flask_limiter_strategy_and_limits_redis_storage_internals(redis_server)
         assert ours.remaining == 0
 
 
+
+def test_flask_limiter_reads_enabled_at_each_request(redis_server):
+    """fences/limits.py ``request_hooks_off``: ``Limiter.enabled`` set false after
+    ``init_app`` makes its request hooks count nothing, while ``limiter.limiter`` (the
+    strategy the per-task-type limits use) still works."""
+    import flask
+    from flask_limiter import Limiter
+    from limits import parse
+
+    from celery_api.fences import limits as limits_fence
+
+    app = flask.Flask("fence")
+    import uuid
+
+    caller = uuid.uuid4().hex  # a bucket of this test's own in the shared server
+    limiter = Limiter(key_func=lambda: caller, storage_uri=redis_server.url,
+                      strategy="moving-window", default_limits=["1/hour"])
+    limiter.init_app(app)
+    app.add_url_rule("/x", "x", lambda: "ok")
+    client = app.test_client()
+    assert client.get("/x").status_code == 200
+    assert client.get("/x").status_code == 429  # the hooks count while enabled
+    limits_fence.request_hooks_off(limiter)
+    assert [client.get("/x").status_code for _ in range(3)] == [200, 200, 200]
+    item = parse("1/hour")
+    with app.test_request_context():
+        assert limiter.limiter.hit(item, caller, "task-type")
+        assert not limiter.limiter.hit(item, caller, "task-type")
+
 def test_urllib3_connections_keep_their_socket():
     """celery_api.fences.urllib3: a connection's ``connect()`` leaves its socket in
     ``sock``, which the attempt's deadline shuts down."""

@@ -106,3 +106,14 @@ def one_trip(limiter: Limiter) -> bool:
         limiter._limiter = OneTripMovingWindow(strategy.storage)
         return True
     return False
+
+
+def request_hooks_off(limiter: Limiter) -> None:
+    """No per-request limit is configured (``CELERY_API_RATE_LIMIT_LAUNCH`` and ``_READ``
+    both off): Flask-Limiter's before- and after-request hooks would still resolve the
+    view's (empty) limits on every request, about 5% of a launch's CPU. With ``enabled``
+    false after ``init_app`` they return at once, while the strategy and storage it
+    built (``limiter.limiter``) stay for the per-task-type limits (``limits.admit``).
+    Relies on ``Limiter.enabled`` being read by the hooks at each request (not only by
+    ``init_app``); tests/test_fences.py checks it."""
+    limiter.enabled = False
