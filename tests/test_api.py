@@ -34,6 +34,36 @@ def test_factory_applies_overrides(tmp_path, redis_server):
     assert app.extensions["celery"].conf.broker_url == redis_server.url
 
 
+
+def test_ensure_sync_is_asked_once_per_function(client, app, monkeypatch):
+    """celery_api.App answers Flask's per-request ``ensure_sync`` from what it found the
+    first time (methods by their function: a view's instance is new per request); a
+    coroutine function still goes through Flask's own ``ensure_sync``."""
+    import inspect
+
+    import celery_api
+
+    asked = []
+    monkeypatch.setattr(celery_api, "iscoroutinefunction",
+                        lambda func: asked.append(func) or inspect.iscoroutinefunction(func))
+    app._coroutine.clear()
+    assert client.get("/api/celery/tasks").status_code == 200
+    first = len(asked)
+    assert first > 0
+    assert client.get("/api/celery/tasks").status_code == 200
+    assert len(asked) == first, asked[first:]  # the second request asked nothing
+
+    def plain():
+        return None
+
+    async def coroutine():
+        return None
+
+    assert app.ensure_sync(plain) is plain
+    with pytest.raises(RuntimeError, match="async"):  # Flask's own answer, no asgiref
+        app.ensure_sync(coroutine)
+
+
 def test_list_tasks(client):
     response = client.get("/api/celery/tasks")
     assert response.status_code == 200
