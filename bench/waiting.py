@@ -214,7 +214,8 @@ def main() -> int:
         "",
         "| measure | value |",
         "| --- | ---: |",
-        f"| waiters parked at once, {args.repeats} times | {args.waiters:,} each time: "
+        f"| waiters parked at once, {args.repeats} "
+        f"{'time' if args.repeats == 1 else 'times'} | {args.waiters:,} each time: "
         f"{len(ok):,} answered of {args.waiters * args.repeats:,} "
         f"({refused} refused with 503) |",
         f"| time to open them all and see them parked | {opened:.2f} s |",

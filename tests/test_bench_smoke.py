@@ -37,8 +37,9 @@ def test_history_bench_smoke_run():
 
 def test_waiting_bench_smoke_run():
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "waiting.py"), "--waiters", "20",
-                           "--runs", "3", "--probes", "5"],
+                           "--runs", "3", "--probes", "5", "--repeats", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "| waiters parked at once | 20 answered of 20 (0 refused with 503) |" in done.stdout
+    assert ("| waiters parked at once, 2 times | 20 each time: 40 answered of 40 "
+            "(0 refused with 503) |") in done.stdout
     assert "| delay, one waiter per run (3 runs)" in done.stdout
