@@ -198,11 +198,12 @@ def test_flask_limiter_strategy_and_limits_redis_storage_internals(redis_server)
         assert ours.remaining == 0
 
 
-
 def test_flask_limiter_reads_enabled_at_each_request(redis_server):
     """fences/limits.py ``request_hooks_off``: ``Limiter.enabled`` set false after
     ``init_app`` makes its request hooks count nothing, while ``limiter.limiter`` (the
     strategy the per-task-type limits use) still works."""
+    import uuid
+
     import flask
     from flask_limiter import Limiter
     from limits import parse
@@ -210,8 +211,6 @@ def test_flask_limiter_reads_enabled_at_each_request(redis_server):
     from celery_api.fences import limits as limits_fence
 
     app = flask.Flask("fence")
-    import uuid
-
     caller = uuid.uuid4().hex  # a bucket of this test's own in the shared server
     limiter = Limiter(key_func=lambda: caller, storage_uri=redis_server.url,
                       strategy="moving-window", default_limits=["1/hour"])
@@ -226,6 +225,7 @@ def test_flask_limiter_reads_enabled_at_each_request(redis_server):
     with app.test_request_context():
         assert limiter.limiter.hit(item, caller, "task-type")
         assert not limiter.limiter.hit(item, caller, "task-type")
+
 
 def test_urllib3_connections_keep_their_socket():
     """celery_api.fences.urllib3: a connection's ``connect()`` leaves its socket in
