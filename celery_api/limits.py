@@ -251,7 +251,7 @@ def init_app(app: Flask) -> None:
     # One Redis round trip per limit and request, headers included (fences/limits.py).
     one_trip(limiter)
     if all(app.config[kind.config] is None for kind in KINDS.values()):
-        request_hooks_off(limiter)  # nothing to count per request (fences/limits.py)
+        request_hooks_off(app, limiter)  # nothing to count per request (fences/limits.py)
     state = LimitsState(app, limiter)
     app.extensions[EXTENSION] = state
     _attach(app, limiter)

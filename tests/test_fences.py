@@ -198,10 +198,11 @@ def test_flask_limiter_strategy_and_limits_redis_storage_internals(redis_server)
         assert ours.remaining == 0
 
 
-def test_flask_limiter_reads_enabled_at_each_request(redis_server):
-    """fences/limits.py ``request_hooks_off``: ``Limiter.enabled`` set false after
-    ``init_app`` makes its request hooks count nothing, while ``limiter.limiter`` (the
-    strategy the per-task-type limits use) still works."""
+def test_flask_limiter_request_hooks_come_off(redis_server):
+    """fences/limits.py ``request_hooks_off``: the three request hooks ``init_app``
+    registers are found by the limiter they are bound to and removed, nothing is counted
+    per request any more, while ``limiter.limiter`` (the strategy the per-task-type
+    limits use) still works."""
     import uuid
 
     import flask
@@ -219,7 +220,13 @@ def test_flask_limiter_reads_enabled_at_each_request(redis_server):
     client = app.test_client()
     assert client.get("/x").status_code == 200
     assert client.get("/x").status_code == 429  # the hooks count while enabled
-    limits_fence.request_hooks_off(limiter)
+    hooks = [function for table in (app.before_request_funcs, app.after_request_funcs,
+                                    app.teardown_request_funcs)
+             for function in table.get(None, ())]
+    assert limits_fence.request_hooks_off(app, limiter) == 3  # all it registered
+    assert not [function for table in (app.before_request_funcs, app.after_request_funcs,
+                                       app.teardown_request_funcs)
+                for function in table.get(None, ()) if function in hooks]
     assert [client.get("/x").status_code for _ in range(3)] == [200, 200, 200]
     item = parse("1/hour")
     with app.test_request_context():

@@ -13,7 +13,8 @@ script's, atomic as before).
 
 Reaches below the libraries' public API: Flask-Limiter's ``Limiter._limiter`` (the
 strategy it built) and the ``limits`` Redis storage's ``prefixed_key`` and
-``get_connection``; tests/test_fences.py checks both.
+``get_connection``; and, with no per-request limit configured, which request hooks
+Flask-Limiter registers (``request_hooks_off``). tests/test_fences.py checks them.
 """
 
 from __future__ import annotations
@@ -108,12 +109,27 @@ def one_trip(limiter: Limiter) -> bool:
     return False
 
 
-def request_hooks_off(limiter: Limiter) -> None:
+def request_hooks_off(app, limiter: Limiter) -> int:
     """No per-request limit is configured (``CELERY_API_RATE_LIMIT_LAUNCH`` and ``_READ``
-    both off): Flask-Limiter's before- and after-request hooks would still resolve the
-    view's (empty) limits on every request, about 5% of a launch's CPU. With ``enabled``
-    false after ``init_app`` they return at once, while the strategy and storage it
-    built (``limiter.limiter``) stay for the per-task-type limits (``limits.admit``).
-    Relies on ``Limiter.enabled`` being read by the hooks at each request (not only by
-    ``init_app``); tests/test_fences.py checks it."""
+    both off): Flask-Limiter's before-request, after-request and teardown hooks would
+    still run on every request (its context, its exemption checks: about 5% of a
+    launch's CPU) to find nothing to count. They are taken off the app's hook lists and
+    ``enabled`` is false, while the strategy and storage it built (``limiter.limiter``)
+    stay for the per-task-type limits (``limits.admit``). Returns how many hooks were
+    removed: the three ``init_app`` registers, bound to this limiter (its
+    ``_check_request_limit``, a ``partial`` of ``__inject_headers`` on it and its
+    ``__release_context``); tests/test_fences.py checks that it is three."""
     limiter.enabled = False
+
+    def ours(function) -> bool:
+        return (getattr(function, "__self__", None) is limiter
+                or limiter in (getattr(function, "args", None) or ()))
+
+    removed = 0
+    for hooks in (app.before_request_funcs, app.after_request_funcs,
+                  app.teardown_request_funcs):
+        kept = [function for function in hooks.get(None, ()) if not ours(function)]
+        removed += len(hooks.get(None, ())) - len(kept)
+        if None in hooks:
+            hooks[None] = kept
+    return removed
