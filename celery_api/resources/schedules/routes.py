@@ -18,6 +18,7 @@ from celery_api.resources.schedules.schemas import (
     ScheduleRunSchema,
     ScheduleSchema,
 )
+from celery_api.resources.variants import register_task_type_variants
 from celery_api.services import schedules
 from celery_api.services.errors import InvalidParams
 from celery_api.smorest import Blueprint
@@ -151,31 +152,11 @@ class ScheduleRun(MethodView):
 def register_schedule_request(api, catalog) -> None:
     """``ScheduleCreateRequest``: one variant per task type, told apart by ``task_type``
     (as ``TaskLaunchRequest``), so a generated client gets typed params."""
-    components = api.spec.components
-    if "ScheduleCreateRequest" in components.schemas:
-        return
-    fields = api.ma_plugin.converter.schema2jsonschema(ScheduleCreateSchema())
-    mapping = {}
-    for definition in catalog:
-        name = "Schedule" + "".join(part.title() for part in
-                                    definition.task_type.replace(".", "_").split("_"))
-        params_required = any(f.required for f in definition.params_schema().fields.values())
-        components.schema(name, component={
-            "type": "object",
-            "description": f"A schedule of {definition.task_type}: {definition.name}",
-            "required": ["name", "task_type", "params"] if params_required
-            else ["name", "task_type"],
-            "properties": {
-                **fields["properties"],
-                "task_type": {"type": "string", "enum": [definition.task_type]},
-                "params": {"$ref": f"#/components/schemas/{definition.schema_name}"},
-            },
-            "additionalProperties": False,
-        })
-        mapping[definition.task_type] = f"#/components/schemas/{name}"
-    components.schema("ScheduleCreateRequest", component={
-        "description": "A task type of the catalog, its params, launch options and one "
-                       "trigger: cron (+ timezone), interval_seconds or run_at",
-        "oneOf": [{"$ref": ref} for ref in mapping.values()],
-        "discriminator": {"propertyName": "task_type", "mapping": mapping},
-    })
+    register_task_type_variants(
+        api, catalog, "ScheduleCreateRequest", prefix="Schedule",
+        description="A task type of the catalog, its params, launch options and one "
+                    "trigger: cron (+ timezone), interval_seconds or run_at",
+        variant_description="A schedule of {d.task_type}: {d.name}",
+        properties=api.ma_plugin.converter.schema2jsonschema(
+            ScheduleCreateSchema())["properties"],
+        required=("name",))
