@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import marshmallow as ma
-from flask import request, url_for
+from flask import url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller
 from celery_api.idempotency import idempotent
-from celery_api.resources.fields import parse_uuid
+from celery_api.resources.fields import offset_page, parse_uuid, require_patch_body
 from celery_api.resources.operation import operation
 from celery_api.resources.schedules.schemas import (
     ScheduleCreateSchema,
@@ -20,7 +20,6 @@ from celery_api.resources.schedules.schemas import (
 )
 from celery_api.resources.variants import register_task_type_variants
 from celery_api.services import schedules
-from celery_api.services.errors import InvalidParams
 from celery_api.smorest import Blueprint
 
 blp = Blueprint("schedules", __name__, url_prefix="/api/celery", description="Schedules")
@@ -50,8 +49,7 @@ class Schedules(MethodView):
         rows, total = schedules.listing(
             task_type=args.get("task_type"), enabled=args.get("enabled"),
             limit=args["limit"], offset=args["offset"])
-        return {"items": [schedules.view(s) for s in rows], "total": total,
-                "limit": args["limit"], "offset": args["offset"]}
+        return offset_page([schedules.view(s) for s in rows], total, args)
 
     @operation(blp, "createSchedule",
                scope="admin", errors=(413, 415, 503), requestBody=CREATE_BODY)
@@ -92,9 +90,7 @@ class ScheduleItem(MethodView):
         trigger or `enabled` recomputes `next_run_at` from now. Beat sees the change at
         its next tick (within `CELERY_API_DISPATCH_INTERVAL`).
         """
-        if not request.get_data(cache=True):
-            raise InvalidParams("Send a JSON object with the fields to change ({} changes "
-                                "nothing).", errors={"json": ["Missing request body."]})
+        require_patch_body()
         return schedules.view(schedules.update(_id(id), body))
 
     @operation(blp, "deleteSchedule", scope="admin", errors=(404, 422, 503))
