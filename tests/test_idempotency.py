@@ -23,6 +23,7 @@ from tests.support import (
     LiveServer,
     assert_problem,
     build_app,
+    close_app,
     create_key,
     database_url,
     make_config,
@@ -252,9 +253,7 @@ def two_apis(request, tmp_path_factory, redis_server):
     yield app, servers
     for server in servers:
         server.stop()
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
+    close_app(app)
 
 
 @pytest.mark.integration

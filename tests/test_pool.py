@@ -17,29 +17,24 @@ import sqlalchemy as sa
 from celery_api.extensions import db
 from celery_api.models import TaskRun
 from celery_api.services import database
-from tests.support import build_app, make_config
+from tests.support import build_app, close_app, make_config
 
 LAUNCH = "/api/celery/tasks/launch"
 ADD = {"task_type": "acme.add", "params": {"a": 1, "b": 2}}
 
 
 @pytest.fixture
-def make_app(tmp_path, redis_server, pg_databases, postgres_admin, monkeypatch):
-    made = []
-
+def make_app(request, tmp_path, redis_server, pg_databases, postgres_admin, monkeypatch):
     def make(idle_seconds: float):
         monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", idle_seconds)
         url = pg_databases.create()
-        app = build_app(make_config(tmp_path / f"app{len(made)}", redis_server.url, url))
-        app.config["TEST_DATABASE"] = url.rsplit("/", 1)[1]
-        made.append(app)
+        name = url.rsplit("/", 1)[1]
+        app = build_app(make_config(tmp_path / name, redis_server.url, url))
+        app.config["TEST_DATABASE"] = name
+        request.addfinalizer(lambda: close_app(app))
         return app
 
-    yield make
-    for app in made:
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
+    return make
 
 
 def kill_connections(app, admin_url: str) -> int:

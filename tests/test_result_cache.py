@@ -29,6 +29,7 @@ from tests.support import (
     RedisServer,
     Worker,
     build_app,
+    close_app,
     database_url,
     final_record,
     make_config,
@@ -89,9 +90,7 @@ def cs(request, tmp_path_factory, cache_redis):
     worker.start(app.extensions["celery"])
     yield CacheStack(mode, app, config, worker, folder, redis_url)
     worker.stop()
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
+    close_app(app)
 
 
 def post(cs, task_type="acme.count_cached", params=None, client=None, headers=None,
