@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +34,16 @@ def create_database(prefix: str = "celery_api_bench",
                          connect_timeout=connect_timeout) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return POSTGRES_ADMIN.rsplit("/", 1)[0] + "/" + name, name
+
+
+def reachable_database() -> tuple[str | None, str | None]:
+    """create_database when the PostgreSQL server answers within 3 s; (None, None)
+    otherwise, said on stderr: the benchmarks that can run on SQLite alone then do."""
+    try:
+        return create_database(connect_timeout=3)
+    except Exception as exc:  # noqa: BLE001 - optional
+        print(f"PostgreSQL unavailable ({exc}): SQLite only", file=sys.stderr)
+        return None, None
 
 
 def drop_database(name: str) -> None:

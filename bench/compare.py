@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 from celery import Celery  # noqa: E402
 
-from bench.common import create_database, drop_database, write_section  # noqa: E402
+from bench.common import drop_database, reachable_database, write_section  # noqa: E402
 from tests.support import (  # noqa: E402
     BIN,
     LiveServer,
@@ -194,11 +194,9 @@ class System:
     def _database(self) -> str:
         if self.smoke or self.database_kind == "sqlite":
             return f"sqlite:///{self.folder / 'bench.db'}"
-        try:
-            url, self.database = create_database(connect_timeout=3)
-            return url
-        except Exception:  # noqa: BLE001 - the bench still runs, on SQLite, and says so
-            return f"sqlite:///{self.folder / 'bench.db'}"
+        # PostgreSQL when reachable; otherwise the bench still runs, on SQLite, and says so.
+        url, self.database = reachable_database()
+        return url or f"sqlite:///{self.folder / 'bench.db'}"
 
     def pause_workers(self):
         self.celery.control.cancel_consumer("celery", reply=True, timeout=2)

@@ -31,24 +31,16 @@ sys.path.insert(0, str(ROOT))
 import sqlalchemy as sa  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    create_database,
     drop_database,
     migrated_app,
     percentile,
+    reachable_database,
     report,
 )
 from celery_api.extensions import db  # noqa: E402
 from celery_api.models import Schedule, TaskRun, utcnow  # noqa: E402
 from celery_api.services import schedules  # noqa: E402
 from tests.support import RedisServer  # noqa: E402
-
-
-def optional_postgres() -> tuple[str | None, str | None]:
-    try:
-        return create_database(connect_timeout=3)
-    except Exception as exc:  # noqa: BLE001 - optional
-        print(f"PostgreSQL unavailable ({exc}): SQLite only", file=sys.stderr)
-        return None, None
 
 
 def run(label: str, database_url: str, broker: str, folder: Path, count: int,
@@ -114,7 +106,7 @@ def main() -> int:
             results.append(run("SQLite", f"sqlite:///{folder / 'bench.db'}",
                                redis_server.url, folder / "sqlite", args.schedules,
                                args.seconds))
-            url, name = optional_postgres()
+            url, name = reachable_database()
             if url:
                 try:
                     results.append(run("PostgreSQL", url.replace(
