@@ -132,6 +132,15 @@ def runs_of(cs, task_type: str, key: str) -> list[str]:
     return [run_id for run_id, params in rows if params.get("key") == key]
 
 
+def raising(error: BaseException):
+    """A stand-in for a function that fails: it raises ``error`` whatever it is given."""
+
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
 def pointer(cs, task_id: str) -> str | None:
     """What the Redis key of ``task_id``'s identity names (redis mode)."""
     run = record(cs, task_id)
@@ -598,10 +607,8 @@ def test_a_terminate_that_was_not_sent_leaves_the_run_in_the_cache(cs, monkeypat
     first = new(post(cs, params=params))
     wait_status(cs, first, {"STARTED", "PROGRESS"})
 
-    def revoke(*args, **kwargs):
-        raise OSError("the broker is down (injected)")
-
-    monkeypatch.setattr(cs.celery.control, "revoke", revoke)
+    monkeypatch.setattr(cs.celery.control, "revoke",
+                        raising(OSError("the broker is down (injected)")))
     stop = cs.client.delete(f"/api/celery/tasks/{first}?terminate=true")
     assert stop.status_code == 503, stop.get_data(as_text=True)
     monkeypatch.undo()
@@ -649,15 +656,10 @@ def test_a_run_never_published_answers_no_longer_than_the_stranded_bound(
     from celery_api.services import launch as launch_service
 
     key = uuid.uuid4().hex
-
-    def publish(*args, **kwargs):
-        raise OperationalError("the broker is down (injected)")
-
-    def finish(*args, **kwargs):
-        raise DatabaseError("UPDATE", {}, Exception("the database blinked (injected)"))
-
-    monkeypatch.setattr(launch_service, "publish", publish)
-    monkeypatch.setattr(runstate, "finish", finish)
+    monkeypatch.setattr(launch_service, "publish",
+                        raising(OperationalError("the broker is down (injected)")))
+    monkeypatch.setattr(runstate, "finish", raising(
+        DatabaseError("UPDATE", {}, Exception("the database blinked (injected)"))))
     assert post(cs, params={"key": key}).status_code == 503
     monkeypatch.undo()
     [stranded] = runs_of(cs, "acme.count_cached", key)
@@ -689,16 +691,14 @@ def test_a_failure_write_that_fails_once_is_retried(cs, monkeypatch):
     real_finish = runstate.finish
     calls: list = []
 
-    def publish(*args, **kwargs):
-        raise OperationalError("the broker is down (injected)")
-
     def finish(*args, **kwargs):
         calls.append(args)
         if len(calls) == 1:
             raise DatabaseError("UPDATE", {}, Exception("the database blinked (injected)"))
         return real_finish(*args, **kwargs)
 
-    monkeypatch.setattr(launch_service, "publish", publish)
+    monkeypatch.setattr(launch_service, "publish",
+                        raising(OperationalError("the broker is down (injected)")))
     monkeypatch.setattr(runstate, "finish", finish)
     assert post(cs, params={"key": key}).status_code == 503
     monkeypatch.undo()
@@ -714,12 +714,9 @@ def test_reconcile_takes_stranded_runs_out_of_the_cache(cs, monkeypatch):
     from celery_api.services import launch as launch_service
 
     key = uuid.uuid4().hex
-
-    def publish(*args, **kwargs):
-        raise SystemExit("the API process dies here (injected)")
-
     monkeypatch.setattr(launch_service, "_unpublished", lambda record, reason: None)
-    monkeypatch.setattr(launch_service, "publish", publish)
+    monkeypatch.setattr(launch_service, "publish",
+                        raising(SystemExit("the API process dies here (injected)")))
     with pytest.raises(SystemExit):
         post(cs, params={"key": key}, queue="parked")
     monkeypatch.undo()
