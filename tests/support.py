@@ -436,6 +436,16 @@ def close_app(app) -> None:
         db.engine.dispose()
 
 
+def raising(error: BaseException) -> Callable[..., object]:
+    """A stand-in for a function that fails (a fault a test injects with monkeypatch):
+    it raises ``error`` whatever it is given."""
+
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
 def database_url(request, kind: str) -> str | None:
     """None for SQLite (the config's default file), else a fresh PostgreSQL database."""
     if kind == "sqlite":

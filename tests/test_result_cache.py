@@ -33,6 +33,7 @@ from tests.support import (
     database_url,
     final_record,
     make_config,
+    raising,
     record,
     service_env,
     wait_for,
@@ -130,15 +131,6 @@ def runs_of(cs, task_type: str, key: str) -> list[str]:
                                   .where(TaskRun.task_type == task_type)).all()
         db.session.remove()
     return [run_id for run_id, params in rows if params.get("key") == key]
-
-
-def raising(error: BaseException):
-    """A stand-in for a function that fails: it raises ``error`` whatever it is given."""
-
-    def fail(*args, **kwargs):
-        raise error
-
-    return fail
 
 
 def pointer(cs, task_id: str) -> str | None:
