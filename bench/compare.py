@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 from celery import Celery  # noqa: E402
 
+from bench.common import drop_database, reachable_database, write_section  # noqa: E402
 from tests.support import (  # noqa: E402
     BIN,
     LiveServer,
@@ -52,8 +53,6 @@ from tests.support import (  # noqa: E402
     wait_for,
 )
 
-PG_ADMIN = os.environ.get("CELERY_API_BENCH_POSTGRES",
-                          "postgresql://postgres@127.0.0.1:5432/postgres")
 LAUNCH_BODY = json.dumps({"task_type": "bench.noop", "params": {"n": 1}})
 FLOWER_BODY = json.dumps({"kwargs": {"n": 1}})
 
@@ -195,16 +194,9 @@ class System:
     def _database(self) -> str:
         if self.smoke or self.database_kind == "sqlite":
             return f"sqlite:///{self.folder / 'bench.db'}"
-        try:
-            import psycopg
-
-            name = f"celery_api_bench_{uuid.uuid4().hex[:8]}"
-            with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
-                conn.execute(f'CREATE DATABASE "{name}"')
-            self.database = name
-            return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-        except Exception:  # noqa: BLE001 - the bench still runs, on SQLite, and says so
-            return f"sqlite:///{self.folder / 'bench.db'}"
+        # PostgreSQL when reachable; otherwise the bench still runs, on SQLite, and says so.
+        url, self.database = reachable_database()
+        return url or f"sqlite:///{self.folder / 'bench.db'}"
 
     def pause_workers(self):
         self.celery.control.cancel_consumer("celery", reply=True, timeout=2)
@@ -225,10 +217,7 @@ class System:
         for process in reversed(self.processes):
             process.stop()
         if self.database:
-            import psycopg
-
-            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+            drop_database(self.database)
 
 
 def rss_kb(pid: int) -> int:
@@ -527,9 +516,7 @@ def main() -> int:
                                             4 if args.smoke else 40))
             print(text)
             if args.write and not args.smoke:
-                from bench.history import write_section
-
-                write_section(ROOT / "docs" / "BENCHMARKS.md", "compare-stats",
+                write_section("compare-stats",
                               "## Stats alone: this API against Flower's refresh\n\n" + text)
             return 0
         results = {"launch": [], "status": [], "batch": []}
@@ -548,10 +535,7 @@ def main() -> int:
         shutil.rmtree(folder, ignore_errors=True)
     print(text)
     if args.write and not args.smoke:
-        from bench.history import write_section
-
-        write_section(ROOT / "docs" / "BENCHMARKS.md", "compare",
-                      "## This API against Flower and raw Celery\n\n" + text)
+        write_section("compare", "## This API against Flower and raw Celery\n\n" + text)
     return 0
 
 

@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import flask_migrate  # noqa: E402
 import psycopg  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from bench.history import ADMIN, fill, timed, write_section  # noqa: E402
-from celery_api import create_app  # noqa: E402
+from bench.common import migrated_app, postgres_database, report, timed  # noqa: E402
+from bench.history import fill  # noqa: E402
 from celery_api.extensions import db  # noqa: E402
 from celery_api.models import TaskRun  # noqa: E402
 from celery_api.services import history  # noqa: E402
@@ -63,19 +61,11 @@ def families(url: str) -> tuple[str, str]:
 
 
 def console_section(rows: int, repeat: int) -> str:
-    name = f"celery_api_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN.rsplit("/", 1)[0] + "/" + name
-    folder = Path(tempfile.mkdtemp(prefix="bench-console-"))
-    try:
+    with postgres_database() as url:
         # Authentication off: the console opens a session on the first page, as with a
         # key (the same one-row lookup on every request).
-        app = create_app({"INSTANCE_PATH": folder, "SQLALCHEMY_DATABASE_URI": url,
-                          "LOG_LEVEL": "WARNING", "AUTH": "off",
-                          "RATE_LIMIT_READ": "off", "RATE_LIMIT_LAUNCH": "off"})
-        with app.app_context():
-            flask_migrate.upgrade()
+        app = migrated_app(Path(tempfile.mkdtemp(prefix="bench-console-")), url,
+                           RATE_LIMIT_READ="off", RATE_LIMIT_LAUNCH="off")
         seconds = fill(url, rows)
         parent, batch = families(url)
         client = app.test_client()
@@ -114,9 +104,6 @@ def console_section(rows: int, repeat: int) -> str:
         with app.app_context():
             db.engine.dispose()
         return "\n".join(lines)
-    finally:
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main() -> int:
@@ -127,9 +114,7 @@ def main() -> int:
     args = parser.parse_args()
     text = "\n".join([f"## The console's pages on {args.rows:,} runs (PostgreSQL)", "",
                       console_section(args.rows, args.repeat)])
-    print(text)
-    if args.write:
-        write_section(ROOT / "docs" / "BENCHMARKS.md", "console", text)
+    report(text, "console", args.write)
     return 0
 
 

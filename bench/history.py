@@ -20,8 +20,6 @@ and a redis-server binary. Prints a markdown report; --write puts it in docs/BEN
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,18 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import flask_migrate  # noqa: E402
 import psycopg  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from celery_api import create_app  # noqa: E402
+from bench.common import migrated_app, postgres_database, report, timed  # noqa: E402
 from celery_api.extensions import db  # noqa: E402
 from celery_api.models import TaskRun, utcnow  # noqa: E402
 from celery_api.services import history, launch  # noqa: E402
 from tests.support import RedisServer  # noqa: E402
 
-ADMIN = os.environ.get("CELERY_API_BENCH_POSTGRES",
-                       "postgresql://postgres@127.0.0.1:5432/postgres")
 TYPES = ["sii.sync_documents", "sii.sync_f29", "sii.sync_documents_all_companies",
          "sii.sync_f29_all_companies", "billing.invoice", "billing.refund", "media.resize",
          "reports.monthly"]
@@ -72,16 +67,6 @@ FROM (
 """
 
 
-def timed(fn, repeat: int) -> tuple[float, float]:
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - started) * 1000)
-    samples.sort()
-    return statistics.median(samples), samples[int(0.95 * (len(samples) - 1))]
-
-
 def fill(url: str, rows: int) -> float:
     started = time.monotonic()
     with psycopg.connect(url, autocommit=True) as conn:
@@ -106,17 +91,9 @@ def explain(statement) -> str:
 
 
 def history_section(rows: int, repeat: int) -> str:
-    name = f"celery_api_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN.rsplit("/", 1)[0] + "/" + name
-    folder = Path(tempfile.mkdtemp(prefix="bench-history-"))
-    try:
+    with postgres_database() as url:
         # Measured like Flower, which has no keys: authentication off.
-        app = create_app({"INSTANCE_PATH": folder, "SQLALCHEMY_DATABASE_URI": url,
-                          "LOG_LEVEL": "WARNING", "AUTH": "off"})
-        with app.app_context():
-            flask_migrate.upgrade()
+        app = migrated_app(Path(tempfile.mkdtemp(prefix="bench-history-")), url)
         seconds = fill(url, rows)
         lines = [f"Filled {rows:,} runs (8 task types, 80% SUCCESS, 10% FAILURE, a year of "
                  f"created_at) in {seconds:.0f} s.", ""]
@@ -175,9 +152,6 @@ def history_section(rows: int, repeat: int) -> str:
             db.session.remove()
             db.engine.dispose()
         return "\n".join(lines) + "\n\nPlans (EXPLAIN ANALYZE, BUFFERS):\n\n" + "\n".join(plans)
-    finally:
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _rate(app, launches: int, threads: int, one) -> float:
@@ -199,62 +173,39 @@ def _rate(app, launches: int, threads: int, one) -> float:
 
 def launch_section(launches: int) -> str:
     folder = Path(tempfile.mkdtemp(prefix="bench-launch-"))
-    redis = RedisServer(folder / "redis").start()
-    name = f"celery_api_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    pg_url = ADMIN.rsplit("/", 1)[0] + "/" + name
     lines = ["| database | threads | full launch (validate + record + publish) /s | "
              "publish only /s | recording's share of a launch |",
              "| --- | --- | --- | --- | --- |"]
-    try:
-        for label, url in (("PostgreSQL", pg_url), ("SQLite (WAL)", None)):
-            config = {"INSTANCE_PATH": folder / label.split()[0], "LOG_LEVEL": "WARNING",
-                      "AUTH": "off",
-                      "CELERY": {"broker_url": redis.url, "result_backend": redis.url}}
-            if url:
-                config["SQLALCHEMY_DATABASE_URI"] = url
-            app = create_app(config)
-            params = {"company_id": "94d8658c-c8bf-58e5-aaca-c14fac456724"}
-            with app.app_context():
-                flask_migrate.upgrade()
-                definition, clean = launch.validate("sii.sync_documents", params)
+    with postgres_database() as pg_url:
+        redis = RedisServer(folder / "redis").start()
+        try:
+            for label, url in (("PostgreSQL", pg_url), ("SQLite (WAL)", None)):
+                app = migrated_app(folder / label.split()[0], url, CELERY={
+                    "broker_url": redis.url, "result_backend": redis.url})
+                params = {"company_id": "94d8658c-c8bf-58e5-aaca-c14fac456724"}
+                with app.app_context():
+                    definition, clean = launch.validate("sii.sync_documents", params)
 
-            def full(params=params):
-                launch.launch("sii.sync_documents", params)
+                def full(params=params):
+                    launch.launch("sii.sync_documents", params)
 
-            def publish_only(clean=clean, definition=definition):
-                task_id = str(uuid.uuid4())
-                record = {"id": task_id, "params": clean, "queue": "celery",
-                          "root_id": task_id}
-                launch.publish(record, definition.celery_name, launch.LaunchOptions())
+                def publish_only(clean=clean, definition=definition):
+                    task_id = str(uuid.uuid4())
+                    record = {"id": task_id, "params": clean, "queue": "celery",
+                              "root_id": task_id}
+                    launch.publish(record, definition.celery_name, launch.LaunchOptions())
 
-            for threads in (1, 8):
-                _rate(app, 200, threads, full)  # warm connections and pools
-                full_rate = _rate(app, launches, threads, full)
-                publish_rate = _rate(app, launches, threads, publish_only)
-                lines.append(f"| {label} | {threads} | {full_rate:,.0f} | {publish_rate:,.0f} "
-                             f"| {1 - full_rate / publish_rate:.0%} |")
-            with app.app_context():
-                db.engine.dispose()
-    finally:
-        redis.stop()
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                for threads in (1, 8):
+                    _rate(app, 200, threads, full)  # warm connections and pools
+                    full_rate = _rate(app, launches, threads, full)
+                    publish_rate = _rate(app, launches, threads, publish_only)
+                    lines.append(f"| {label} | {threads} | {full_rate:,.0f} "
+                                 f"| {publish_rate:,.0f} | {1 - full_rate / publish_rate:.0%} |")
+                with app.app_context():
+                    db.engine.dispose()
+        finally:
+            redis.stop()
     return "\n".join(lines)
-
-
-def write_section(path: Path, name: str, text: str) -> None:
-    """Replace this benchmark's section of the report (or add it at the end)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in current and end in current:
-        before, rest = current.split(start, 1)
-        current = before + block + rest.split(end, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
 
 
 def main() -> int:
@@ -264,18 +215,15 @@ def main() -> int:
     parser.add_argument("--launches", type=int, default=2000)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    report = [f"## History at scale ({args.rows:,} runs, PostgreSQL, {args.repeat} repeats)",
-              "", history_section(args.rows, args.repeat), "",
-              f"## What recording costs a launch ({args.launches:,} launches, one process, "
-              "private redis-server)", "", launch_section(args.launches), "",
-              "The record is one INSERT and a durable COMMIT before the publish: on "
-              "PostgreSQL that is a pool pre-ping, BEGIN, INSERT and COMMIT (four round trips "
-              "and a WAL flush), on SQLite a local write. Publishing alone is Celery's "
-              "`send_task` with no record and no validation.", ""]
-    text = "\n".join(report)
-    print(text)
-    if args.write:
-        write_section(ROOT / "docs" / "BENCHMARKS.md", "history", text)
+    sections = [f"## History at scale ({args.rows:,} runs, PostgreSQL, {args.repeat} repeats)",
+                "", history_section(args.rows, args.repeat), "",
+                f"## What recording costs a launch ({args.launches:,} launches, one process, "
+                "private redis-server)", "", launch_section(args.launches), "",
+                "The record is one INSERT and a durable COMMIT before the publish: on "
+                "PostgreSQL that is a pool pre-ping, BEGIN, INSERT and COMMIT (four round "
+                "trips and a WAL flush), on SQLite a local write. Publishing alone is Celery's "
+                "`send_task` with no record and no validation.", ""]
+    report("\n".join(sections), "history", args.write)
     return 0
 
 

@@ -152,10 +152,9 @@ def main() -> int:
     text = table(results, args)
     print(text)
     if args.write:
-        from bench.history import write_section
+        from bench.common import write_section
 
-        write_section(ROOT / "docs" / "BENCHMARKS.md", "launch",
-                      "## Launch against its ceiling, per stack\n\n" + text)
+        write_section("launch", "## Launch against its ceiling, per stack\n\n" + text)
     return 0
 
 

@@ -20,24 +20,21 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench.common import create_database, drop_database  # noqa: E402
 from tests.support import RedisServer, build_app, create_key, make_config  # noqa: E402
 
-PG_ADMIN = os.environ.get("CELERY_API_BENCH_POSTGRES",
-                          "postgresql://postgres@127.0.0.1:5432/postgres")
 BODY = json.dumps({"task_type": "bench.noop", "params": {"n": 1}})
 PARTS = ("record_runs", "publish", "_launch", "post", "verify", "dispatch_request",
          "full_dispatch_request", "wsgi_app")
@@ -57,12 +54,7 @@ def main() -> int:
     try:
         url = None
         if args.database == "postgres":
-            import psycopg
-
-            database = f"celery_api_profile_{uuid.uuid4().hex[:8]}"
-            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{database}"')
-            url = PG_ADMIN.rsplit("/", 1)[0] + "/" + database
+            url, database = create_database("celery_api_profile")
         app = build_app(make_config(folder, redis.url, url, TASK_MODULES=["bench_tasks"],
                                     AUTH="required" if args.auth else "off",
                                     RESULT_CACHE=True, LOG_LEVEL="WARNING"))
@@ -100,10 +92,7 @@ def main() -> int:
     finally:
         redis.stop()
         if database:
-            import psycopg
-
-            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            drop_database(database)
         shutil.rmtree(folder, ignore_errors=True)
     return 0
 

@@ -17,7 +17,6 @@ postgresql://postgres@127.0.0.1:5432/postgres) is optional.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -29,54 +28,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import flask_migrate  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from bench.history import write_section  # noqa: E402
-from celery_api import create_app  # noqa: E402
+from bench.common import (  # noqa: E402
+    drop_database,
+    migrated_app,
+    percentile,
+    reachable_database,
+    report,
+)
 from celery_api.extensions import db  # noqa: E402
 from celery_api.models import Schedule, TaskRun, utcnow  # noqa: E402
 from celery_api.services import schedules  # noqa: E402
 from tests.support import RedisServer  # noqa: E402
 
-ADMIN = os.environ.get("CELERY_API_BENCH_POSTGRES",
-                       "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def postgres_database() -> tuple[str | None, str | None]:
-    try:
-        import psycopg
-
-        name = f"celery_api_bench_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(ADMIN, connect_timeout=3, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return ADMIN.rsplit("/", 1)[0] + f"/{name}", name
-    except Exception as exc:  # noqa: BLE001 - optional
-        print(f"PostgreSQL unavailable ({exc}): SQLite only", file=sys.stderr)
-        return None, None
-
-
-def drop_postgres(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
 
 def run(label: str, database_url: str, broker: str, folder: Path, count: int,
         seconds: float) -> dict:
-    app = create_app({
-        "INSTANCE_PATH": folder, "SQLALCHEMY_DATABASE_URI": database_url,
-        "CELERY": {"broker_url": broker, "result_backend": broker}, "AUTH": "off",
-        "LOG_LEVEL": "WARNING"})
+    app = migrated_app(folder, database_url,
+                       CELERY={"broker_url": broker, "result_backend": broker})
     interval = app.config["DISPATCH_INTERVAL"]
     with app.app_context():
-        flask_migrate.upgrade()
         start = utcnow() + timedelta(seconds=2)
         now = utcnow()
         rows = [{"id": str(uuid.uuid4()), "name": f"bench-{i:06d}",
@@ -134,14 +106,14 @@ def main() -> int:
             results.append(run("SQLite", f"sqlite:///{folder / 'bench.db'}",
                                redis_server.url, folder / "sqlite", args.schedules,
                                args.seconds))
-            url, name = postgres_database()
+            url, name = reachable_database()
             if url:
                 try:
                     results.append(run("PostgreSQL", url.replace(
                         "postgresql://", "postgresql+psycopg://"), redis_server.url,
                         folder / "pg", args.schedules, args.seconds))
                 finally:
-                    drop_postgres(name)
+                    drop_database(name)
         finally:
             redis_server.stop()
     lines = [f"## Schedules: beat's tick at {args.schedules:,} schedules",
@@ -164,10 +136,7 @@ def main() -> int:
               "and the advance, then the run's record and its publish, then the run id on "
               "the fire): the time per fire bounds how many schedules can come due in the "
               "same second before lateness grows past the dispatch interval.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(ROOT / "docs" / "BENCHMARKS.md", "schedules", text)
+    report("\n".join(lines), "schedules", args.write)
     return 0
 
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests" / "plugins"))  # acme_tasks, for acme.step
 import redis  # noqa: E402
 import requests  # noqa: E402
 
-from bench.history import write_section  # noqa: E402
+from bench.common import percentile, write_section  # noqa: E402
 from tests.support import (  # noqa: E402
     LiveServer,
     RedisServer,
@@ -49,11 +49,6 @@ from tests.support import (  # noqa: E402
     service_env,
     wait_for,
 )
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 class Held:
@@ -252,7 +247,7 @@ def main() -> int:
     print(f"(median probe {statistics.median(probes):.1f} ms; slowest single delays "
           f"{sorted(round(d * 1000) for d in singles)[-5:]} ms)", file=sys.stderr)
     if args.write:
-        write_section(ROOT / "docs" / "BENCHMARKS.md", "waiting", text)
+        write_section("waiting", text)
     return 0 if ok else 1
 
 

@@ -15,6 +15,7 @@ from tests.support import (
     RedisServer,
     Worker,
     build_app,
+    close_app,
     database_url,
     make_config,
     optional_component,
@@ -139,11 +140,7 @@ def history_app(request, tmp_path_factory, redis_server):
     app = build_app(config)
     app.config["TEST_DATABASE"] = request.param
     yield app
-    with app.app_context():
-        from celery_api.extensions import db
-
-        db.session.remove()
-        db.engine.dispose()
+    close_app(app)
 
 
 @dataclass

@@ -428,6 +428,24 @@ def build_app(config: dict):
     return app
 
 
+def close_app(app) -> None:
+    """Release the app's database connections (before its database is dropped, or its
+    folder removed, at the end of the test or module that built it)."""
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+def raising(error: BaseException) -> Callable[..., object]:
+    """A stand-in for a function that fails (a fault a test injects with monkeypatch):
+    it raises ``error`` whatever it is given."""
+
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
 def database_url(request, kind: str) -> str | None:
     """None for SQLite (the config's default file), else a fresh PostgreSQL database."""
     if kind == "sqlite":

@@ -38,6 +38,7 @@ from tests.support import (
     WebhookReceiver,
     Worker,
     build_app,
+    close_app,
     create_key,
     database_url,
     make_config,
@@ -503,9 +504,7 @@ def keyed_app(request, tmp_path_factory, redis_server):
     app = build_app(make_config(folder, redis_server.url.replace("/0", "/13"),
                                 database_url(request, request.param), AUTH="required"))
     yield app
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
+    close_app(app)
 
 
 def _token(response) -> str:

@@ -23,9 +23,11 @@ from tests.support import (
     LiveServer,
     assert_problem,
     build_app,
+    close_app,
     create_key,
     database_url,
     make_config,
+    raising,
     service_env,
     stored_run,
 )
@@ -125,10 +127,8 @@ def test_a_repeat_while_the_first_is_in_progress_is_409(app, monkeypatch):
 
 
 def test_a_503_releases_the_key(app, client, monkeypatch):
-    def broker_down(*args, **kwargs):
-        raise Unavailable("The broker is unreachable.")
-
-    monkeypatch.setattr(launch_service, "launch", broker_down)
+    monkeypatch.setattr(launch_service, "launch",
+                        raising(Unavailable("The broker is unreachable.")))
     key = new_key()
     assert_problem(client.post(LAUNCH, json=BODY, headers=keyed(key)), 503)
     monkeypatch.undo()
@@ -252,9 +252,7 @@ def two_apis(request, tmp_path_factory, redis_server):
     yield app, servers
     for server in servers:
         server.stop()
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
+    close_app(app)
 
 
 @pytest.mark.integration

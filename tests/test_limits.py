@@ -19,6 +19,7 @@ from tests.support import (
     RedisServer,
     assert_problem,
     build_app,
+    close_app,
     create_key,
     free_port,
     make_config,
@@ -53,9 +54,8 @@ _databases = itertools.count(1)
 
 
 @pytest.fixture
-def make_app(tmp_path, private_redis):
+def make_app(request, tmp_path, private_redis):
     """An app on a fresh database of the private Redis (broker), with ``extra`` config."""
-    made = []
 
     def make(**extra):
         number = next(_databases)
@@ -65,14 +65,10 @@ def make_app(tmp_path, private_redis):
                              TASK_MODULES=["acme_tasks", "limited_tasks"], **extra)
         app = build_app(config)
         app.config["TEST_CONFIG"] = config
-        made.append(app)
+        request.addfinalizer(lambda: close_app(app))
         return app
 
-    yield make
-    for app in made:
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
+    return make
 
 
 def bearer(key: str) -> dict:

@@ -8,6 +8,7 @@ bound so that the path under test is the one taken, whatever the machine's speed
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import psycopg
@@ -17,29 +18,24 @@ import sqlalchemy as sa
 from celery_api.extensions import db
 from celery_api.models import TaskRun
 from celery_api.services import database
-from tests.support import build_app, make_config
+from tests.support import build_app, close_app, make_config
 
 LAUNCH = "/api/celery/tasks/launch"
 ADD = {"task_type": "acme.add", "params": {"a": 1, "b": 2}}
 
 
 @pytest.fixture
-def make_app(tmp_path, redis_server, pg_databases, postgres_admin, monkeypatch):
-    made = []
-
+def make_app(request, tmp_path, redis_server, pg_databases, postgres_admin, monkeypatch):
     def make(idle_seconds: float):
         monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", idle_seconds)
         url = pg_databases.create()
-        app = build_app(make_config(tmp_path / f"app{len(made)}", redis_server.url, url))
-        app.config["TEST_DATABASE"] = url.rsplit("/", 1)[1]
-        made.append(app)
+        name = url.rsplit("/", 1)[1]
+        app = build_app(make_config(tmp_path / name, redis_server.url, url))
+        app.config["TEST_DATABASE"] = name
+        request.addfinalizer(lambda: close_app(app))
         return app
 
-    yield make
-    for app in made:
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
+    return make
 
 
 def kill_connections(app, admin_url: str) -> int:
@@ -67,6 +63,20 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@contextlib.contextmanager
+def launch_warnings():
+    """The warnings the launch service logs meanwhile (a list of messages, filled in)."""
+    lines, logger = Lines(), logging.getLogger("celery_api.launch")
+    logger.addHandler(lines)
+    try:
+        yield lines.lines
+    finally:
+        logger.removeHandler(lines)
+
+
+RETRIED = "recording on a lost connection, once more"
+
+
 def test_a_launch_on_a_connection_lost_a_moment_ago_is_recorded_once_more(
         make_app, postgres_admin):
     app = make_app(idle_seconds=3600)  # never pinged: the lost connection is used
@@ -74,14 +84,10 @@ def test_a_launch_on_a_connection_lost_a_moment_ago_is_recorded_once_more(
     first = client.post(LAUNCH, json=ADD)
     assert first.status_code == 202
     assert kill_connections(app, postgres_admin) >= 1
-    lines, logger = Lines(), logging.getLogger("celery_api.launch")
-    logger.addHandler(lines)
-    try:
+    with launch_warnings() as logged:
         second = client.post(LAUNCH, json=ADD)
-    finally:
-        logger.removeHandler(lines)
     assert second.status_code == 202, second.get_data(as_text=True)
-    assert any("recording on a lost connection, once more" in line for line in lines.lines)
+    assert any(RETRIED in line for line in logged)
     assert runs(app) == {first.get_json()["task_id"], second.get_json()["task_id"]}
 
 
@@ -130,15 +136,13 @@ def test_a_launch_committed_whose_answer_was_lost_is_recorded_once(make_app):
 
     with app.app_context():
         sa.event.listen(db.engine, "do_execute", commit_then_lose_the_answer)
-    lines, logger = Lines(), logging.getLogger("celery_api.launch")
-    logger.addHandler(lines)
     try:
-        response = client.post(LAUNCH, json=ADD)
+        with launch_warnings() as logged:
+            response = client.post(LAUNCH, json=ADD)
     finally:
-        logger.removeHandler(lines)
         with app.app_context():
             sa.event.remove(db.engine, "do_execute", commit_then_lose_the_answer)
     assert lost, "the hook never held a launch's INSERT"
     assert response.status_code == 202, response.get_data(as_text=True)
-    assert any("recording on a lost connection, once more" in line for line in lines.lines)
+    assert any(RETRIED in line for line in logged)
     assert runs(app) == {response.get_json()["task_id"]}

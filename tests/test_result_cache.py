@@ -29,9 +29,11 @@ from tests.support import (
     RedisServer,
     Worker,
     build_app,
+    close_app,
     database_url,
     final_record,
     make_config,
+    raising,
     record,
     service_env,
     wait_for,
@@ -89,9 +91,7 @@ def cs(request, tmp_path_factory, cache_redis):
     worker.start(app.extensions["celery"])
     yield CacheStack(mode, app, config, worker, folder, redis_url)
     worker.stop()
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
+    close_app(app)
 
 
 def post(cs, task_type="acme.count_cached", params=None, client=None, headers=None,
@@ -599,10 +599,8 @@ def test_a_terminate_that_was_not_sent_leaves_the_run_in_the_cache(cs, monkeypat
     first = new(post(cs, params=params))
     wait_status(cs, first, {"STARTED", "PROGRESS"})
 
-    def revoke(*args, **kwargs):
-        raise OSError("the broker is down (injected)")
-
-    monkeypatch.setattr(cs.celery.control, "revoke", revoke)
+    monkeypatch.setattr(cs.celery.control, "revoke",
+                        raising(OSError("the broker is down (injected)")))
     stop = cs.client.delete(f"/api/celery/tasks/{first}?terminate=true")
     assert stop.status_code == 503, stop.get_data(as_text=True)
     monkeypatch.undo()
@@ -650,15 +648,10 @@ def test_a_run_never_published_answers_no_longer_than_the_stranded_bound(
     from celery_api.services import launch as launch_service
 
     key = uuid.uuid4().hex
-
-    def publish(*args, **kwargs):
-        raise OperationalError("the broker is down (injected)")
-
-    def finish(*args, **kwargs):
-        raise DatabaseError("UPDATE", {}, Exception("the database blinked (injected)"))
-
-    monkeypatch.setattr(launch_service, "publish", publish)
-    monkeypatch.setattr(runstate, "finish", finish)
+    monkeypatch.setattr(launch_service, "publish",
+                        raising(OperationalError("the broker is down (injected)")))
+    monkeypatch.setattr(runstate, "finish", raising(
+        DatabaseError("UPDATE", {}, Exception("the database blinked (injected)"))))
     assert post(cs, params={"key": key}).status_code == 503
     monkeypatch.undo()
     [stranded] = runs_of(cs, "acme.count_cached", key)
@@ -690,16 +683,14 @@ def test_a_failure_write_that_fails_once_is_retried(cs, monkeypatch):
     real_finish = runstate.finish
     calls: list = []
 
-    def publish(*args, **kwargs):
-        raise OperationalError("the broker is down (injected)")
-
     def finish(*args, **kwargs):
         calls.append(args)
         if len(calls) == 1:
             raise DatabaseError("UPDATE", {}, Exception("the database blinked (injected)"))
         return real_finish(*args, **kwargs)
 
-    monkeypatch.setattr(launch_service, "publish", publish)
+    monkeypatch.setattr(launch_service, "publish",
+                        raising(OperationalError("the broker is down (injected)")))
     monkeypatch.setattr(runstate, "finish", finish)
     assert post(cs, params={"key": key}).status_code == 503
     monkeypatch.undo()
@@ -715,12 +706,9 @@ def test_reconcile_takes_stranded_runs_out_of_the_cache(cs, monkeypatch):
     from celery_api.services import launch as launch_service
 
     key = uuid.uuid4().hex
-
-    def publish(*args, **kwargs):
-        raise SystemExit("the API process dies here (injected)")
-
     monkeypatch.setattr(launch_service, "_unpublished", lambda record, reason: None)
-    monkeypatch.setattr(launch_service, "publish", publish)
+    monkeypatch.setattr(launch_service, "publish",
+                        raising(SystemExit("the API process dies here (injected)")))
     with pytest.raises(SystemExit):
         post(cs, params={"key": key}, queue="parked")
     monkeypatch.undo()

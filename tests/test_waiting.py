@@ -114,20 +114,25 @@ def parse_answer(raw: bytes) -> tuple[int, dict]:
     return int(head.split(b" ", 2)[1]), json.loads(body)
 
 
-def events_of(lines) -> list[dict]:
-    """The events of an SSE body (an iterable of decoded lines), as dicts."""
-    events, current = [], {}
+def iter_events(lines):
+    """The events of an SSE body (an iterable of decoded lines, read as they come), as
+    dicts; comments (keep-alives) are skipped."""
+    current: dict = {}
     for line in lines:
         if not line:
             if "data" in current:  # (a block with only ``retry:`` is no event)
-                events.append(current)
+                yield current
             current = {}
             continue
         if line.startswith(":"):
             continue
         name, _, value = line.partition(": ")
         current[name] = value
-    return events
+
+
+def events_of(lines) -> list[dict]:
+    """The events of a whole SSE body."""
+    return list(iter_events(lines))
 
 
 @STACKS
@@ -212,7 +217,7 @@ def test_event_stream_follows_progress_to_the_end(stack, api):
         assert stream.headers["X-Accel-Buffering"] == "no"
         lines = stream.iter_lines(chunk_size=1, decode_unicode=True)
         seen: list[dict] = []
-        for event in _iter_events(lines):
+        for event in iter_events(lines):
             seen.append(event)
             data = json.loads(event["data"])
             if data["status"] == "SUCCESS":
@@ -230,20 +235,6 @@ def test_event_stream_follows_progress_to_the_end(stack, api):
     assert seen[-1]["event"] == "status" and final["status"] == "SUCCESS"
     assert final["result"] == {"steps": 3}
     assert len({e["id"] for e in seen}) == len(seen)  # each event names its own state
-
-
-def _iter_events(lines):
-    current: dict = {}
-    for line in lines:
-        if not line:
-            if current.get("data"):
-                yield current
-            current = {}
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(": ")
-        current[name] = value
 
 
 @STACKS

@@ -1,4 +1,4 @@
-"""Fields and converters shared by the resources."""
+"""Fields, converters and request checks shared by the resources."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import uuid
 from datetime import UTC, datetime
 
 import marshmallow as ma
+from flask import request
 from werkzeug.routing import BaseConverter
 
 from celery_api.services import runstate
-from celery_api.services.errors import ServiceError
+from celery_api.services.errors import InvalidParams, ServiceError
 from celery_api.smorest import Schema
 
 
@@ -57,6 +58,43 @@ def parse_uuid(value: str, name: str) -> str:
             f"{shown}.",
             errors={"path": {name: ["Not a valid UUID."]}},
         ) from exc
+
+
+def require_patch_body() -> None:
+    """A PATCH with no body is a 422 on ``json``: ``{}`` is the way to change nothing."""
+    if not request.get_data(cache=True):
+        raise InvalidParams("Send a JSON object with the fields to change ({} changes "
+                            "nothing).", errors={"json": ["Missing request body."]})
+
+
+class RequiredOnCreate:
+    """A resource's create schema, made from its fields schema (which serves PATCH: every
+    field optional) by requiring the fields named in ``required_on_create``. Put it first
+    among the bases."""
+
+    required_on_create: tuple[str, ...] = ()
+
+    def on_bind_field(self, field_name, field_obj):
+        if field_name in self.required_on_create:
+            field_obj.required = True
+        super().on_bind_field(field_name, field_obj)
+
+
+def page_limit(maximum: int, default: int = 100) -> ma.fields.Integer:
+    """The ``limit`` query argument of an offset-paged list: 1 to ``maximum``."""
+    return ma.fields.Integer(load_default=default, validate=ma.validate.Range(1, maximum),
+                             metadata={"description": f"1 to {maximum}"})
+
+
+def page_offset() -> ma.fields.Integer:
+    """The ``offset`` query argument of an offset-paged list."""
+    return ma.fields.Integer(load_default=0, validate=ma.validate.Range(0, 10**9))
+
+
+def offset_page(items: list, total: int, args: dict) -> dict:
+    """The answer of an offset-paged list: its items, the total matching, and the
+    ``limit`` and ``offset`` it was asked with."""
+    return {"items": items, "total": total, "limit": args["limit"], "offset": args["offset"]}
 
 
 # Date-times are refused outside the years 0002 to 9998 as written. Whatever the offset,

@@ -182,33 +182,33 @@ def claim(task_id: str, *, worker: str, retries: int, now: datetime | None = Non
     Celery retry, which is sent while the earlier attempt is still ending.
     """
     now = now or utcnow()
-    taken = db.session.execute(
+    return _take(
         sa.update(TaskRun)
         .where(TaskRun.id == task_id, sa.or_(
             sa.and_(TaskRun.status.in_(QUEUED), TaskRun.retries <= retries),
             sa.and_(TaskRun.status.in_(RUNNING), TaskRun.retries < retries)))
         .values(status="STARTED", started_at=sa.func.coalesce(TaskRun.started_at, now),
-                worker=worker, retries=retries, attempts=TaskRun.attempts + 1)
-        .returning(TaskRun.attempts)
-    ).scalar_one_or_none()
-    if taken is not None:
-        changed(task_id)
-        return Claim("claimed", attempt=taken)
-    return _refused(task_id, retries)
+                worker=worker, retries=retries, attempts=TaskRun.attempts + 1),
+        task_id, retries)
 
 
 def take_over(task_id: str, seen: Claim, *, worker: str, retries: int,
               now: datetime | None = None) -> Claim:
     """Take a run recorded as running whose attempt is known to be dead (its worker
     process was lost and its message redelivered): only if nobody moved it since."""
-    taken = db.session.execute(
+    return _take(
         sa.update(TaskRun)
         .where(TaskRun.id == task_id, TaskRun.status.in_(RUNNING),
                TaskRun.attempts == seen.attempts)
         .values(status="STARTED", worker=worker, retries=retries,
-                attempts=TaskRun.attempts + 1)
-        .returning(TaskRun.attempts)
-    ).scalar_one_or_none()
+                attempts=TaskRun.attempts + 1),
+        task_id, retries)
+
+
+def _take(update, task_id: str, retries: int) -> Claim:
+    """Run a claiming UPDATE (it matches the run only when this delivery may take it):
+    the claim with the new attempt count, or what the record says instead."""
+    taken = db.session.execute(update.returning(TaskRun.attempts)).scalar_one_or_none()
     if taken is not None:
         changed(task_id)
         return Claim("claimed", attempt=taken)

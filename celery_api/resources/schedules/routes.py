@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import marshmallow as ma
-from flask import request, url_for
+from flask import url_for
 from flask.views import MethodView
 
 from celery_api.auth import caller
 from celery_api.idempotency import idempotent
-from celery_api.resources.fields import parse_uuid
+from celery_api.resources.fields import offset_page, parse_uuid, require_patch_body
 from celery_api.resources.operation import operation
 from celery_api.resources.schedules.schemas import (
     ScheduleCreateSchema,
@@ -18,8 +18,8 @@ from celery_api.resources.schedules.schemas import (
     ScheduleRunSchema,
     ScheduleSchema,
 )
+from celery_api.resources.variants import register_task_type_variants
 from celery_api.services import schedules
-from celery_api.services.errors import InvalidParams
 from celery_api.smorest import Blueprint
 
 blp = Blueprint("schedules", __name__, url_prefix="/api/celery", description="Schedules")
@@ -49,8 +49,7 @@ class Schedules(MethodView):
         rows, total = schedules.listing(
             task_type=args.get("task_type"), enabled=args.get("enabled"),
             limit=args["limit"], offset=args["offset"])
-        return {"items": [schedules.view(s) for s in rows], "total": total,
-                "limit": args["limit"], "offset": args["offset"]}
+        return offset_page([schedules.view(s) for s in rows], total, args)
 
     @operation(blp, "createSchedule",
                scope="admin", errors=(413, 415, 503), requestBody=CREATE_BODY)
@@ -91,9 +90,7 @@ class ScheduleItem(MethodView):
         trigger or `enabled` recomputes `next_run_at` from now. Beat sees the change at
         its next tick (within `CELERY_API_DISPATCH_INTERVAL`).
         """
-        if not request.get_data(cache=True):
-            raise InvalidParams("Send a JSON object with the fields to change ({} changes "
-                                "nothing).", errors={"json": ["Missing request body."]})
+        require_patch_body()
         return schedules.view(schedules.update(_id(id), body))
 
     @operation(blp, "deleteSchedule", scope="admin", errors=(404, 422, 503))
@@ -151,31 +148,11 @@ class ScheduleRun(MethodView):
 def register_schedule_request(api, catalog) -> None:
     """``ScheduleCreateRequest``: one variant per task type, told apart by ``task_type``
     (as ``TaskLaunchRequest``), so a generated client gets typed params."""
-    components = api.spec.components
-    if "ScheduleCreateRequest" in components.schemas:
-        return
-    fields = api.ma_plugin.converter.schema2jsonschema(ScheduleCreateSchema())
-    mapping = {}
-    for definition in catalog:
-        name = "Schedule" + "".join(part.title() for part in
-                                    definition.task_type.replace(".", "_").split("_"))
-        params_required = any(f.required for f in definition.params_schema().fields.values())
-        components.schema(name, component={
-            "type": "object",
-            "description": f"A schedule of {definition.task_type}: {definition.name}",
-            "required": ["name", "task_type", "params"] if params_required
-            else ["name", "task_type"],
-            "properties": {
-                **fields["properties"],
-                "task_type": {"type": "string", "enum": [definition.task_type]},
-                "params": {"$ref": f"#/components/schemas/{definition.schema_name}"},
-            },
-            "additionalProperties": False,
-        })
-        mapping[definition.task_type] = f"#/components/schemas/{name}"
-    components.schema("ScheduleCreateRequest", component={
-        "description": "A task type of the catalog, its params, launch options and one "
-                       "trigger: cron (+ timezone), interval_seconds or run_at",
-        "oneOf": [{"$ref": ref} for ref in mapping.values()],
-        "discriminator": {"propertyName": "task_type", "mapping": mapping},
-    })
+    register_task_type_variants(
+        api, catalog, "ScheduleCreateRequest", prefix="Schedule",
+        description="A task type of the catalog, its params, launch options and one "
+                    "trigger: cron (+ timezone), interval_seconds or run_at",
+        variant_description="A schedule of {d.task_type}: {d.name}",
+        properties=api.ma_plugin.converter.schema2jsonschema(
+            ScheduleCreateSchema())["properties"],
+        required=("name",))

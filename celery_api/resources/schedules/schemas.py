@@ -3,7 +3,7 @@ from __future__ import annotations
 import marshmallow as ma
 
 from celery_api.models import utcnow
-from celery_api.resources.fields import DateTime
+from celery_api.resources.fields import DateTime, RequiredOnCreate, page_limit, page_offset
 from celery_api.resources.tasks.schemas import TAG
 from celery_api.services import schedules
 from celery_api.smorest import RequestSchema, Schema
@@ -86,13 +86,10 @@ class ScheduleFieldsSchema(RequestSchema):
                                  "started is discarded (REVOKED)"})
 
 
-class ScheduleCreateSchema(ScheduleFieldsSchema):
+class ScheduleCreateSchema(RequiredOnCreate, ScheduleFieldsSchema):
     """What POST /schedules takes: a name, a task type and exactly one trigger."""
 
-    def on_bind_field(self, field_name, field_obj):
-        if field_name in ("name", "task_type"):
-            field_obj.required = True
-        super().on_bind_field(field_name, field_obj)
+    required_on_create = ("name", "task_type")
 
     @ma.validates_schema
     def _one_trigger(self, data, **kwargs):
@@ -146,9 +143,8 @@ class ScheduleSchema(Schema):
 class ScheduleListArgsSchema(RequestSchema):
     task_type = ma.fields.String(validate=ma.validate.Length(1, 200))
     enabled = ma.fields.Boolean()
-    limit = ma.fields.Integer(load_default=100, validate=ma.validate.Range(1, MAX_PAGE),
-                              metadata={"description": f"1 to {MAX_PAGE}"})
-    offset = ma.fields.Integer(load_default=0, validate=ma.validate.Range(0, 10**9))
+    limit = page_limit(MAX_PAGE)
+    offset = page_offset()
 
 
 class ScheduleListSchema(Schema):

@@ -15,6 +15,7 @@ from celery_api.resources.tasks.schemas import (
     LaunchOptionsSchema,
     TaskLaunchResponseSchema,
 )
+from celery_api.resources.variants import register_task_type_variants
 from celery_api.services import launch as launch_service
 from celery_api.smorest import Blueprint
 
@@ -93,37 +94,18 @@ def register_launch_request(api, catalog, queues: list[str]) -> None:
     client gets a typed ``params`` model for each task type.
     """
     components = api.spec.components
-    if "TaskLaunchRequest" in components.schemas:
-        return
     if "LaunchOptions" not in components.schemas:
         components.schema("LaunchOptions", schema=LaunchOptionsSchema)
     options = api.ma_plugin.converter.schema2jsonschema(LaunchOptionsSchema())
     # The queues this deployment consumes: any other is refused with a 422.
     options["properties"]["queue"] = {**options["properties"]["queue"], "enum": queues}
-    mapping = {}
-    for definition in catalog:
-        name = "Launch" + "".join(part.title() for part in
-                                  definition.task_type.replace(".", "_").split("_"))
-        params_required = any(f.required for f in definition.params_schema().fields.values())
-        components.schema(name, component={
-            "type": "object",
-            "description": f"Launch {definition.task_type}: {definition.name}",
-            "required": ["task_type", "params"] if params_required else ["task_type"],
-            "properties": {
-                "task_type": {"type": "string", "enum": [definition.task_type]},
-                "params": {"$ref": f"#/components/schemas/{definition.schema_name}"},
-                **options["properties"],
-            },
-            "additionalProperties": False,
-            # LaunchOptionsSchema refuses both together.
-            "not": {"required": ["countdown", "eta"]},
-        })
-        mapping[definition.task_type] = f"#/components/schemas/{name}"
-    components.schema("TaskLaunchRequest", component={
-        "description": "A task type of the catalog, its params, and launch options",
-        "oneOf": [{"$ref": ref} for ref in mapping.values()],
-        "discriminator": {"propertyName": "task_type", "mapping": mapping},
-    })
+    register_task_type_variants(
+        api, catalog, "TaskLaunchRequest", prefix="Launch",
+        description="A task type of the catalog, its params, and launch options",
+        variant_description="Launch {d.task_type}: {d.name}",
+        properties=options["properties"],
+        # LaunchOptionsSchema refuses both together.
+        extra={"not": {"required": ["countdown", "eta"]}})
 
 
 def launch_response(run, location: str) -> dict:

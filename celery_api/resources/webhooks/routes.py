@@ -9,7 +9,13 @@ from flask.views import MethodView
 from werkzeug.routing import BaseConverter
 
 from celery_api.auth import caller
-from celery_api.resources.fields import ECHO_LIMIT, parse_task_id, parse_uuid
+from celery_api.resources.fields import (
+    ECHO_LIMIT,
+    offset_page,
+    parse_task_id,
+    parse_uuid,
+    require_patch_body,
+)
 from celery_api.resources.operation import operation
 from celery_api.resources.webhooks.schemas import (
     DeliveryArgsSchema,
@@ -70,8 +76,7 @@ class Webhooks(MethodView):
     def get(self, args):
         """List webhook subscriptions, oldest first (secrets are never shown again)"""
         rows, total = webhooks.listing(limit=args["limit"], offset=args["offset"])
-        return {"items": [webhooks.view(s) for s in rows], "total": total,
-                "limit": args["limit"], "offset": args["offset"]}
+        return offset_page([webhooks.view(s) for s in rows], total, args)
 
     @operation(blp, "createWebhook", scope="admin", errors=(413, 415, 503))
     @blp.arguments(WebhookCreateSchema())
@@ -108,9 +113,7 @@ class WebhookItem(MethodView):
         `enabled: true` re-enables one the service disabled (410) and clears
         `disabled_reason`.
         """
-        if not request.get_data(cache=True):
-            raise InvalidParams("Send a JSON object with the fields to change ({} changes "
-                                "nothing).", errors={"json": ["Missing request body."]})
+        require_patch_body()
         return webhooks.view(webhooks.update(_id(id), body))
 
     @operation(blp, "deleteWebhook", scope="admin", errors=(404, 422, 503))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import marshmallow as ma
 
+from celery_api.resources.fields import RequiredOnCreate, page_limit, page_offset
 from celery_api.services import webhooks
 from celery_api.smorest import RequestSchema, Schema
 
@@ -32,11 +33,8 @@ class WebhookFieldsSchema(RequestSchema):
                                                          "true)"})
 
 
-class WebhookCreateSchema(WebhookFieldsSchema):
-    def on_bind_field(self, field_name, field_obj):
-        if field_name in ("url", "event_types"):
-            field_obj.required = True
-        super().on_bind_field(field_name, field_obj)
+class WebhookCreateSchema(RequiredOnCreate, WebhookFieldsSchema):
+    required_on_create = ("url", "event_types")
 
 
 class WebhookSchema(Schema):
@@ -65,9 +63,8 @@ class WebhookWithSecretSchema(WebhookSchema):
 
 
 class WebhookListArgsSchema(RequestSchema):
-    limit = ma.fields.Integer(load_default=100, validate=ma.validate.Range(1, 1000),
-                              metadata={"description": "1 to 1000"})
-    offset = ma.fields.Integer(load_default=0, validate=ma.validate.Range(0, 10**9))
+    limit = page_limit(1000)
+    offset = page_offset()
 
 
 class WebhookListSchema(Schema):
