@@ -212,6 +212,7 @@ class Hub:
                 fresh = bool(self.fresh)
             timeout = 0.0 if fresh else max(0.0, min(next_recheck, first_deadline) - now)
             ids = self.source.wait(min(timeout, 0.5))
+            failed = False
             with self.app.app_context():
                 try:
                     with self.lock:
@@ -221,13 +222,21 @@ class Hub:
                         ids |= self._rechecked()
                         next_recheck = time.monotonic() + self.recheck
                     self._wake(ids)
-                    self._expire()
                 except Exception:  # noqa: BLE001 - the hub must outlive one bad read
                     log.exception("❌ waiting hub: a check failed; retrying")
-                    db.session.rollback()
-                    time.sleep(0.2)
+                    failed = True
+                    db.session.remove()  # (a failed read's transaction: discarded)
+                # Deadlines are kept whatever failed above: while the database is down
+                # every re-check fails, and the waiters due are answered (503) at them.
+                try:
+                    self._expire()
+                except Exception:  # noqa: BLE001 - as above
+                    log.exception("❌ waiting hub: answering the waiters due failed")
+                    failed = True
                 finally:
                     db.session.remove()
+            if failed:
+                time.sleep(0.2)
         self.source.close()
         self._answer_all()
 

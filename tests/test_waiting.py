@@ -7,9 +7,12 @@ poller). Runs are held by ``acme.steps``, which reports step n once the test rel
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
+import threading
+import time
 import uuid
 
 import pytest
@@ -23,6 +26,7 @@ from tests.support import (
     build_app,
     create_key,
     make_config,
+    stored_run,
     wait_for,
 )
 
@@ -412,3 +416,71 @@ def test_notifications_travel_through_the_embedded_redis(embedded_broker, tmp_pa
         assert heard == {UNKNOWN}
     finally:
         source.close()
+
+
+class _Messages(logging.Handler):
+    """The messages a logger emits (at any level)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_deadlines_are_kept_while_the_database_is_down(redis_server, tmp_path):
+    """The database stops answering while clients wait: the hub's periodic re-check
+    fails at each turn, and a waiter whose deadline comes meanwhile is answered at it
+    (503 problem+json: its run cannot be read), not held until the database is back."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from celery_api import waiting
+    from celery_api.extensions import db
+
+    app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/4"),
+                                WAIT_RECHECK_SECONDS=0.1))
+    task_id = stored_run(app, "STARTED")
+    down = threading.Event()
+
+    def refuse(cursor, statement, parameters, context):
+        if down.is_set() and "task_runs" in statement:
+            raise sqlite3.OperationalError("unable to open database file")
+        return None  # executed as usual
+
+    with app.app_context():
+        sa.event.listen(db.engine, "do_execute", refuse)
+    messages, logger = _Messages(), logging.getLogger("celery_api.waiting")
+    logger.addHandler(messages)
+    hub = waiting.Hub(app)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        headers = [("Content-Type", "application/json")]
+        watched = waiting.Waiter(task_id, "wait", time.monotonic() + 3600,
+                                 render=lambda view: b"{}")
+        hub.adopt(watched, pairs[0][1], "200 OK", headers)  # a run the re-check reads
+        down.set()
+        wait_for(lambda: any("a check failed" in line for line in messages.lines),
+                 timeout=20, message="a re-check to fail")
+        due = waiting.Waiter(task_id, "wait", time.monotonic() + 0.2,
+                             render=lambda view: b"{}")
+        hub.adopt(due, pairs[1][1], "200 OK", headers)
+        client = pairs[1][0]
+        client.settimeout(15)
+        raw = answered(lambda: read_all(client), 15)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), raw
+        assert b"content-type: application/problem+json" in head.lower()
+        assert json.loads(body)["status"] == 503
+        assert not has_data(pairs[0][0])  # the other one waits on (its deadline is far)
+    finally:
+        down.clear()
+        hub.shutdown(5)
+        logger.removeHandler(messages)
+        with app.app_context():
+            sa.event.remove(db.engine, "do_execute", refuse)
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
