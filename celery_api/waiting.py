@@ -188,6 +188,13 @@ class Hub:
 
     def adopt(self, waiter: Waiter, sock: socket.socket, status: str, headers) -> None:
         """Take a parked connection (gunicorn's main thread, the request handled)."""
+        # Non-blocking before the checker can see it: a run finishing now is answered at
+        # once, and that answer can reach the I/O loop before the "add" below; written
+        # to a blocking socket whose client does not read, it would stop the loop.
+        try:
+            sock.setblocking(False)
+        except OSError:
+            pass  # (a socket already failed: the I/O loop drops it on "add")
         waiter.sock, waiter.status, waiter.headers = sock, status, list(headers)
         if waiter.kind == "stream":
             waiter.out += response_head(status, headers) + waiter.prelude

@@ -484,3 +484,47 @@ def test_deadlines_are_kept_while_the_database_is_down(redis_server, tmp_path):
         for pair in pairs:
             for sock in pair:
                 sock.close()
+
+
+def test_an_answer_sent_before_its_socket_is_taken_never_blocks_the_hub(
+        redis_server, tmp_path):
+    """The run finishes as its waiter parks: the checker answers it before the I/O loop
+    has taken the socket (still blocking, as gunicorn leaves it). Held at that window,
+    with a client that never reads its (large) answer: the I/O loop must not block on
+    it, and another waiter is answered."""
+    from celery_api import waiting
+
+    app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/5")))
+    task_id = stored_run(app, "SUCCESS")
+    hub = waiting.Hub(app)
+    headers = [("Content-Type", "application/json")]
+    stuck = waiting.Waiter(task_id, "wait", time.monotonic() + 30,
+                           render=lambda view: b"x" * (8 * waiting.MAX_BUFFERED))
+    answered_first = threading.Event()
+    command, register = hub._command, hub.register
+
+    def note_the_answer(item):
+        command(item)
+        if item[0] == "send" and any(w is stuck for w, _data, _close in item[1]):
+            answered_first.set()
+
+    def register_then_hold(waiter):
+        register(waiter)
+        if waiter is stuck:  # the socket is handed to the I/O loop only after this
+            assert answered_first.wait(20), "the checker never answered the waiter"
+
+    hub._command, hub.register = note_the_answer, register_then_hold
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        hub.adopt(stuck, pairs[0][1], "200 OK", headers)  # its client never reads
+        other = waiting.Waiter(task_id, "wait", time.monotonic() + 30,
+                               render=lambda view: b"{}")
+        hub.adopt(other, pairs[1][1], "200 OK", headers)
+        pairs[1][0].settimeout(15)
+        code, body = parse_answer(answered(lambda: read_all(pairs[1][0]), 15))
+        assert code == 200 and body == {}
+    finally:
+        for pair in pairs:  # (unblocks a stuck I/O loop: its peer is gone)
+            for sock in pair:
+                sock.close()
+        hub.shutdown(5)
