@@ -8,7 +8,7 @@ worker treats the request as handled and its thread is free at once. Each proces
 one hub with two threads, whatever the number of waiters:
 
 - the **I/O loop** owns the parked sockets: it writes answers and events without
-  blocking (a reader slower than ``MAX_BUFFERED`` bytes behind is dropped), sends
+  blocking (a reader more than ``MAX_BUFFERED`` bytes behind is dropped), sends
   keep-alive comments on streams, and notices a client that goes away (its socket
   reads end-of-file) and forgets its waiter;
 - the **checker** reads the run notifications (``services.runevents``: one Redis
@@ -420,8 +420,7 @@ class Hub:
                 for w in list(conns):
                     if w.kind == "stream" and not w.closing \
                             and now - w.last_write >= self.keepalive:
-                        w.out += KEEPALIVE_COMMENT
-                        self._flush(w, conns)
+                        self._write(w, KEEPALIVE_COMMENT, False, conns)
             if stop and conns and now > self._stop_deadline:
                 for w in list(conns):
                     self._drop(w, conns)
@@ -447,11 +446,7 @@ class Hub:
                 self._flush(w, conns)
             elif command[0] == "send":
                 for w, data, close in command[1]:
-                    if w.closed:
-                        continue
-                    w.out += data
-                    w.closing = w.closing or close
-                    self._flush(w, conns)
+                    self._write(w, data, close, conns)
             else:
                 stop = True
                 if self._stop_deadline is None:
@@ -464,6 +459,21 @@ class Hub:
         if not data:  # the client went away
             self._drop(w, conns)
         # anything else (a pipelined request) is discarded: the connection closes after
+
+    def _write(self, w: Waiter, data: bytes, close: bool, conns: set[Waiter]) -> None:
+        """Queue ``data`` for ``w`` and write what its socket takes. A client still more
+        than ``MAX_BUFFERED`` bytes behind on earlier writes is dropped instead: the
+        bound is on falling behind, not on the size of one answer or event (a run with
+        a large result is sent whole to a client that reads it)."""
+        if w.closed:
+            return
+        if len(w.out) > MAX_BUFFERED:
+            log.info("dropped a waiter of %s: its client reads too slowly", w.task_id)
+            self._drop(w, conns)
+            return
+        w.out += data
+        w.closing = w.closing or close
+        self._flush(w, conns)
 
     def _flush(self, w: Waiter, conns: set[Waiter]) -> None:
         while w.out:
@@ -481,10 +491,6 @@ class Hub:
                 w.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-            self._drop(w, conns)
-            return
-        if len(w.out) > MAX_BUFFERED:
-            log.info("dropped a waiter of %s: its client reads too slowly", w.task_id)
             self._drop(w, conns)
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.out else 0)

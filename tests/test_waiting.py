@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import threading
@@ -527,4 +528,55 @@ def test_an_answer_sent_before_its_socket_is_taken_never_blocks_the_hub(
         for pair in pairs:  # (unblocks a stuck I/O loop: its peer is gone)
             for sock in pair:
                 sock.close()
+        hub.shutdown(5)
+
+
+def test_an_answer_larger_than_the_backlog_bound_is_sent_whole(redis_server, tmp_path):
+    """A waiter's answer bigger than MAX_BUFFERED (a run with a large result, params or
+    error) reaches a client that reads it, whole: the bound drops a client that falls
+    behind, and one answer written at once is not a client falling behind. Held at the
+    window: the client starts reading once the hub's first write has filled its socket."""
+    from celery_api import waiting
+
+    app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/6")))
+    task_id = stored_run(app, "SUCCESS")
+    hub = waiting.Hub(app)
+    body = b"x" * (4 * waiting.MAX_BUFFERED)
+    waiter = waiting.Waiter(task_id, "wait", time.monotonic() + 30, render=lambda view: body)
+    client, server = socket.socketpair()
+    stream_client, stream_server = socket.socketpair()
+    try:
+        hub.adopt(waiter, server, "200 OK", [("Content-Type", "application/json")])
+
+        def first_write_done(w, sock):
+            if w.closed:
+                return True
+            try:  # the loop waits to write the rest
+                return bool(hub.selector.get_key(sock).events & selectors.EVENT_WRITE)
+            except (KeyError, ValueError):
+                return False
+
+        wait_for(lambda: first_write_done(waiter, server), timeout=20,
+                 message="the hub's first write")
+        client.settimeout(15)
+        raw = answered(lambda: read_all(client), 15)
+        head, _, received = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert len(received) == len(body)
+        # A stream whose client reads nothing: still that far behind when the next
+        # event comes, it is dropped.
+        running = stored_run(app, "STARTED")
+        stream = waiting.Waiter(running, "stream", time.monotonic() + 30,
+                                last=("STARTED", None))
+        hub.adopt(stream, stream_server, "200 OK", [("Content-Type", "text/event-stream")])
+        hub._command(("send", [(stream, body, False)]))
+        wait_for(lambda: first_write_done(stream, stream_server), timeout=20,
+                 message="the stream's first write")
+        assert not stream.closed  # one event larger than the bound: sent
+        hub._command(("send", [(stream, b": more\n\n", False)]))
+        wait_for(lambda: stream.closed, timeout=20, message="the slow reader to be dropped")
+    finally:
+        for sock in (client, server, stream_client, stream_server):
+            sock.close()
         hub.shutdown(5)
