@@ -52,6 +52,7 @@ PARKING = "celery_api.parking"  # environ: set by the gunicorn fence, connection
 PARKED = "celery_api.parked"  # environ: set by the view, the Waiter to adopt
 MAX_BUFFERED = 1024 * 1024  # bytes a client may fall behind before it is dropped
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+DEADLINES_SLACK = 64  # entries of waiters done kept in the deadline heap, beyond its live ones
 
 _hubs: list[Hub] = []
 _hubs_lock = threading.Lock()
@@ -350,6 +351,12 @@ class Hub:
                 _, _, w = heapq.heappop(self.deadlines)
                 if not w.done:
                     due.append(w)
+            if len(self.deadlines) > 2 * self.count + DEADLINES_SLACK:
+                # Mostly waiters already answered or gone (clients that hang up, a
+                # stream's deadline 10 minutes away): forgotten now, not at their
+                # deadlines, with their buffers. Linear, once per that many waiters.
+                self.deadlines = [entry for entry in self.deadlines if not entry[2].done]
+                heapq.heapify(self.deadlines)
         views: dict = {}  # one read and one rendering per run for the waiters due now
         rendered: dict = {}
         sends: list = []

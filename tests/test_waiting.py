@@ -580,3 +580,36 @@ def test_an_answer_larger_than_the_backlog_bound_is_sent_whole(redis_server, tmp
         for sock in (client, server, stream_client, stream_server):
             sock.close()
         hub.shutdown(5)
+
+
+def test_waiters_gone_long_before_their_deadline_are_not_kept(redis_server, tmp_path):
+    """Clients that open a stream (deadline: CELERY_API_EVENTS_MAX_SECONDS away) and
+    hang up at once, over and over: each one's waiter is forgotten when its client goes,
+    not kept (with its buffers) until its deadline would have come."""
+    import gc
+    import weakref
+
+    from celery_api import waiting
+
+    app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/7")))
+    task_id = stored_run(app, "STARTED")
+    hub = waiting.Hub(app)
+    gone = []
+    try:
+        for _ in range(200):
+            client, server = socket.socketpair()
+            waiter = waiting.Waiter(task_id, "stream", time.monotonic() + 3600,
+                                    last=("STARTED", None), prelude=b"x" * 4096)
+            hub.adopt(waiter, server, "200 OK", [("Content-Type", "text/event-stream")])
+            client.close()  # the client hangs up
+            gone.append(weakref.ref(waiter))
+        del waiter, server
+        wait_for(lambda: hub.count == 0, timeout=20, message="every hang-up noticed")
+
+        def forgotten():  # (but a few, DEADLINES_SLACK at most: forgotten in bulk)
+            gc.collect()
+            return sum(ref() is not None for ref in gone) <= waiting.DEADLINES_SLACK
+
+        wait_for(forgotten, timeout=20, message="the waiters gone to be forgotten")
+    finally:
+        hub.shutdown(5)
