@@ -8,7 +8,7 @@ worker treats the request as handled and its thread is free at once. Each proces
 one hub with two threads, whatever the number of waiters:
 
 - the **I/O loop** owns the parked sockets: it writes answers and events without
-  blocking (a reader slower than ``MAX_BUFFERED`` bytes behind is dropped), sends
+  blocking (a reader more than ``MAX_BUFFERED`` bytes behind is dropped), sends
   keep-alive comments on streams, and notices a client that goes away (its socket
   reads end-of-file) and forgets its waiter;
 - the **checker** reads the run notifications (``services.runevents``: one Redis
@@ -52,6 +52,7 @@ PARKING = "celery_api.parking"  # environ: set by the gunicorn fence, connection
 PARKED = "celery_api.parked"  # environ: set by the view, the Waiter to adopt
 MAX_BUFFERED = 1024 * 1024  # bytes a client may fall behind before it is dropped
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+DEADLINES_SLACK = 64  # entries of waiters done kept in the deadline heap, beyond its live ones
 
 _hubs: list[Hub] = []
 _hubs_lock = threading.Lock()
@@ -188,6 +189,13 @@ class Hub:
 
     def adopt(self, waiter: Waiter, sock: socket.socket, status: str, headers) -> None:
         """Take a parked connection (gunicorn's main thread, the request handled)."""
+        # Non-blocking before the checker can see it: a run finishing now is answered at
+        # once, and that answer can reach the I/O loop before the "add" below; written
+        # to a blocking socket whose client does not read, it would stop the loop.
+        try:
+            sock.setblocking(False)
+        except OSError:
+            pass  # (a socket already failed: the I/O loop drops it on "add")
         waiter.sock, waiter.status, waiter.headers = sock, status, list(headers)
         if waiter.kind == "stream":
             waiter.out += response_head(status, headers) + waiter.prelude
@@ -212,6 +220,7 @@ class Hub:
                 fresh = bool(self.fresh)
             timeout = 0.0 if fresh else max(0.0, min(next_recheck, first_deadline) - now)
             ids = self.source.wait(min(timeout, 0.5))
+            failed = False
             with self.app.app_context():
                 try:
                     with self.lock:
@@ -221,13 +230,21 @@ class Hub:
                         ids |= self._rechecked()
                         next_recheck = time.monotonic() + self.recheck
                     self._wake(ids)
-                    self._expire()
                 except Exception:  # noqa: BLE001 - the hub must outlive one bad read
                     log.exception("❌ waiting hub: a check failed; retrying")
-                    db.session.rollback()
-                    time.sleep(0.2)
+                    failed = True
+                    db.session.remove()  # (a failed read's transaction: discarded)
+                # Deadlines are kept whatever failed above: while the database is down
+                # every re-check fails, and the waiters due are answered (503) at them.
+                try:
+                    self._expire()
+                except Exception:  # noqa: BLE001 - as above
+                    log.exception("❌ waiting hub: answering the waiters due failed")
+                    failed = True
                 finally:
                     db.session.remove()
+            if failed:
+                time.sleep(0.2)
         self.source.close()
         self._answer_all()
 
@@ -334,6 +351,12 @@ class Hub:
                 _, _, w = heapq.heappop(self.deadlines)
                 if not w.done:
                     due.append(w)
+            if len(self.deadlines) > 2 * self.count + DEADLINES_SLACK:
+                # Mostly waiters already answered or gone (clients that hang up, a
+                # stream's deadline 10 minutes away): forgotten now, not at their
+                # deadlines, with their buffers. Linear, once per that many waiters.
+                self.deadlines = [entry for entry in self.deadlines if not entry[2].done]
+                heapq.heapify(self.deadlines)
         views: dict = {}  # one read and one rendering per run for the waiters due now
         rendered: dict = {}
         sends: list = []
@@ -404,8 +427,7 @@ class Hub:
                 for w in list(conns):
                     if w.kind == "stream" and not w.closing \
                             and now - w.last_write >= self.keepalive:
-                        w.out += KEEPALIVE_COMMENT
-                        self._flush(w, conns)
+                        self._write(w, KEEPALIVE_COMMENT, False, conns)
             if stop and conns and now > self._stop_deadline:
                 for w in list(conns):
                     self._drop(w, conns)
@@ -431,11 +453,7 @@ class Hub:
                 self._flush(w, conns)
             elif command[0] == "send":
                 for w, data, close in command[1]:
-                    if w.closed:
-                        continue
-                    w.out += data
-                    w.closing = w.closing or close
-                    self._flush(w, conns)
+                    self._write(w, data, close, conns)
             else:
                 stop = True
                 if self._stop_deadline is None:
@@ -448,6 +466,21 @@ class Hub:
         if not data:  # the client went away
             self._drop(w, conns)
         # anything else (a pipelined request) is discarded: the connection closes after
+
+    def _write(self, w: Waiter, data: bytes, close: bool, conns: set[Waiter]) -> None:
+        """Queue ``data`` for ``w`` and write what its socket takes. A client still more
+        than ``MAX_BUFFERED`` bytes behind on earlier writes is dropped instead: the
+        bound is on falling behind, not on the size of one answer or event (a run with
+        a large result is sent whole to a client that reads it)."""
+        if w.closed:
+            return
+        if len(w.out) > MAX_BUFFERED:
+            log.info("dropped a waiter of %s: its client reads too slowly", w.task_id)
+            self._drop(w, conns)
+            return
+        w.out += data
+        w.closing = w.closing or close
+        self._flush(w, conns)
 
     def _flush(self, w: Waiter, conns: set[Waiter]) -> None:
         while w.out:
@@ -465,10 +498,6 @@ class Hub:
                 w.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-            self._drop(w, conns)
-            return
-        if len(w.out) > MAX_BUFFERED:
-            log.info("dropped a waiter of %s: its client reads too slowly", w.task_id)
             self._drop(w, conns)
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.out else 0)

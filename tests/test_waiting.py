@@ -7,9 +7,13 @@ poller). Runs are held by ``acme.steps``, which reports step n once the test rel
 from __future__ import annotations
 
 import json
+import logging
 import os
+import selectors
 import signal
 import socket
+import threading
+import time
 import uuid
 
 import pytest
@@ -23,6 +27,7 @@ from tests.support import (
     build_app,
     create_key,
     make_config,
+    stored_run,
     wait_for,
 )
 
@@ -403,3 +408,199 @@ def test_notifications_travel_through_the_embedded_redis(embedded_broker, tmp_pa
         assert heard == {UNKNOWN}
     finally:
         source.close()
+
+
+class _Messages(logging.Handler):
+    """The messages a logger emits (at any level)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_deadlines_are_kept_while_the_database_is_down(redis_server, tmp_path):
+    """The database stops answering while clients wait: the hub's periodic re-check
+    fails at each turn, and a waiter whose deadline comes meanwhile is answered at it
+    (503 problem+json: its run cannot be read), not held until the database is back."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from celery_api import waiting
+    from celery_api.extensions import db
+
+    app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/4"),
+                                WAIT_RECHECK_SECONDS=0.1))
+    task_id = stored_run(app, "STARTED")
+    down = threading.Event()
+
+    def refuse(cursor, statement, parameters, context):
+        if down.is_set() and "task_runs" in statement:
+            raise sqlite3.OperationalError("unable to open database file")
+        return None  # executed as usual
+
+    with app.app_context():
+        sa.event.listen(db.engine, "do_execute", refuse)
+    messages, logger = _Messages(), logging.getLogger("celery_api.waiting")
+    logger.addHandler(messages)
+    hub = waiting.Hub(app)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        headers = [("Content-Type", "application/json")]
+        watched = waiting.Waiter(task_id, "wait", time.monotonic() + 3600,
+                                 render=lambda view: b"{}")
+        hub.adopt(watched, pairs[0][1], "200 OK", headers)  # a run the re-check reads
+        down.set()
+        wait_for(lambda: any("a check failed" in line for line in messages.lines),
+                 timeout=20, message="a re-check to fail")
+        due = waiting.Waiter(task_id, "wait", time.monotonic() + 0.2,
+                             render=lambda view: b"{}")
+        hub.adopt(due, pairs[1][1], "200 OK", headers)
+        client = pairs[1][0]
+        client.settimeout(15)
+        raw = answered(lambda: read_all(client), 15)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), raw
+        assert b"content-type: application/problem+json" in head.lower()
+        assert json.loads(body)["status"] == 503
+        assert not has_data(pairs[0][0])  # the other one waits on (its deadline is far)
+    finally:
+        down.clear()
+        hub.shutdown(5)
+        logger.removeHandler(messages)
+        with app.app_context():
+            sa.event.remove(db.engine, "do_execute", refuse)
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+
+
+def test_an_answer_sent_before_its_socket_is_taken_never_blocks_the_hub(
+        redis_server, tmp_path):
+    """The run finishes as its waiter parks: the checker answers it before the I/O loop
+    has taken the socket (still blocking, as gunicorn leaves it). Held at that window,
+    with a client that never reads its (large) answer: the I/O loop must not block on
+    it, and another waiter is answered."""
+    from celery_api import waiting
+
+    app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/5")))
+    task_id = stored_run(app, "SUCCESS")
+    hub = waiting.Hub(app)
+    headers = [("Content-Type", "application/json")]
+    stuck = waiting.Waiter(task_id, "wait", time.monotonic() + 30,
+                           render=lambda view: b"x" * (8 * waiting.MAX_BUFFERED))
+    answered_first = threading.Event()
+    command, register = hub._command, hub.register
+
+    def note_the_answer(item):
+        command(item)
+        if item[0] == "send" and any(w is stuck for w, _data, _close in item[1]):
+            answered_first.set()
+
+    def register_then_hold(waiter):
+        register(waiter)
+        if waiter is stuck:  # the socket is handed to the I/O loop only after this
+            assert answered_first.wait(20), "the checker never answered the waiter"
+
+    hub._command, hub.register = note_the_answer, register_then_hold
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        hub.adopt(stuck, pairs[0][1], "200 OK", headers)  # its client never reads
+        other = waiting.Waiter(task_id, "wait", time.monotonic() + 30,
+                               render=lambda view: b"{}")
+        hub.adopt(other, pairs[1][1], "200 OK", headers)
+        pairs[1][0].settimeout(15)
+        code, body = parse_answer(answered(lambda: read_all(pairs[1][0]), 15))
+        assert code == 200 and body == {}
+    finally:
+        for pair in pairs:  # (unblocks a stuck I/O loop: its peer is gone)
+            for sock in pair:
+                sock.close()
+        hub.shutdown(5)
+
+
+def test_an_answer_larger_than_the_backlog_bound_is_sent_whole(redis_server, tmp_path):
+    """A waiter's answer bigger than MAX_BUFFERED (a run with a large result, params or
+    error) reaches a client that reads it, whole: the bound drops a client that falls
+    behind, and one answer written at once is not a client falling behind. Held at the
+    window: the client starts reading once the hub's first write has filled its socket."""
+    from celery_api import waiting
+
+    app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/6")))
+    task_id = stored_run(app, "SUCCESS")
+    hub = waiting.Hub(app)
+    body = b"x" * (4 * waiting.MAX_BUFFERED)
+    waiter = waiting.Waiter(task_id, "wait", time.monotonic() + 30, render=lambda view: body)
+    client, server = socket.socketpair()
+    stream_client, stream_server = socket.socketpair()
+    try:
+        hub.adopt(waiter, server, "200 OK", [("Content-Type", "application/json")])
+
+        def first_write_done(w, sock):
+            if w.closed:
+                return True
+            try:  # the loop waits to write the rest
+                return bool(hub.selector.get_key(sock).events & selectors.EVENT_WRITE)
+            except (KeyError, ValueError):
+                return False
+
+        wait_for(lambda: first_write_done(waiter, server), timeout=20,
+                 message="the hub's first write")
+        client.settimeout(15)
+        raw = answered(lambda: read_all(client), 15)
+        head, _, received = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert len(received) == len(body)
+        # A stream whose client reads nothing: still that far behind when the next
+        # event comes, it is dropped.
+        running = stored_run(app, "STARTED")
+        stream = waiting.Waiter(running, "stream", time.monotonic() + 30,
+                                last=("STARTED", None))
+        hub.adopt(stream, stream_server, "200 OK", [("Content-Type", "text/event-stream")])
+        hub._command(("send", [(stream, body, False)]))
+        wait_for(lambda: first_write_done(stream, stream_server), timeout=20,
+                 message="the stream's first write")
+        assert not stream.closed  # one event larger than the bound: sent
+        hub._command(("send", [(stream, b": more\n\n", False)]))
+        wait_for(lambda: stream.closed, timeout=20, message="the slow reader to be dropped")
+    finally:
+        for sock in (client, server, stream_client, stream_server):
+            sock.close()
+        hub.shutdown(5)
+
+
+def test_waiters_gone_long_before_their_deadline_are_not_kept(redis_server, tmp_path):
+    """Clients that open a stream (deadline: CELERY_API_EVENTS_MAX_SECONDS away) and
+    hang up at once, over and over: each one's waiter is forgotten when its client goes,
+    not kept (with its buffers) until its deadline would have come."""
+    import gc
+    import weakref
+
+    from celery_api import waiting
+
+    app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/7")))
+    task_id = stored_run(app, "STARTED")
+    hub = waiting.Hub(app)
+    gone = []
+    try:
+        for _ in range(200):
+            client, server = socket.socketpair()
+            waiter = waiting.Waiter(task_id, "stream", time.monotonic() + 3600,
+                                    last=("STARTED", None), prelude=b"x" * 4096)
+            hub.adopt(waiter, server, "200 OK", [("Content-Type", "text/event-stream")])
+            client.close()  # the client hangs up
+            gone.append(weakref.ref(waiter))
+        del waiter, server
+        wait_for(lambda: hub.count == 0, timeout=20, message="every hang-up noticed")
+
+        def forgotten():  # (but a few, DEADLINES_SLACK at most: forgotten in bulk)
+            gc.collect()
+            return sum(ref() is not None for ref in gone) <= waiting.DEADLINES_SLACK
+
+        wait_for(forgotten, timeout=20, message="the waiters gone to be forgotten")
+    finally:
+        hub.shutdown(5)
