@@ -8,7 +8,8 @@ worker treats the request as handled and its thread is free at once. Each proces
 one hub with two threads, whatever the number of waiters:
 
 - the **I/O loop** owns the parked sockets: it writes answers and events without
-  blocking (a reader more than ``MAX_BUFFERED`` bytes behind is dropped), sends
+  blocking (a reader more than ``MAX_BUFFERED`` bytes behind, or one that takes nothing
+  for ``SEND_TIMEOUT`` seconds, is dropped), sends
   keep-alive comments on streams, and notices a client that goes away (its socket
   reads end-of-file) and forgets its waiter;
 - the **checker** reads the run notifications (``services.runevents``: one Redis
@@ -51,6 +52,7 @@ log = logging.getLogger("celery_api.waiting")
 PARKING = "celery_api.parking"  # environ: set by the gunicorn fence, connections can park
 PARKED = "celery_api.parked"  # environ: set by the view, the Waiter to adopt
 MAX_BUFFERED = 1024 * 1024  # bytes a client may fall behind before it is dropped
+SEND_TIMEOUT = 60.0  # seconds a client may take nothing of what it is sent (as nginx's)
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
 DEADLINES_SLACK = 64  # entries of waiters done kept in the deadline heap, beyond its live ones
 
@@ -135,6 +137,7 @@ class Hub:
         self.pid = os.getpid()
         self.capacity = config["WAIT_MAX_WAITERS"]
         self.keepalive = config["EVENTS_KEEPALIVE_SECONDS"]
+        self.send_timeout = SEND_TIMEOUT
         self.source = runevents.source_for(config)
         self.recheck = (config["WAIT_RECHECK_SECONDS"] if self.source.kind == "redis"
                         else config["WAIT_POLL_SECONDS"])
@@ -262,7 +265,8 @@ class Hub:
         due = set()
         for task_id, waiters in watched.items():
             fp = found.get(task_id)
-            if fp is None:
+            if fp is None:  # purged while waited on: its waiters are told so
+                due.add(task_id)
                 continue
             for w in waiters:
                 if w.kind == "block" or (w.kind == "wait" and runstate.is_finished(fp[0])) \
@@ -292,7 +296,17 @@ class Hub:
             if not parked:
                 continue
             view = self._describe(task_id)
-            if not isinstance(view, runs.RunView):
+            if view is UNAVAILABLE:
+                continue  # the next wake, or the deadline, tries again
+            if view is GONE:  # purged while waited on: 404 now, streams end
+                sends = []
+                for w in parked:
+                    if w.kind == "wait":
+                        self._answer(w, GONE, None, sends)
+                    else:
+                        self.unregister(w)
+                        sends.append((w, b"", True))
+                self._command(("send", sends))
                 continue
             finished = runstate.is_finished(view.status)
             rendered: dict = {}  # one rendering per kind (and last state) for all waiters
@@ -425,7 +439,13 @@ class Hub:
             if now >= next_keepalive:
                 next_keepalive = now + 1.0
                 for w in list(conns):
-                    if w.kind == "stream" and not w.closing \
+                    if w.out and now - w.last_write >= self.send_timeout:
+                        # Answered, but its client reads nothing: its socket and
+                        # buffer are not held for as long as it stays connected.
+                        log.info("dropped a waiter of %s: its client took nothing for "
+                                 "%.0f s", w.task_id, now - w.last_write)
+                        self._drop(w, conns)
+                    elif w.kind == "stream" and not w.closing \
                             and now - w.last_write >= self.keepalive:
                         self._write(w, KEEPALIVE_COMMENT, False, conns)
             if stop and conns and now > self._stop_deadline:
@@ -478,6 +498,8 @@ class Hub:
             log.info("dropped a waiter of %s: its client reads too slowly", w.task_id)
             self._drop(w, conns)
             return
+        if not w.out:  # the send timeout counts from now
+            w.last_write = time.monotonic()
         w.out += data
         w.closing = w.closing or close
         self._flush(w, conns)

@@ -604,3 +604,75 @@ def test_waiters_gone_long_before_their_deadline_are_not_kept(redis_server, tmp_
         wait_for(forgotten, timeout=20, message="the waiters gone to be forgotten")
     finally:
         hub.shutdown(5)
+
+
+def test_a_client_that_takes_nothing_is_dropped_after_the_send_timeout(redis_server,
+                                                                         tmp_path):
+    """An answered waiter whose client never reads (its socket full, the rest of the
+    answer queued) is dropped once it has taken nothing for the send timeout, as nginx's
+    send_timeout: its socket and buffer are not held for as long as it stays connected
+    (answered waiters no longer count against CELERY_API_WAIT_MAX_WAITERS)."""
+    from celery_api import waiting
+
+    app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/6")))
+    task_id = stored_run(app, "SUCCESS")
+    hub = waiting.Hub(app)
+    hub.send_timeout = 1.0
+    body = b"x" * (4 * waiting.MAX_BUFFERED)
+    waiter = waiting.Waiter(task_id, "wait", time.monotonic() + 60, render=lambda view: body)
+    client, server = socket.socketpair()
+    try:
+        hub.adopt(waiter, server, "200 OK", [("Content-Type", "application/json")])
+        wait_for(lambda: waiter.done, timeout=20, message="the waiter answered")
+        assert not waiter.closed or waiter.out  # answered, not all of it taken
+        wait_for(lambda: waiter.closed, timeout=20,
+                 message="the client that reads nothing to be dropped")
+        client.settimeout(15)
+        received = answered(lambda: read_all(client), 15)  # what it took, then the end
+        assert received.startswith(b"HTTP/1.1 200 ") and len(received) < len(body)
+    finally:
+        client.close()
+        server.close()
+        hub.shutdown(5)
+
+
+def test_waiters_of_a_run_purged_while_waited_on_are_told_at_the_next_recheck(
+        redis_server, tmp_path):
+    """A run deleted from the history while clients wait on it: a waiter is answered
+    404 and a stream ends at the next re-check, not at their deadlines (a stream's is
+    CELERY_API_EVENTS_MAX_SECONDS away)."""
+    import sqlalchemy as sa
+
+    from celery_api import waiting
+    from celery_api.extensions import db
+    from celery_api.models import TaskRun
+
+    app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/7"),
+                                WAIT_RECHECK_SECONDS=0.2))
+    task_id = stored_run(app, "STARTED")
+    hub = waiting.Hub(app)
+    wait_client, wait_server = socket.socketpair()
+    stream_client, stream_server = socket.socketpair()
+    try:
+        waiter = waiting.Waiter(task_id, "wait", time.monotonic() + 600,
+                                render=lambda view: b"{}")
+        stream = waiting.Waiter(task_id, "stream", time.monotonic() + 600,
+                                last=("STARTED", None))
+        hub.adopt(waiter, wait_server, "200 OK", [("Content-Type", "application/json")])
+        hub.adopt(stream, stream_server, "200 OK", [("Content-Type", "text/event-stream")])
+        wait_for(lambda: hub.count == 2 and not hub.fresh, timeout=20,
+                 message="both parked and seen by the checker")
+        assert not has_data(wait_client)  # still running: no answer yet
+        with app.app_context():
+            db.session.execute(sa.delete(TaskRun).where(TaskRun.id == task_id))
+            db.session.commit()
+        wait_client.settimeout(15)
+        status, body = parse_answer(answered(lambda: read_all(wait_client), 15))
+        assert status == 404 and "purged" in body["detail"]
+        stream_client.settimeout(15)
+        assert answered(lambda: read_all(stream_client), 15).startswith(b"HTTP/1.1 200 ")
+        assert hub.count == 0
+    finally:
+        for sock in (wait_client, wait_server, stream_client, stream_server):
+            sock.close()
+        hub.shutdown(5)
