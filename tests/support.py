@@ -5,6 +5,7 @@ the helpers that launch, read and wait on runs. Tests import helpers from here o
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -434,6 +435,18 @@ def close_app(app) -> None:
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
+
+
+class LogLines(logging.Handler):
+    """The messages of the records a logger emits at ``level`` or above, in ``lines``
+    (``logger.addHandler(handler)``; from any thread)."""
+
+    def __init__(self, level: int = logging.DEBUG):
+        super().__init__(level)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
 
 
 def raising(error: BaseException) -> Callable[..., object]:

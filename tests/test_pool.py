@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from celery_api.extensions import db
 from celery_api.models import TaskRun
 from celery_api.services import database
-from tests.support import build_app, close_app, make_config
+from tests.support import LogLines, build_app, close_app, make_config
 
 LAUNCH = "/api/celery/tasks/launch"
 ADD = {"task_type": "acme.add", "params": {"a": 1, "b": 2}}
@@ -54,19 +54,10 @@ def runs(app) -> set[str]:
         return ids
 
 
-class Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 @contextlib.contextmanager
 def launch_warnings():
     """The warnings the launch service logs meanwhile (a list of messages, filled in)."""
-    lines, logger = Lines(), logging.getLogger("celery_api.launch")
+    lines, logger = LogLines(logging.WARNING), logging.getLogger("celery_api.launch")
     logger.addHandler(lines)
     try:
         yield lines.lines

@@ -22,6 +22,7 @@ import requests
 
 from tests.support import (
     LiveServer,
+    LogLines,
     Worker,
     answered,
     build_app,
@@ -410,17 +411,6 @@ def test_notifications_travel_through_the_embedded_redis(embedded_broker, tmp_pa
         source.close()
 
 
-class _Messages(logging.Handler):
-    """The messages a logger emits (at any level)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def test_deadlines_are_kept_while_the_database_is_down(redis_server, tmp_path):
     """The database stops answering while clients wait: the hub's periodic re-check
     fails at each turn, and a waiter whose deadline comes meanwhile is answered at it
@@ -444,7 +434,7 @@ def test_deadlines_are_kept_while_the_database_is_down(redis_server, tmp_path):
 
     with app.app_context():
         sa.event.listen(db.engine, "do_execute", refuse)
-    messages, logger = _Messages(), logging.getLogger("celery_api.waiting")
+    messages, logger = LogLines(), logging.getLogger("celery_api.waiting")
     logger.addHandler(messages)
     hub = waiting.Hub(app)
     pairs = [socket.socketpair() for _ in range(2)]
