@@ -112,6 +112,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    least = BATCHES * BATCH_SIZE + CHILDREN + 1  # batched runs, then a family beside them
+    if args.rows < least:
+        parser.error(f"--rows must be at least {least:,}: {BATCHES} batches of "
+                     f"{BATCH_SIZE} runs, and a parent with {CHILDREN} children outside them")
     text = "\n".join([f"## The console's pages on {args.rows:,} runs (PostgreSQL)", "",
                       console_section(args.rows, args.repeat)])
     report(text, "console", args.write)
