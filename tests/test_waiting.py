@@ -601,7 +601,7 @@ def test_a_client_that_takes_nothing_is_dropped_after_the_send_timeout(redis_ser
     """An answered waiter whose client never reads (its socket full, the rest of the
     answer queued) is dropped once it has taken nothing for the send timeout, as nginx's
     send_timeout: its socket and buffer are not held for as long as it stays connected
-    (answered waiters no longer count against CELERY_API_WAIT_MAX_WAITERS)."""
+    (answered waiters no longer count against CELERY_API_MAX_WAITERS)."""
     from celery_api import waiting
 
     app = build_app(make_config(tmp_path, redis_server.url.replace("/0", "/6")))
