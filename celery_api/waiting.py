@@ -302,10 +302,9 @@ class Hub:
                 sends = []
                 for w in parked:
                     if w.kind == "wait":
-                        self._answer(w, GONE, None, sends)
+                        self._answer(w, GONE, {}, sends)
                     else:
-                        self.unregister(w)
-                        sends.append((w, b"", True))
+                        self._end_stream(w, sends)
                 self._command(("send", sends))
                 continue
             finished = runstate.is_finished(view.status)
@@ -331,10 +330,9 @@ class Hub:
                 self._command(("send", sends))
             db.session.rollback()  # end the read: the next one sees new commits
 
-    def _answer(self, w: Waiter, view, rendered: dict | None = None,
-                sends: list | None = None) -> None:
-        """Answer a ``wait`` waiter and forget it. ``rendered`` shares the body and head
-        among the waiters of one wake (same route, same headers: one rendering);
+    def _answer(self, w: Waiter, view, rendered: dict, sends: list) -> None:
+        """Answer a ``wait`` waiter and forget it. ``rendered`` shares the body among
+        the waiters of one run (the head is each one's own: its ``X-Request-ID``);
         ``sends`` collects the answer for the caller to hand over with the others."""
         if view is GONE:
             data = problem_answer(404, "Not Found", f"Task {w.task_id} was purged from "
@@ -343,19 +341,12 @@ class Hub:
             data = problem_answer(503, "Service Unavailable", "The run's record cannot be "
                                   "read now; send the request again.", retry_after=5)
         else:
-            rendered = {} if rendered is None else rendered
             if "wait" not in rendered:
                 rendered["wait"] = w.render(view)
             body = rendered["wait"]
-            key = ("head", w.status, tuple(w.headers))
-            if key not in rendered:
-                rendered[key] = response_head(w.status, w.headers, len(body)) + body
-            data = rendered[key]
+            data = response_head(w.status, w.headers, len(body)) + body
         self.unregister(w)
-        if sends is None:
-            self._command(("send", [(w, data, True)]))
-        else:
-            sends.append((w, data, True))
+        sends.append((w, data, True))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -383,8 +374,7 @@ class Hub:
                     rendered[w.task_id] = {}
                 self._answer(w, views[w.task_id], rendered[w.task_id], sends)
             else:  # a stream at its longest: it ends, the client reconnects
-                self.unregister(w)
-                sends.append((w, b"", True))
+                self._end_stream(w, sends)
         if sends:
             self._command(("send", sends))
 
@@ -392,27 +382,34 @@ class Hub:
         """Stopping: every parked waiter is answered with the current state."""
         with self.lock:
             waiters = [w for ws in self.by_run.values() for w in ws if not w.done]
+        sends: list = []
         with self.app.app_context():
             try:
                 views: dict = {}
+                rendered: dict = {}
                 for w in waiters:
                     if w.kind == "block":
                         w.event.set()
                     elif w.kind == "wait":
                         if w.task_id not in views:
                             views[w.task_id] = self._describe(w.task_id)
-                        self._answer(w, views[w.task_id])
+                            rendered[w.task_id] = {}
+                        self._answer(w, views[w.task_id], rendered[w.task_id], sends)
                     else:
-                        self._send(w, b"", close=True)
-                        self.unregister(w)
+                        self._end_stream(w, sends)
             except Exception:  # noqa: BLE001 - the rest are closed by the I/O loop
                 log.exception("❌ waiting hub: could not answer every waiter at stop")
             finally:
                 db.session.remove()
+        if sends:
+            self._command(("send", sends))
         self._command(("stop",))
 
-    def _send(self, w: Waiter, data: bytes, close: bool = False) -> None:
-        self._command(("send", [(w, data, close)]))
+    def _end_stream(self, w: Waiter, sends: list) -> None:
+        """Forget a stream and queue its end (the connection closes once its events are
+        written): its run finished or was purged, its longest time came, or the hub stops."""
+        self.unregister(w)
+        sends.append((w, b"", True))
 
     # --- the I/O thread ---
 
