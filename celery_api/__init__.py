@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from inspect import iscoroutinefunction
 from pathlib import Path
 
@@ -30,21 +31,14 @@ class App(Flask):
     function goes to Flask's own ``ensure_sync``, which Flask documents as the method
     to override."""
 
-    COROUTINE_CACHE_SIZE = 1024  # the app's functions; anything beyond starts it over
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._coroutine: dict = {}
+        # The app's functions: a few dozen; the bound keeps anything else from growing it.
+        self._is_coroutine = lru_cache(maxsize=1024)(lambda func: iscoroutinefunction(func))
 
     def ensure_sync(self, func):
-        key = getattr(func, "__func__", func)
         try:
-            coroutine = self._coroutine[key]
-        except KeyError:
-            coroutine = iscoroutinefunction(func)
-            if len(self._coroutine) >= self.COROUTINE_CACHE_SIZE:
-                self._coroutine.clear()
-            self._coroutine[key] = coroutine
+            coroutine = self._is_coroutine(getattr(func, "__func__", func))
         except TypeError:  # an unhashable callable: asked each time
             coroutine = iscoroutinefunction(func)
         return super().ensure_sync(func) if coroutine else func

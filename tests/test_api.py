@@ -46,7 +46,7 @@ def test_ensure_sync_is_asked_once_per_function(client, app, monkeypatch):
     asked = []
     monkeypatch.setattr(celery_api, "iscoroutinefunction",
                         lambda func: asked.append(func) or inspect.iscoroutinefunction(func))
-    app._coroutine.clear()
+    app._is_coroutine.cache_clear()
     assert client.get("/api/celery/tasks").status_code == 200
     first = len(asked)
     assert first > 0
