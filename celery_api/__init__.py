@@ -57,7 +57,8 @@ def create_app(config: dict | None = None) -> Flask:
     db.init_app(app)
     _tune_sqlite(app)
     with app.app_context():
-        database.ping_when_idle(db.engine)
+        for engine in db.engines.values():
+            database.ping_when_idle(engine)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
     app.extensions["celery_api.catalog"] = load_catalog(app.config["TASK_MODULES"])
     app.extensions["celery_api.queues"] = queues_of(app)
@@ -114,6 +115,11 @@ def _configure(app: Flask, config: dict, instance_path: Path) -> None:
         app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
             **app.config["SQLALCHEMY_ENGINE_OPTIONS"],
             "connect_args": {"connect_timeout": app.config["DATABASE_CONNECT_TIMEOUT"]}}
+    bind = database.autocommit_bind(app.config["SQLALCHEMY_DATABASE_URI"],
+                                    app.config["SQLALCHEMY_ENGINE_OPTIONS"])
+    if bind is not None:
+        app.config["SQLALCHEMY_BINDS"] = {**app.config.get("SQLALCHEMY_BINDS", {}),
+                                          database.AUTOCOMMIT_BIND: bind}
 
 
 def _trust_proxies(app: Flask) -> None:
@@ -155,7 +161,8 @@ def _tune_sqlite(app: Flask) -> None:
         cursor.close()
 
     with app.app_context():
-        event.listen(db.engine, "connect", on_connect)
+        for engine in db.engines.values():  # the autocommit engine's too
+            event.listen(engine, "connect", on_connect)
 
 
 def _register_blueprints(app: Flask, api) -> None:

@@ -128,27 +128,31 @@ def too_large(limit: int) -> Response:
 
 
 def check_body():
-    """413 for a body over the limit; 415 unless it is plain application/json in UTF-8."""
+    """413 for a body over the limit; 415 unless it is plain application/json in UTF-8
+    (an HTML form posted to the console excepted). A body is one with a length or a
+    Transfer-Encoding; GET, HEAD, DELETE and OPTIONS are not checked for one."""
+    req = request._get_current_object()  # one context lookup for the checks below
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
-    if request.environ.get(TOO_LARGE_FLAG) or (
-            limit is not None and (request.content_length or 0) > limit):
+    length = req.content_length or 0
+    if req.environ.get(TOO_LARGE_FLAG) or (limit is not None and length > limit):
         return too_large(limit)
-    has_body = request.content_length or "chunked" in request.headers.get(
-        "Transfer-Encoding", "").lower()
-    if request.method not in BODY_METHODS or not has_body:
+    if req.method not in BODY_METHODS:
+        return None
+    headers = req.headers
+    if not length and not headers.get("Transfer-Encoding"):
         return None
     if form_post():
         return None
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    encoding = headers.get("Content-Encoding", "").strip().lower()
     if encoding and encoding != "identity":
         return problem_response(
             415, f"Content-Encoding {encoding!r} is not accepted: send the body "
                  f"uncompressed.", headers={"Accept-Encoding": "identity"})
-    if request.mimetype != "application/json":
+    mimetype = req.mimetype
+    if mimetype != "application/json":
         return problem_response(
-            415, f"Send the body as application/json (got "
-                 f"{request.mimetype or 'no Content-Type'}).")
-    charset = request.mimetype_params.get("charset")
+            415, f"Send the body as application/json (got {mimetype or 'no Content-Type'}).")
+    charset = req.mimetype_params.get("charset")
     if charset is not None and charset.strip().lower() not in JSON_CHARSETS:
         return problem_response(
             415, f"Send the body as application/json in UTF-8 (got charset={charset[:40]}).")
@@ -180,24 +184,34 @@ def answer_preflight():
 
 
 def edge_headers(response: Response) -> Response:
+    headers = response.headers
+    # One pass over the response's headers, then the missing ones added: a setdefault
+    # each would scan them three times and raise a KeyError inside werkzeug when absent.
+    present = {name.lower() for name, _ in headers}
     for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-    response.headers.setdefault("Content-Security-Policy", POLICIES.get(request.blueprint,
-                                                                       API_POLICY))
+        if name.lower() not in present:
+            headers.add(name, value)
+    if "content-security-policy" not in present:
+        headers.add("Content-Security-Policy", POLICIES.get(request.blueprint, API_POLICY))
     if current_app.config["CORS_ORIGINS"]:
         response.vary.add("Origin")
         origin = _allowed_origin()
         if origin:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
-    location = response.headers.get("Location")
-    if location and own_path(location) != location:
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
+    location = headers.get("Location") if "location" in present else None
+    if location and not _is_path(location) and own_path(location) != location:
         # Werkzeug's redirect page repeats the absolute URL: replaced too.
-        response.headers["Location"] = own_path(location)
+        headers["Location"] = own_path(location)
         if 300 <= response.status_code < 400:
-            response.set_data(f"Redirecting to {response.headers['Location']}\n")
+            response.set_data(f"Redirecting to {headers['Location']}\n")
             response.mimetype = "text/plain"
     return response
+
+
+def _is_path(location: str) -> bool:
+    """A path already ("/...", not "//host/..."): own_path would keep it as it is."""
+    return location[:1] == "/" and location[1:2] != "/"
 
 
 def own_path(location: str) -> str:

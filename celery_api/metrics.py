@@ -10,6 +10,7 @@ time (queue depths, workers, run durations) is the collector of
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from http import HTTPStatus
@@ -82,11 +83,22 @@ def init_app(app: Flask, system_collector) -> None:
     def observe(response):
         started = g.pop("metrics_started", None)
         if started is not None:
-            endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-            method = method_label(request.method)
-            HTTP_REQUESTS.labels(method, endpoint, status_label(response.status_code)).inc()
-            HTTP_LATENCY.labels(method, endpoint).observe(time.perf_counter() - started)
+            req = request._get_current_object()
+            rule = req.url_rule
+            count, latency = request_series(method_label(req.method),
+                                            rule.rule if rule else "unmatched",
+                                            response.status_code)
+            count.inc()
+            latency.observe(time.perf_counter() - started)
         return response
+
+
+@functools.lru_cache(maxsize=1024)
+def request_series(method: str, endpoint: str, status: int) -> tuple:
+    """The request's counter and latency series (what ``labels`` would look up, with its
+    lock, on every request). The labels are a bounded set, so is this cache."""
+    return (HTTP_REQUESTS.labels(method, endpoint, status_label(status)),
+            HTTP_LATENCY.labels(method, endpoint))
 
 
 def exposition() -> Response:

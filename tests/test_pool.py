@@ -48,7 +48,10 @@ def kill_connections(app, admin_url: str) -> int:
 
 
 def runs(app) -> set[str]:
+    """The runs recorded, read on a new connection (the app's pool may hold connections
+    a test killed: single launches are recorded through the autocommit engine's)."""
     with app.app_context():
+        db.engine.dispose()
         ids = set(db.session.scalars(sa.select(TaskRun.id)))
         db.session.remove()
         return ids
@@ -109,7 +112,8 @@ def test_a_read_on_a_connection_lost_a_moment_ago_is_a_503_then_recovers(
 
 
 def test_a_launch_committed_whose_answer_was_lost_is_recorded_once(make_app):
-    """A single launch's record is one autocommitted INSERT (services.launch.record_runs).
+    """A single launch's record is one INSERT on the autocommit engine
+    (services.launch.record_runs, services.database.autocommit_bind).
     Held at the window: the database commits it, then the connection is lost before the
     client hears so. The second try on a new connection meets the run's own id: that
     is the record written, not a conflict: 202, one row."""
@@ -126,14 +130,50 @@ def test_a_launch_committed_whose_answer_was_lost_is_recorded_once(make_app):
         raise psycopg.OperationalError("server closed the connection unexpectedly")
 
     with app.app_context():
-        sa.event.listen(db.engine, "do_execute", commit_then_lose_the_answer)
+        engine = db.engines[database.AUTOCOMMIT_BIND]  # where a single launch is recorded
+    sa.event.listen(engine, "do_execute", commit_then_lose_the_answer)
     try:
         with launch_warnings() as logged:
             response = client.post(LAUNCH, json=ADD)
     finally:
-        with app.app_context():
-            sa.event.remove(db.engine, "do_execute", commit_then_lose_the_answer)
+        sa.event.remove(engine, "do_execute", commit_then_lose_the_answer)
     assert lost, "the hook never held a launch's INSERT"
     assert response.status_code == 202, response.get_data(as_text=True)
     assert any(RETRIED in line for line in logged)
     assert runs(app) == {response.get_json()["task_id"]}
+
+
+def test_a_single_launch_on_sqlite_runs_its_insert_and_nothing_else(tmp_path, redis_server):
+    """The record goes through the autocommit engine (services.database.autocommit_bind):
+    SQLite executes the INSERT alone, no BEGIN and COMMIT around it (the write lock held
+    across Python code between them) and no switch of isolation level per checkout (a
+    PRAGMA at each check-in), as SQLite's own trace shows."""
+    app = build_app(make_config(tmp_path, redis_server.url))
+    statements: list[str] = []
+    try:
+        with app.app_context():
+            engine = db.engines[database.AUTOCOMMIT_BIND]
+            engine.dispose()  # its connections from now on are traced
+
+            @sa.event.listens_for(engine, "connect")
+            def trace(dbapi_connection, _record):
+                dbapi_connection.set_trace_callback(statements.append)
+
+        client = app.test_client()
+        client.post(LAUNCH, json=ADD)  # a first connection: its PRAGMAs on connect
+        statements.clear()
+        response = client.post(LAUNCH, json=ADD)
+        assert response.status_code == 202, response.get_data(as_text=True)
+        assert [s.split(" (")[0] for s in statements] == ["INSERT INTO task_runs"], statements
+        assert response.get_json()["task_id"] in runs(app)
+    finally:
+        close_app(app)
+
+
+def test_an_in_memory_sqlite_database_has_no_autocommit_engine():
+    """A second engine on ":memory:" would be another, empty database: the app's engine
+    is switched to autocommit per connection instead."""
+    assert database.autocommit_bind("sqlite://", {}) is None
+    assert database.autocommit_bind("sqlite:///:memory:", {}) is None
+    assert database.autocommit_bind("sqlite:////tmp/a.db", {"pool_size": 3}) == {
+        "url": "sqlite:////tmp/a.db", "pool_size": 3, "isolation_level": "AUTOCOMMIT"}

@@ -215,16 +215,18 @@ def record_runs(prepared: list[Prepared]) -> None:
     409; any other error is a bug."""
     # Core statements on a connection of its own, outside the request's ORM session:
     # nothing to refresh afterwards, no session state, a tenth of a launch's CPU less.
-    # One record without tags (a single launch): one INSERT in autocommit, a transaction
-    # of its own: one round trip instead of BEGIN, INSERT and COMMIT, and as durable
-    # (the database answers it once committed). Many records: COPY on PostgreSQL, one
-    # executemany elsewhere, in one explicit transaction.
+    # One record without tags (a single launch): one INSERT on the autocommit engine
+    # (database.autocommit_bind), a transaction of its own: one round trip instead of
+    # BEGIN, INSERT and COMMIT, and as durable (the database answers it once
+    # committed). Many records: COPY on PostgreSQL, one executemany elsewhere, in one
+    # explicit transaction.
     records = [p.record for p in prepared]
     tags = [{"run_id": p.record["id"], "tag": tag} for p in prepared for tag in p.tags]
     single = len(records) == 1 and not tags
     try:
         for attempt in (1, 2):
-            with db.engine.connect() as connection:
+            engine = database.autocommit_engine() if single else db.engine
+            with engine.connect() as connection:
                 try:
                     if single:
                         _insert_alone(connection, records[0], again=attempt > 1)
@@ -264,10 +266,9 @@ def record_runs(prepared: list[Prepared]) -> None:
 
 
 def _insert_alone(connection, record: dict, again: bool) -> None:
-    """One record, one autocommitted INSERT. ``again``: the first try's connection was
-    lost, maybe after the database committed it; if this one is refused because the
-    run's id is already there, that row is this record: it is written."""
-    connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+    """One record, one INSERT on an autocommit connection. ``again``: the first try's
+    connection was lost, maybe after the database committed it; if this one is refused
+    because the run's id is already there, that row is this record: it is written."""
     try:
         connection.execute(RUNS_INSERT, record)
     except IntegrityError:

@@ -8,7 +8,12 @@ from flask.views import MethodView
 
 from celery_api.auth import caller
 from celery_api.idempotency import idempotent
-from celery_api.resources.fields import offset_page, parse_uuid, require_patch_body
+from celery_api.resources.fields import (
+    offset_page,
+    parse_uuid,
+    require_patch_body,
+    run_url,
+)
 from celery_api.resources.operation import operation
 from celery_api.resources.schedules.schemas import (
     ScheduleCreateSchema,
@@ -140,7 +145,7 @@ class ScheduleRun(MethodView):
         does not apply. Its trigger and `next_run_at` are unchanged.
         """
         run = schedules.run_now(_id(id), launched_by=caller())
-        location = url_for("status.TaskRunItem", task_id=run.id)
+        location = run_url(run.id)
         return ({"task_id": run.id, "schedule_id": _id(id), "status": run.status,
                  "status_url": location}, 202, {"Location": location})
 

@@ -5,13 +5,13 @@ the original's other paths, GET /tasks/{id}/status and POST /tasks/{id}/cancel
 from __future__ import annotations
 
 import marshmallow as ma
-from flask import current_app, request, url_for
+from flask import current_app, request
 from flask.views import MethodView
 
 from celery_api.auth import caller
 from celery_api.idempotency import idempotent
 from celery_api.limits import limit_header_docs
-from celery_api.resources.fields import known_state, parse_task_id
+from celery_api.resources.fields import known_state, parse_task_id, run_url
 from celery_api.resources.operation import operation
 from celery_api.resources.status.schemas import (
     CancelArgsSchema,
@@ -192,7 +192,7 @@ class TaskRunRetry(MethodView):
         by `retry_of`.
         """
         run = control.retry(parse_task_id(task_id), launched_by=caller())
-        location = url_for("status.TaskRunItem", task_id=run.id)
+        location = run_url(run.id)
         body = launch_response(run, location)
         body["message"] = f"Retry of {task_id} queued as {run.id}"
         return body, 202, {"Location": location}

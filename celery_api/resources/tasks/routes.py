@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from flask import current_app, url_for
+from flask import current_app
 from flask.views import MethodView
 
 from celery_api.auth import caller
 from celery_api.catalog import get_catalog
 from celery_api.idempotency import idempotent
+from celery_api.resources.fields import run_url
 from celery_api.resources.operation import operation
 from celery_api.resources.tasks.schemas import (
     AvailableTaskSchema,
@@ -74,7 +75,7 @@ class TaskLaunch(MethodView):
         """
         run = launch_service.launch(body["task_type"], body["params"], launch_options(body),
                                     launch_service.Lineage(launched_by=caller()), cache=True)
-        location = url_for("status.TaskRunItem", task_id=run.id)
+        location = run_url(run.id)
         return launch_response(run, location), 200 if run.cached else 202, {
             "Location": location}
 
