@@ -42,7 +42,12 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 from celery import Celery  # noqa: E402
 
-from bench.common import drop_database, reachable_database, write_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    POSTGRES_ADMIN,
+    drop_database,
+    reachable_database,
+    write_section,
+)
 from tests.support import (  # noqa: E402
     BIN,
     LiveServer,
@@ -197,6 +202,17 @@ class System:
         # PostgreSQL when reachable; otherwise the bench still runs, on SQLite, and says so.
         url, self.database = reachable_database()
         return url or f"sqlite:///{self.folder / 'bench.db'}"
+
+    def settle(self):
+        """On PostgreSQL, a CHECKPOINT: each measurement starts with the WAL of the ones
+        before it written out, instead of one of them paying for a checkpoint that the
+        WAL volume of another started (seen: an endpoint at half its rate in one round)."""
+        if self.database is None:
+            return
+        import psycopg
+
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
 
     def pause_workers(self):
         self.celery.control.cancel_consumer("celery", reply=True, timeout=2)

@@ -60,21 +60,24 @@ def start_servers(system) -> None:
 
 
 def measure(system, seconds: float) -> dict:
-    """One round: the four launch endpoints in turn (the caller pauses the workers)."""
+    """One round: the four launch endpoints in turn (the caller pauses the workers), each
+    after ``system.settle()`` (a CHECKPOINT on PostgreSQL)."""
     from bench.compare import FLOWER_BODY, LAUNCH_BODY, wrk
 
     launch = "/api/celery/tasks/launch"
-    return {
-        "api": wrk(f"{system.api.url}{launch}", seconds, method="POST", body=LAUNCH_BODY,
-                   folder=system.folder),
-        "api_auth": wrk(f"{system.api_auth.url}{launch}", seconds, method="POST",
-                        body=LAUNCH_BODY, folder=system.folder,
-                        headers={"Authorization": f"Bearer {system.key}"}),
-        "flower": wrk(f"{system.flower_url}/api/task/async-apply/bench.noop", seconds,
-                      method="POST", body=FLOWER_BODY, folder=system.folder),
-        "bare": wrk(f"{system.bare.url}/launch/bench.noop", seconds, method="POST",
-                    body=FLOWER_BODY, folder=system.folder),
+    endpoints = {
+        "api": (f"{system.api.url}{launch}", LAUNCH_BODY, None),
+        "api_auth": (f"{system.api_auth.url}{launch}", LAUNCH_BODY,
+                     {"Authorization": f"Bearer {system.key}"}),
+        "flower": (f"{system.flower_url}/api/task/async-apply/bench.noop", FLOWER_BODY, None),
+        "bare": (f"{system.bare.url}/launch/bench.noop", FLOWER_BODY, None),
     }
+    results = {}
+    for name, (url, body, headers) in endpoints.items():
+        system.settle()
+        results[name] = wrk(url, seconds, method="POST", body=body, folder=system.folder,
+                            headers=headers)
+    return results
 
 
 def rows(rounds: list[dict]) -> list[tuple]:
