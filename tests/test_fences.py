@@ -253,3 +253,66 @@ def test_urllib3_connections_keep_their_socket():
         conn.close()
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_sqlalchemy_insert_row_stores_what_core_stores(kind, tmp_path, redis_server,
+                                                       pg_databases):
+    """fences.sqlalchemy.insert_row against ``Connection.execute`` of the same INSERT:
+    every column of the row read back the same (the types' bind processors: JSON,
+    the UTC datetimes), a duplicate id refused as SQLAlchemy's IntegrityError, and the
+    statement compiled once per engine and column set."""
+    import datetime
+    import uuid
+
+    import sqlalchemy as sa
+
+    from celery_api.extensions import db
+    from celery_api.fences import sqlalchemy as sqlalchemy_fence
+    from celery_api.models import TaskRun
+    from celery_api.services import database
+    from celery_api.services.launch import RUNS_INSERT
+    from tests.support import build_app, close_app, make_config
+
+    url = pg_databases.create() if kind == "postgresql" else None
+    app = build_app(make_config(tmp_path, redis_server.url, url))
+    now = datetime.datetime.now(datetime.UTC)
+
+    def row() -> dict:
+        run_id = str(uuid.uuid4())
+        return {
+            "id": run_id, "task_type": "acme.add", "task_name": "acme.add",
+            "params": {"a": 1, "text": "é ✓", "nested": [1, None, {"b": True}]},
+            "status": "PENDING", "queue": "celery", "priority": 3, "tags": ["x", "y"],
+            "eta": now + datetime.timedelta(hours=1), "expires": None,
+            "company_id": "76354771-K", "parent_id": None, "root_id": run_id,
+            "retry_of": None, "batch_id": None, "schedule_id": None,
+            "scheduled_for": now, "launched_by": "ops", "retries": 0, "attempts": 0,
+            "created_at": now, "dispatch_at": None, "cache_key": None,
+            "webhook_url": "https://example.com/hook",
+        }
+
+    try:
+        with app.app_context():
+            engine = database.autocommit_engine()
+            assert engine is not None and engine.dialect.name == kind
+            by_core, by_fence = row(), row()
+            with engine.connect() as connection:
+                connection.execute(RUNS_INSERT, by_core)
+            sqlalchemy_fence.insert_row(engine, RUNS_INSERT, by_fence)
+            with db.engine.connect() as connection:  # another engine: committed
+                stored = {r.id: r._asdict() for r in connection.execute(
+                    sa.select(TaskRun.__table__)).all()}
+            core, fence = stored[by_core["id"]], stored[by_fence["id"]]
+            for name in ("id", "root_id"):
+                core.pop(name), fence.pop(name)
+            assert fence == core
+            assert fence["params"] == by_fence["params"] and fence["eta"] == by_fence["eta"]
+            with pytest.raises(sa.exc.IntegrityError):
+                sqlalchemy_fence.insert_row(engine, RUNS_INSERT, by_fence)
+            assert len(sqlalchemy_fence._compiled[engine]) == 1
+            with pytest.raises(ValueError, match="created_at"):  # a default it would skip
+                sqlalchemy_fence.insert_row(engine, RUNS_INSERT, {
+                    k: v for k, v in row().items() if k != "created_at"})
+    finally:
+        close_app(app)

@@ -111,32 +111,29 @@ def test_a_read_on_a_connection_lost_a_moment_ago_is_a_503_then_recovers(
     assert again.status_code == 200, again.get_data(as_text=True)
 
 
-def test_a_launch_committed_whose_answer_was_lost_is_recorded_once(make_app):
+def test_a_launch_committed_whose_answer_was_lost_is_recorded_once(make_app, monkeypatch):
     """A single launch's record is one INSERT on the autocommit engine
-    (services.launch.record_runs, services.database.autocommit_bind).
-    Held at the window: the database commits it, then the connection is lost before the
-    client hears so. The second try on a new connection meets the run's own id: that
-    is the record written, not a conflict: 202, one row."""
+    (services.launch.record_runs, services.database.autocommit_bind), run with the
+    driver's cursor (fences.sqlalchemy.insert_row). Held at the window, in the driver:
+    the database commits it, then the connection is lost before the client hears so.
+    The second try on a new connection meets the run's own id: that is the record
+    written, not a conflict: 202, one row."""
     app = make_app(idle_seconds=3600)
     client = app.test_client()
     lost = []
+    execute = psycopg.Cursor.execute
 
-    def commit_then_lose_the_answer(cursor, statement, parameters, context):
-        if lost or not statement.startswith("INSERT INTO task_runs"):
-            return None  # executed as usual
-        cursor.execute(statement, parameters)  # autocommit: it is written now
-        lost.append(parameters["id"] if isinstance(parameters, dict) else parameters)
+    def commit_then_lose_the_answer(cursor, query, params=None, **kwargs):
+        if lost or not str(query).startswith("INSERT INTO task_runs"):
+            return execute(cursor, query, params, **kwargs)  # executed as usual
+        execute(cursor, query, params, **kwargs)  # autocommit: it is written now
+        lost.append(params)
         cursor.connection.close()
         raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-    with app.app_context():
-        engine = db.engines[database.AUTOCOMMIT_BIND]  # where a single launch is recorded
-    sa.event.listen(engine, "do_execute", commit_then_lose_the_answer)
-    try:
-        with launch_warnings() as logged:
-            response = client.post(LAUNCH, json=ADD)
-    finally:
-        sa.event.remove(engine, "do_execute", commit_then_lose_the_answer)
+    with monkeypatch.context() as patched, launch_warnings() as logged:
+        patched.setattr(psycopg.Cursor, "execute", commit_then_lose_the_answer)
+        response = client.post(LAUNCH, json=ADD)
     assert lost, "the hook never held a launch's INSERT"
     assert response.status_code == 202, response.get_data(as_text=True)
     assert any(RETRIED in line for line in logged)

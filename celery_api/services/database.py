@@ -109,11 +109,9 @@ def autocommit_bind(uri: str, engine_options: dict) -> dict | None:
 
 
 def autocommit_engine():
-    """The engine for one statement that is its own transaction (see autocommit_bind)."""
-    engine = db.engines.get(AUTOCOMMIT_BIND)
-    if engine is None:  # in-memory SQLite: the app's engine, switched per connection
-        return db.engine.execution_options(isolation_level="AUTOCOMMIT")
-    return engine
+    """The engine for one statement that is its own transaction (see autocommit_bind),
+    or None (an in-memory SQLite database: switch a connection of the app's engine)."""
+    return db.engines.get(AUTOCOMMIT_BIND)
 
 
 # Pinging pooled connections: only those that sat idle (docs/BENCHMARKS.md).
