@@ -56,10 +56,20 @@ def burst(url: str, key: str, total: int, clients: int, during=None) -> list[str
 def check_exactly_once(stack, key: str, accepted: list[str], timeout: float = 600) -> None:
     redis_client = stack.celery.backend.client
     assert len(accepted) == len(set(accepted))
-    wait_for(lambda: int(redis_client.get(f"acme:count:{key}") or 0) >= len(accepted),
-             timeout=timeout, interval=0.5, message=f"{len(accepted)} executions")
-    executed = {member.decode() for member in redis_client.smembers(f"acme:runs:{key}")}
-    assert int(redis_client.get(f"acme:count:{key}")) == len(executed)  # no task ran twice
+
+    def executed_ids() -> set[str]:
+        return {member.decode() for member in redis_client.smembers(f"acme:runs:{key}")}
+
+    # Every 202 ran: waited for by id, not by count. Runs whose 202 was lost with a
+    # killed API process may run too, and would make a count reach len(accepted) while
+    # accepted runs are still queued.
+    wait_for(lambda: set(accepted) <= executed_ids(), timeout=timeout, interval=0.5,
+             message=f"the {len(accepted)} accepted runs to execute")
+    # No task ran twice: executions counted equal distinct runs (a task adds its id,
+    # then counts; one still between the two is waited for, a run twice never matches).
+    wait_for(lambda: int(redis_client.get(f"acme:count:{key}") or 0) == len(executed_ids()),
+             timeout=60, interval=0.5, message="as many executions as distinct runs")
+    executed = executed_ids()
     assert set(accepted) <= executed  # every 202 ran
     with stack.app.app_context():
         rows = dict(db.session.execute(

@@ -20,8 +20,10 @@ Relied on:
   ``.positiontup`` (the parameter names in order, for a positional paramstyle);
 - ``TypeEngine.dialect_impl(dialect).bind_processor(dialect)``: the processor
   SQLAlchemy applies to a parameter of that type (TypeDecorators included);
-- ``Engine.raw_connection()`` and its ``cursor()``, ``invalidate()``, ``close()``;
-  ``Pool.dispose()``; ``Dialect.is_disconnect(error, connection, cursor)``;
+- ``Engine.raw_connection()`` (which raises the driver's error when it cannot
+  connect: wrapped here as ``Engine.connect`` does) and its ``cursor()``,
+  ``invalidate()``, ``close()``; ``Pool.dispose()``;
+  ``Dialect.is_disconnect(error, connection, cursor)``;
 - ``DBAPIError.instance(statement, params, orig, dbapi_base_err,
   connection_invalidated=..., dialect=...)``: the exception SQLAlchemy raises for a
   driver's error.
@@ -50,7 +52,13 @@ def insert_row(engine, statement, row: dict) -> None:
         params = {name: process(row[name]) if process else row[name]
                   for name, process in zip(names, processors, strict=True)}
     dialect = engine.dialect
-    connection = engine.raw_connection()
+    try:
+        connection = engine.raw_connection()
+    except dialect.loaded_dbapi.Error as exc:  # the pool's connect raises it unwrapped
+        raise sa_exc.DBAPIError.instance(
+            None, None, exc, dialect.loaded_dbapi.Error,
+            connection_invalidated=dialect.is_disconnect(exc, None, None),
+            dialect=dialect) from exc
     cursor = None
     try:
         cursor = connection.cursor()
@@ -87,9 +95,10 @@ def _compile(engine, statement, keys: tuple) -> tuple:
     if missing:  # a column default the row does not carry: SQLAlchemy would add it
         raise ValueError(f"insert_row needs a value for every column it writes: "
                          f"{sorted(missing)} missing")
-    columns = statement.table.c
+    table = getattr(statement, "table", None)  # an INSERT's; None for text()
+    columns = table.c if table is not None else {}
     processors = tuple(columns[name].type.dialect_impl(dialect).bind_processor(dialect)
-                       for name in names)
+                       if name in columns else None for name in names)
     found = (compiled.string, names, processors, positional)
     with _lock:
         _compiled.setdefault(engine, {})[key] = found
