@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 
 from celery_api.extensions import db
 from celery_api.services.errors import Unavailable
@@ -102,9 +103,9 @@ def autocommit_bind(uri: str, engine_options: dict) -> dict | None:
     docs/BENCHMARKS.md), and on SQLite holds the write lock only while SQLite executes
     it, never across Python code between an INSERT and its COMMIT. None for an
     in-memory SQLite database, which a second engine would not share."""
-    if uri.startswith("sqlite") and (uri.rstrip("/").endswith(":memory:")
-                                     or uri in ("sqlite://", "sqlite:///")):
-        return None
+    url = make_url(uri)
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        return None  # the test Flask-SQLAlchemy applies to give such a database StaticPool
     return {**engine_options, "url": uri, "isolation_level": "AUTOCOMMIT"}
 
 

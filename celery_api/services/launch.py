@@ -281,7 +281,7 @@ def _insert_alone(record: dict, again: bool) -> None:
         try:
             connection.execute(RUNS_INSERT, record)
         except IntegrityError:
-            if connection.execute(
+            if again and connection.execute(
                     sa.select(TaskRun.id).where(TaskRun.id == record["id"])).first():
                 return
             raise
