@@ -11,6 +11,7 @@ import inspect
 
 import kombu
 import pytest
+import redis as redis_lib
 from kombu.transport import redis as redis_transport
 from kombu.transport import virtual
 
@@ -55,6 +56,29 @@ def test_redis_client_reuse_applies_only_to_the_redis_transport(redis_server):
         first = channel._create_client()
         assert channel._create_client() is first  # one client per channel and pool
         assert first.ping()
+        # It holds one connection of the channel's pool: its commands neither take one
+        # from the pool nor give it back (redis-py's single_connection_client).
+        held = first.connection
+        assert held is not None and held in channel.pool._in_use_connections
+        taken = []
+        get_connection = channel.pool.get_connection
+        channel.pool.get_connection = lambda *a, **k: taken.append(1) or get_connection(
+            *a, **k)
+        try:
+            assert first.lpush("fence-held", "x") == 1 and first.ping()
+        finally:
+            del channel.pool.get_connection
+        assert taken == [] and first.connection is held
+        # A connection the server closed fails the next command with an error kombu
+        # counts as a connection error (its ensure() then publishes again on a revived
+        # channel: test_outage), and the command after it reconnects.
+        killer = redis_lib.Redis.from_url(redis_server.url)
+        assert killer.client_kill_filter(_id=first.client_id()) == 1
+        killer.close()
+        with pytest.raises(redis.connection_errors):
+            first.llen("fence-held")
+        assert first.llen("fence-held") == 1
+        first.delete("fence-held")
 
 
 def test_redis_message_ids_read_queues_and_unacked(redis_server):

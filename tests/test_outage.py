@@ -3,6 +3,7 @@ worker: clear 503s, nothing lost or run that should not be, recovery without res
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from tests.support import (
     Worker,
     answered,
     build_app,
+    close_app,
     final_record,
     launch,
     make_config,
@@ -310,3 +312,27 @@ def test_result_backend_outage_keeps_launching_and_recording(tmp_path):
         stack.worker.stop()
         broker.stop()
         results.stop()
+
+
+def test_launches_after_the_broker_closed_every_connection_are_accepted(tmp_path):
+    """The broker drops the API's connections (a restart, an idle timeout, a proxy):
+    the publishing channel holds one connection (fences.kombu.reuse_redis_client), found
+    closed by the next publish, which goes out again on a new one: 202 each time, and
+    every accepted run's message is in the queue."""
+    server = RedisServer(tmp_path / "redis").start()
+    app = build_app(make_config(tmp_path, server.url))
+    client = app.test_client()
+    admin = redis.Redis(port=server.port)
+    try:
+        accepted = []
+        for _ in range(4):
+            response = client.post("/api/celery/tasks/launch", json=LAUNCH)
+            assert response.status_code == 202, response.get_data(as_text=True)
+            accepted.append(response.get_json()["task_id"])
+            assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        queued = {json.loads(raw)["headers"]["id"] for raw in admin.lrange("celery", 0, -1)}
+        assert queued == set(accepted)
+    finally:
+        admin.close()
+        close_app(app)
+        server.stop()

@@ -1,8 +1,9 @@
 """kombu internals this service relies on (tests/test_fences.py checks each one).
 
-- ``kombu.transport.redis.Channel._create_client(asynchronous=False)``: the Redis
-  transport builds a new ``redis.Redis`` for every publish; :func:`reuse_redis_client`
-  wraps it so a channel keeps the client it built (about a fifth of a publish's CPU).
+- ``kombu.transport.redis.Channel._create_client(asynchronous=False)``, ``Client``
+  and ``pool``: the Redis transport builds a new ``redis.Redis`` for every publish;
+  :func:`reuse_redis_client` wraps it so a channel keeps one client, on one connection
+  of the channel's pool (about a fifth of a publish's CPU).
 - ``kombu.Connection._reraise_as_library_errors()``: the context manager kombu's own
   ``ensure`` uses to turn transport errors (redis-py's, amqp's) into kombu's
   ``OperationalError``; the launch path publishes inside it to get the same errors.
@@ -56,9 +57,13 @@ def reuse_redis_client(channel) -> None:
 
     kombu's Redis transport builds a new ``redis.Redis`` (over its connection pool) for
     every publish: about a fifth of a publish's CPU here (docs/BENCHMARKS.md). A pooled
-    channel serves one producer at a time and the client is thread-safe, so the channel
-    keeps the one it built, as long as its pool is the same. Only channels of kombu's
-    Redis transport are changed; any other is left as it is.
+    channel serves one producer at a time, so the channel keeps the client it built, as
+    long as its pool is the same, and that client keeps one connection of the pool
+    (redis-py's ``single_connection_client``) instead of taking one from the pool and
+    giving it back around each command, with the pool's check that the connection has
+    nothing left to read (a non-blocking read, and two timeout changes, per publish).
+    A lost connection is reconnected by redis-py's retry, as a pooled one is replaced.
+    Only channels of kombu's Redis transport are changed; any other is left as it is.
     """
     if not is_redis_channel(channel) or getattr(channel, "_celery_api_reuses_client", False):
         return
@@ -71,7 +76,12 @@ def reuse_redis_client(channel) -> None:
         pool = channel.pool
         client = built.get("client")
         if client is None or client.connection_pool is not pool:
-            client = built["client"] = create()
+            # As kombu builds it, holding one connection of the pool for good.
+            options = {"connection_pool": pool, "single_connection_client": True}
+            provider = pool.connection_kwargs.get("credential_provider")
+            if provider is not None:
+                options["credential_provider"] = provider
+            client = built["client"] = channel.Client(**options)
         return client
 
     channel._create_client = create_client
