@@ -60,7 +60,14 @@ def status_label(status: int) -> str:
 
 
 def record_launch(task_type: str, outcome: str) -> None:
-    LAUNCHES.labels(task_type=task_type, outcome=outcome).inc()
+    launch_series(task_type, outcome).inc()
+
+
+@functools.lru_cache(maxsize=1024)
+def launch_series(task_type: str, outcome: str):
+    """The launch counter's series (``labels`` looks it up under a lock on every call).
+    Task types are the catalog's (or "unknown") and outcomes a fixed set: bounded."""
+    return LAUNCHES.labels(task_type=task_type, outcome=outcome)
 
 
 def record_result_cache(task_type: str, outcome: str) -> None:
