@@ -8,6 +8,7 @@ fails here, loudly, instead of in a launch.
 from __future__ import annotations
 
 import inspect
+import os
 
 import kombu
 import pytest
@@ -79,6 +80,18 @@ def test_redis_client_reuse_applies_only_to_the_redis_transport(redis_server):
             first.llen("fence-held")
         assert first.llen("fence-held") == 1
         first.delete("fence-held")
+        # A forked child builds a client of its own: never its parent's socket.
+        pid = os.fork()
+        if pid == 0:
+            try:
+                own = channel._create_client()
+                ok = own is not first and own.connection is not first.connection
+                os._exit(0 if ok and own.ping() else 1)
+            except BaseException:  # noqa: BLE001 - the child's failure is its exit code
+                os._exit(2)
+        _pid, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert channel._create_client() is first and first.ping()  # the parent's intact
 
 
 def test_redis_message_ids_read_queues_and_unacked(redis_server):

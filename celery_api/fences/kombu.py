@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+from os import getpid
 
 from kombu.transport import redis as redis_transport
 
@@ -62,7 +63,9 @@ def reuse_redis_client(channel) -> None:
     (redis-py's ``single_connection_client``) instead of taking one from the pool and
     giving it back around each command, with the pool's check that the connection has
     nothing left to read (a non-blocking read, and two timeout changes, per publish).
-    A lost connection is reconnected by redis-py's retry, as a pooled one is replaced.
+    A connection the server closed fails the next command with a connection error:
+    kombu's ``ensure`` (the publish's retry policy) then publishes again on a revived
+    channel, and redis-py reconnects the held connection on its next command.
     Only channels of kombu's Redis transport are changed; any other is left as it is.
     """
     if not is_redis_channel(channel) or getattr(channel, "_celery_api_reuses_client", False):
@@ -75,13 +78,16 @@ def reuse_redis_client(channel) -> None:
             return create(asynchronous=True)
         pool = channel.pool
         client = built.get("client")
-        if client is None or client.connection_pool is not pool:
+        # A forked child (a Celery prefork worker launching fan-out) never writes on its
+        # parent's socket: the held connection is the parent's, so it builds its own.
+        if client is None or client.connection_pool is not pool or built["pid"] != getpid():
             # As kombu builds it, holding one connection of the pool for good.
             options = {"connection_pool": pool, "single_connection_client": True}
             provider = pool.connection_kwargs.get("credential_provider")
             if provider is not None:
                 options["credential_provider"] = provider
             client = built["client"] = channel.Client(**options)
+            built["pid"] = getpid()
         return client
 
     channel._create_client = create_client
