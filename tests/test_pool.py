@@ -173,4 +173,5 @@ def test_an_in_memory_sqlite_database_has_no_autocommit_engine():
     assert database.autocommit_bind("sqlite://", {}) is None
     assert database.autocommit_bind("sqlite:///:memory:", {}) is None
     assert database.autocommit_bind("sqlite:////tmp/a.db", {"pool_size": 3}) == {
-        "url": "sqlite:////tmp/a.db", "pool_size": 3, "isolation_level": "AUTOCOMMIT"}
+        "url": "sqlite:////tmp/a.db", "pool_size": 3, "isolation_level": "AUTOCOMMIT",
+        "pool_reset_on_return": None}

@@ -101,12 +101,16 @@ def autocommit_bind(uri: str, engine_options: dict) -> dict | None:
     that is its own transaction pays no switch to autocommit and back per checkout (on
     SQLite a PRAGMA at each check-in: 0.14 against 0.09 ms of CPU per launch record,
     docs/BENCHMARKS.md), and on SQLite holds the write lock only while SQLite executes
-    it, never across Python code between an INSERT and its COMMIT. None for an
-    in-memory SQLite database, which a second engine would not share."""
+    it, never across Python code between an INSERT and its COMMIT. Its connections are
+    not rolled back when given back to the pool (``pool_reset_on_return=None``, as
+    SQLAlchemy documents for autocommit connections): each statement committed or
+    failed alone, there is no transaction to end. None for an in-memory SQLite
+    database, which a second engine would not share."""
     url = make_url(uri)
     if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
         return None  # the test Flask-SQLAlchemy applies to give such a database StaticPool
-    return {**engine_options, "url": uri, "isolation_level": "AUTOCOMMIT"}
+    return {**engine_options, "url": uri, "isolation_level": "AUTOCOMMIT",
+            "pool_reset_on_return": None}
 
 
 def autocommit_engine():
