@@ -9,7 +9,10 @@ stale or duplicate copy, or runs elsewhere) is dropped unrun.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 
+import kombu
 from celery import Celery, Task
 from celery.exceptions import Ignore
 from flask import Flask
@@ -85,6 +88,7 @@ def celery_init_app(app: Flask) -> Celery:
     celery_fence.no_result_waits()
     celery_app.flask_app = app  # for worker signal handlers, which run outside any task
     celery_app.celery_api_declared_queues = set()  # declared by this process (launch)
+    celery_app.celery_api_producers = threading.local()  # see thread_producer
     app.extensions["celery"] = celery_app
 
     # Task types safe to repeat are acknowledged after they run, and requeued if their
@@ -100,3 +104,22 @@ def celery_init_app(app: Flask) -> Celery:
 
     recorder.connect_signals()
     return celery_app
+
+
+def thread_producer(celery_app: Celery) -> kombu.Producer:
+    """This thread's producer for single launches, kept for the thread's life.
+
+    Celery's producer pool, per publish, takes a producer and a broker connection from
+    two pools, revives the producer on that connection's channel, and gives both back:
+    0.026 ms of a launch's CPU (docs/BENCHMARKS.md). A thread publishes one message at
+    a time, so it keeps one producer on a connection of its own (outside the pool:
+    however many threads, none waits for the pool's limit). A connection the broker
+    closed is reconnected by the publish's retry policy, as with a pooled producer. A
+    forked child (a Celery prefork worker launching fan-out) makes its own: it never
+    writes on its parent's socket."""
+    mine = celery_app.celery_api_producers
+    producer = getattr(mine, "producer", None)
+    if producer is None or mine.pid != os.getpid():
+        producer = kombu.Producer(celery_app.connection_for_write())
+        mine.producer, mine.pid = producer, os.getpid()
+    return producer

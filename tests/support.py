@@ -231,7 +231,14 @@ class Worker:
         def ready():
             if self.process.poll() is not None:
                 raise AssertionError(f"worker {self.name} exited: see {self.log_path}")
-            replies = celery_app.control.ping(destination=[self.name], timeout=0.5)
+            # On a connection of its own: a pooled one may be stale after the test
+            # restarted the broker (its first command fails, the next reconnects).
+            with celery_app.connection_for_write() as conn:
+                try:
+                    replies = celery_app.control.ping(destination=[self.name], timeout=0.5,
+                                                      connection=conn)
+                except conn.connection_errors:
+                    return False
             return any(self.name in reply for reply in replies)
 
         wait_for(ready, timeout=timeout, interval=0.2, message=f"worker {self.name} ready")

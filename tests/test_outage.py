@@ -336,3 +336,4 @@ def test_launches_after_the_broker_closed_every_connection_are_accepted(tmp_path
         admin.close()
         close_app(app)
         server.stop()
+

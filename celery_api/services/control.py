@@ -14,6 +14,7 @@ from celery_api.models import TaskRun, utcnow
 from celery_api.services import launch as launch_service
 from celery_api.services import runstate, webhooks
 from celery_api.services.errors import Conflict, Unavailable
+from celery_api.services.health import ensure_broker
 from celery_api.services.runs import describe
 
 log = logging.getLogger("celery_api.control")
@@ -109,9 +110,15 @@ def revoke_records(task_ids: list[str], error: str, *, terminate: bool = False,
     db.session.commit()
     if not written:
         return written
+    celery_app = current_app.extensions["celery"]
     try:
-        current_app.extensions["celery"].control.revoke(
-            written, terminate=terminate, signal=signal)
+        # On a connection of its own, connected with a bound first: Celery's broadcast
+        # retries a lost connection without end, so a pooled connection that was open
+        # when the broker went away would hold this request until the broker is back.
+        with celery_app.connection_for_write() as conn:
+            ensure_broker(conn, current_app.config["BROKER_TIMEOUT"])
+            celery_app.control.revoke(written, terminate=terminate, signal=signal,
+                                      connection=conn)
     except Exception as exc:  # noqa: BLE001
         _put_back(written, error, before)
         raise Unavailable("The task broker is unreachable; the revoke was not sent.") from exc

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from celery_api import limits
 from celery_api.catalog import get_catalog, known_queues
+from celery_api.celery_app import thread_producer
 from celery_api.extensions import db
 from celery_api.fences import celery as celery_fence
 from celery_api.fences import kombu as kombu_fence
@@ -497,7 +498,7 @@ def publish(record: dict, celery_name: str, options: LaunchOptions, producer=Non
     ``send_task``'s per-call routing, result object and repr of the arguments: the
     queue, the ids and the lineage are already decided here. Each queue is declared
     on its first publish by this process. ``producer``: one shared by many publishes
-    (a batch), instead of one from the pool.
+    (a batch), instead of this thread's (``celery_app.thread_producer``).
     """
     celery_app = current_app.extensions["celery"]
     params = record["params"]
@@ -516,16 +517,16 @@ def publish(record: dict, celery_name: str, options: LaunchOptions, producer=Non
     request_id = current_request_id()
     queue = record["queue"]
     declared = celery_app.celery_api_declared_queues  # set in celery_init_app
-    with celery_app.producer_or_acquire(producer) as active:
-        kombu_fence.reuse_redis_client(active.channel)
-        with kombu_fence.reraise_as_library_errors(active.connection):
-            celery_fence.send_task_message(
-                celery_app, active, celery_name, message, queue=queue,
-                priority=broker_priority(celery_app, options.priority),
-                # The worker logs the caller's request id with the run.
-                headers={"request_id": request_id} if request_id else None,
-                declare=[] if queue in declared else None,
-                retry=True, retry_policy=RETRY_POLICY, **extra)
+    active = producer or thread_producer(celery_app)
+    kombu_fence.reuse_redis_client(active.channel)
+    with kombu_fence.reraise_as_library_errors(active.connection):
+        celery_fence.send_task_message(
+            celery_app, active, celery_name, message, queue=queue,
+            priority=broker_priority(celery_app, options.priority),
+            # The worker logs the caller's request id with the run.
+            headers={"request_id": request_id} if request_id else None,
+            declare=[] if queue in declared else None,
+            retry=True, retry_policy=RETRY_POLICY, **extra)
     declared.add(queue)
 
 
