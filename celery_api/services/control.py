@@ -14,7 +14,7 @@ from celery_api.models import TaskRun, utcnow
 from celery_api.services import launch as launch_service
 from celery_api.services import runstate, webhooks
 from celery_api.services.errors import Conflict, Unavailable
-from celery_api.services.health import ensure_broker
+from celery_api.services.health import broker_connection
 from celery_api.services.runs import describe
 
 log = logging.getLogger("celery_api.control")
@@ -112,11 +112,9 @@ def revoke_records(task_ids: list[str], error: str, *, terminate: bool = False,
         return written
     celery_app = current_app.extensions["celery"]
     try:
-        # On a connection of its own, connected with a bound first: Celery's broadcast
-        # retries a lost connection without end, so a pooled connection that was open
-        # when the broker went away would hold this request until the broker is back.
-        with celery_app.connection_for_write() as conn:
-            ensure_broker(conn, current_app.config["BROKER_TIMEOUT"])
+        # Not on a pooled connection: one open when the broker went away would hold this
+        # request until the broker is back (health.broker_connection).
+        with broker_connection(celery_app, current_app.config["BROKER_TIMEOUT"]) as conn:
             celery_app.control.revoke(written, terminate=terminate, signal=signal,
                                       connection=conn)
     except Exception as exc:  # noqa: BLE001

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from flask import current_app
@@ -32,8 +33,7 @@ def _database():
 def _broker():
     celery_app = current_app.extensions["celery"]
     timeout = current_app.config["BROKER_TIMEOUT"]
-    with celery_app.connection_for_write() as conn:
-        ensure_broker(conn, timeout)
+    with broker_connection(celery_app, timeout) as conn:
         # A connection can open on a broker that then fails commands: ask it something.
         try:
             conn.default_channel.queue_declare(
@@ -54,10 +54,16 @@ def _backend():
     return str(celery_app.conf.result_backend).split(":", 1)[0].split("+", 1)[0]
 
 
-def ensure_broker(conn, timeout: float) -> None:
-    """Connect, retrying once at once: a dead broker fails in about ``timeout``."""
-    conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1,
-                           interval_max=0.1, timeout=timeout)
+@contextmanager
+def broker_connection(celery_app, timeout: float):
+    """A broker connection of its own, connected first, retrying once at once: a dead
+    broker fails in about ``timeout``. Celery's broadcasts (inspect, revoke) retry a
+    lost connection without end, so they go on one of these rather than on a pooled
+    connection that may have been open when the broker went away."""
+    with celery_app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1,
+                               interval_max=0.1, timeout=timeout)
+        yield conn
 
 
 def readiness(detailed: bool = False) -> tuple[bool, dict]:

@@ -49,7 +49,7 @@ from flask import Flask, current_app
 from celery_api import metrics
 from celery_api.catalog import known_queues
 from celery_api.services.errors import Unavailable
-from celery_api.services.health import ensure_broker
+from celery_api.services.health import broker_connection
 from celery_api.services.webhooks import QUEUE as WEBHOOKS_QUEUE
 from celery_api.settings import ConfigurationError
 
@@ -403,8 +403,8 @@ class StatsState:
 
 def _replies(celery_app, command: str, timeout: float, broker_timeout: float,
              known: list[str] | None) -> dict:
-    with celery_app.connection_for_write() as conn:
-        ensure_broker(conn, broker_timeout)  # a dead broker fails fast, never hangs a round
+    # A dead broker fails fast, never hangs a round.
+    with broker_connection(celery_app, broker_timeout) as conn:
         if known:
             inspector = celery_app.control.inspect(
                 timeout=timeout, connection=conn, destination=list(known), limit=len(known))
@@ -439,9 +439,8 @@ def observed_queues() -> list[str]:
 def queue_lengths(celery_app, queues: list[str], timeout: float | None = None
                   ) -> dict[str, int]:
     lengths: dict[str, int] = {}
-    with celery_app.connection_for_write() as conn:
-        ensure_broker(conn, current_app.config["BROKER_TIMEOUT"] if timeout is None
-                      else timeout)
+    timeout = current_app.config["BROKER_TIMEOUT"] if timeout is None else timeout
+    with broker_connection(celery_app, timeout) as conn:
         channel = conn.default_channel
         for name in queues:
             try:
