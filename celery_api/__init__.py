@@ -115,6 +115,11 @@ def _configure(app: Flask, config: dict, instance_path: Path) -> None:
         app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
             **app.config["SQLALCHEMY_ENGINE_OPTIONS"],
             "connect_args": {"connect_timeout": app.config["DATABASE_CONNECT_TIMEOUT"]}}
+    if not database.is_in_memory(app.config["SQLALCHEMY_DATABASE_URI"]):
+        # (an in-memory SQLite database gets StaticPool from Flask-SQLAlchemy: no size)
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
+            "pool_size": app.config["DATABASE_POOL_SIZE"],
+            **app.config["SQLALCHEMY_ENGINE_OPTIONS"]}
     bind = database.autocommit_bind(app.config["SQLALCHEMY_DATABASE_URI"],
                                     app.config["SQLALCHEMY_ENGINE_OPTIONS"])
     if bind is not None:

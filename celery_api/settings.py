@@ -74,6 +74,29 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+# Threads of an API process that use the database besides its request threads: the
+# waiting hub's checker and the /stats refresher.
+BACKGROUND_THREADS = 2
+
+
+def default_pool_size() -> int:
+    """Database connections each engine of a process keeps open: one per thread that
+    may use it at once (gunicorn's request threads and the background ones), at least
+    SQLAlchemy's default of 5. A pool smaller than that closes the connections it has no
+    room for as they come back, and opens new ones under load: with
+    ``GUNICORN_THREADS=8`` and SQLAlchemy's default, 205 new PostgreSQL sessions in
+    7,364 launches (docs/BENCHMARKS.md)."""
+    return max(5, env_int("GUNICORN_THREADS", 4) + BACKGROUND_THREADS)
+
+
+def pool_size() -> int:
+    size = env_int("CELERY_API_DATABASE_POOL_SIZE", default_pool_size())
+    if size < 1:
+        raise ConfigurationError(
+            f"CELERY_API_DATABASE_POOL_SIZE must be 1 or more, got {size}")
+    return size
+
+
 def from_environment(instance_path: Path) -> dict:
     """Build the Flask config mapping from the environment."""
     embedded = embedded_redis_url(instance_path)
@@ -98,6 +121,7 @@ def from_environment(instance_path: Path) -> dict:
         "CACHE_SECONDS": env_float("CELERY_API_CACHE_SECONDS", 300.0),
         "CACHE_SIZE": env_int("CELERY_API_CACHE_SIZE", 10_000),
         "DATABASE_CONNECT_TIMEOUT": env_int("CELERY_API_DATABASE_CONNECT_TIMEOUT", 2),
+        "DATABASE_POOL_SIZE": pool_size(),
         "INSPECT_TIMEOUT": env_float("CELERY_API_INSPECT_TIMEOUT", 1.0),
         # /stats: an answer is never older than STATS_MAX_AGE_SECONDS (0: every call
         # collects); the snapshot is refreshed every STATS_REFRESH_SECONDS while anyone

@@ -95,6 +95,13 @@ def unavailable_as(detail: str = UNREACHABLE, **unavailable) -> Iterator[None]:
 AUTOCOMMIT_BIND = "autocommit"
 
 
+def is_in_memory(uri: str) -> bool:
+    """An in-memory SQLite database: the test Flask-SQLAlchemy applies to give such a
+    database StaticPool (one connection, no pool size)."""
+    url = make_url(uri)
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
 def autocommit_bind(uri: str, engine_options: dict) -> dict | None:
     """``SQLALCHEMY_BINDS`` entry of the autocommit engine: the same database and engine
     options, a pool of its own whose connections stay in autocommit, so a statement
@@ -106,9 +113,8 @@ def autocommit_bind(uri: str, engine_options: dict) -> dict | None:
     SQLAlchemy documents for autocommit connections): each statement committed or
     failed alone, there is no transaction to end. None for an in-memory SQLite
     database, which a second engine would not share."""
-    url = make_url(uri)
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
-        return None  # the test Flask-SQLAlchemy applies to give such a database StaticPool
+    if is_in_memory(uri):
+        return None
     return {**engine_options, "url": uri, "isolation_level": "AUTOCOMMIT",
             "pool_reset_on_return": None}
 
