@@ -81,16 +81,28 @@ def measure(system, seconds: float) -> dict:
 
 
 def rows(rounds: list[dict]) -> list[tuple]:
-    """(measure, result, ratio, target, met) for the launch targets."""
+    """(measure, result, ratio, target, met) for the launch targets: the ratio of the
+    medians, and in the result the range of the ratios within each round (the two
+    endpoints measured minutes apart at most: how far the machine's speed moved)."""
     med = {k: statistics.median(r[k]["rps"] for r in rounds)
            for k in ("api", "api_auth", "flower", "bare")}
     api = med["api"]
+
+    def spread(a: str, b: str) -> str:
+        ratios = [r[a]["rps"] / r[b]["rps"] for r in rounds if r[b]["rps"]]
+        if len(ratios) < 2:
+            return ""
+        return f" (rounds: {min(ratios):.2f}x to {max(ratios):.2f}x)"
+
     return [
-        ("launch vs Flower", f"{api:,.0f} vs {med['flower']:,.0f} req/s",
+        ("launch vs Flower",
+         f"{api:,.0f} vs {med['flower']:,.0f} req/s{spread('api', 'flower')}",
          api / med["flower"], ">= 2x", api >= 2 * med["flower"]),
-        ("launch vs bare send_task endpoint", f"{api:,.0f} vs {med['bare']:,.0f} req/s",
+        ("launch vs bare send_task endpoint",
+         f"{api:,.0f} vs {med['bare']:,.0f} req/s{spread('api', 'bare')}",
          api / med["bare"], ">= 0.7x", api >= 0.7 * med["bare"]),
-        ("authenticated launch vs launch", f"{med['api_auth']:,.0f} vs {api:,.0f} req/s",
+        ("authenticated launch vs launch",
+         f"{med['api_auth']:,.0f} vs {api:,.0f} req/s{spread('api_auth', 'api')}",
          med["api_auth"] / api, ">= 0.95x", med["api_auth"] >= 0.95 * api),
     ]
 
