@@ -123,3 +123,18 @@ def thread_producer(celery_app: Celery) -> kombu.Producer:
         producer = kombu.Producer(celery_app.connection_for_write())
         mine.producer, mine.pid = producer, os.getpid()
     return producer
+
+
+def forget_thread_producer(celery_app: Celery) -> None:
+    """Drop this thread's producer after a publish that failed: kombu may have closed
+    its channel on the way out (a broker that stopped answering), and a closed channel
+    fails every later publish with an error its retry policy does not retry. The next
+    launch on this thread makes a new producer on a new connection."""
+    mine = celery_app.celery_api_producers
+    producer = getattr(mine, "producer", None)
+    mine.producer = None
+    if producer is not None and mine.pid == os.getpid():
+        try:
+            producer.connection.release()
+        except Exception:  # noqa: BLE001 - a connection already lost: nothing to close
+            pass

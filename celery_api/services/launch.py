@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from celery_api import limits
 from celery_api.catalog import get_catalog, known_queues
-from celery_api.celery_app import thread_producer
+from celery_api.celery_app import forget_thread_producer, thread_producer
 from celery_api.extensions import db
 from celery_api.fences import celery as celery_fence
 from celery_api.fences import kombu as kombu_fence
@@ -427,13 +427,15 @@ def _start(prepared: Prepared, check=None) -> Launched:
 
 
 def _unpublished(record: dict, reason: str) -> None:
-    """Undo the record of a run whose publish failed. A run under the result cache may
-    have answered identical launches meanwhile (its publish can take the broker's
-    timeout): it stays, as a FAILURE saying it never ran, so they do not hold an id
-    that answers 404. Any other is removed."""
-    if record["cache_key"] is None:
-        forget([record["id"]])
-        return
+    """Close the record of a run whose publish failed, as a FAILURE saying it never ran.
+
+    It is kept, not removed: a publish that failed waiting for the broker's answer may
+    have been written all the same (a broker that stopped answering takes it once it
+    answers again), and a worker that gets such a message then finds the run finished
+    and drops it. Removed, the run would be recorded by the worker as launched outside
+    the API, and run: the launch that answered 503 would run after all. A run under the
+    result cache may also have answered identical launches meanwhile: their id does not
+    turn into a 404."""
     for attempt in range(1, FAILURE_WRITES + 1):
         try:
             runstate.finish(record["id"], "FAILURE", from_=runstate.QUEUED,
@@ -518,15 +520,20 @@ def publish(record: dict, celery_name: str, options: LaunchOptions, producer=Non
     queue = record["queue"]
     declared = celery_app.celery_api_declared_queues  # set in celery_init_app
     active = producer or thread_producer(celery_app)
-    kombu_fence.reuse_redis_client(active.channel)
-    with kombu_fence.reraise_as_library_errors(active.connection):
-        celery_fence.send_task_message(
-            celery_app, active, celery_name, message, queue=queue,
-            priority=broker_priority(celery_app, options.priority),
-            # The worker logs the caller's request id with the run.
-            headers={"request_id": request_id} if request_id else None,
-            declare=[] if queue in declared else None,
-            retry=True, retry_policy=RETRY_POLICY, **extra)
+    try:
+        kombu_fence.reuse_redis_client(active.channel)
+        with kombu_fence.reraise_as_library_errors(active.connection):
+            celery_fence.send_task_message(
+                celery_app, active, celery_name, message, queue=queue,
+                priority=broker_priority(celery_app, options.priority),
+                # The worker logs the caller's request id with the run.
+                headers={"request_id": request_id} if request_id else None,
+                declare=[] if queue in declared else None,
+                retry=True, retry_policy=RETRY_POLICY, **extra)
+    except BaseException:
+        if producer is None:
+            forget_thread_producer(celery_app)  # the next launch publishes on a new one
+        raise
     declared.add(queue)
 
 
