@@ -122,13 +122,17 @@ def _parse(raw: str) -> str | None:
 
 
 def request_hash() -> str:
-    """SHA-256 of the path and the body (JSON in canonical form: sorted keys, compact)."""
-    body = request.get_json(silent=True)
-    if body is None:
+    """SHA-256 of the path and the body (JSON in canonical form: sorted keys, compact;
+    the bytes as sent when they are not JSON that can be read: the view refuses it)."""
+    try:
+        body = request.get_json(silent=True)
+        canonical = None if body is None else json.dumps(
+            body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+        ).encode("utf-8", "surrogatepass")  # a lone surrogate: the view refuses it
+    except RecursionError:  # nested too deeply: the view answers 400
+        canonical = None
+    if canonical is None:
         canonical = request.get_data()
-    else:
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"),
-                               ensure_ascii=False).encode()
     digest = hashlib.sha256(request.path.encode() + b"\n")
     digest.update(canonical)
     return digest.hexdigest()

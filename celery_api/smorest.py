@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http
 from collections.abc import Mapping
+from json import JSONDecodeError
 from urllib.parse import quote
 
 import marshmallow as ma
@@ -353,14 +354,25 @@ def _is_invalid_json(errors) -> bool:
     return isinstance(errors, dict) and errors.get("json") == ["Invalid JSON body."]
 
 
+DEEP_JSON = "The JSON body is nested too deeply to be read; flatten it."
+LONG_NUMBER = ("A number in the JSON body has more digits than can be read (4,300 at "
+               "most); send it as a string.")
+
+
 class Parser(FlaskParser):
-    """webargs' parser, with JSON nested past Python's recursion limit answered as a 400."""
+    """webargs' parser, with JSON nested past Python's recursion limit, or holding an
+    integer longer than Python converts (``sys.get_int_max_str_digits``), answered as a
+    400 (webargs answers only a syntax error so; these would be a 500)."""
 
     def _raw_load_json(self, req):
         try:
             return super()._raw_load_json(req)
         except RecursionError:
-            abort(400, message="The JSON body is nested too deeply to be read; flatten it.")
+            abort(400, message=DEEP_JSON)
+        except JSONDecodeError:
+            raise  # webargs answers it: "Invalid JSON body."
+        except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion"
+            abort(400, message=LONG_NUMBER)
 
 
 class Blueprint(BaseBlueprint):

@@ -355,3 +355,63 @@ def test_every_schema_derives_from_the_project_schema(history_app):
     assert len(loaded) >= 5
     for schema in loaded:
         assert issubclass(schema, RequestSchema), schema.__name__
+
+
+# -- JSON that Python cannot read, with and without an Idempotency-Key ---------------------
+
+LONG_INTEGER = "1" * 4301  # past sys.get_int_max_str_digits(): int() refuses it
+DEEP = "[" * 5000 + "]" * 5000  # past the recursion limit
+
+
+def _raw_post(client, path, text: str, key: str | None = None):
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return client.post(path, data=text.encode(), headers=headers)
+
+
+def _problem(response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == PROBLEM
+    body = response.get_json()
+    for word in words:
+        assert word in body["detail"], body
+    return body
+
+
+@pytest.mark.parametrize("key", [None, "long-number"])
+@pytest.mark.parametrize("path", [LAUNCH, BATCH, "/api/celery/schedules", "/api/celery/webhooks"])
+def test_an_integer_too_long_to_read_is_a_400(client, history_app, path, key):
+    """A JSON integer of more than 4,300 digits: Python's json refuses to convert it
+    with a ValueError that is not a syntax error (it was a 500)."""
+    before = count_runs(history_app)
+    text = ('{"task_type": "acme.add", "params": {"a": 1, "b": 2}, "priority": '
+            + LONG_INTEGER + "}")
+    _problem(_raw_post(client, path, text, key), 400, "4,300", "send it as a string")
+    assert count_runs(history_app) == before
+
+
+@pytest.mark.parametrize("path", [LAUNCH, BATCH])
+def test_bodies_python_cannot_read_with_an_idempotency_key_are_4xx(client, history_app, path):
+    """With an Idempotency-Key, the request's fingerprint is taken before the body is
+    validated: a lone surrogate and JSON nested past the recursion limit made it fail
+    with a 500. They get the answers they get without the key, and the key is free
+    for a valid request afterwards."""
+    key = f"k-{uuid.uuid4()}"
+    before = count_runs(history_app)
+    _problem(_raw_post(client, path, DEEP, key), 400, "nested too deeply")
+    surrogate = _raw_post(client, path, '{"task_type": "acme.add", "params": {"a": 1, '
+                                         '"b": 2}, "tags": ["\\udfff"]}', key)
+    assert surrogate.status_code == 422, surrogate.get_data(as_text=True)
+    assert surrogate.mimetype == PROBLEM
+    assert count_runs(history_app) == before
+    body = add() if path == LAUNCH else {"tasks": [add()]}
+    accepted = client.post(path, json=body, headers={"Idempotency-Key": key})
+    assert accepted.status_code == 202, accepted.get_data(as_text=True)
+
+
+def test_retry_with_an_idempotency_key_and_a_body_python_cannot_read(client, history_app):
+    """The retry takes no body, but the key's fingerprint reads it: not a 500."""
+    task_id = stored_run(history_app, status="FAILURE")
+    response = _raw_post(client, f"/api/celery/tasks/{task_id}/retry", DEEP, "retry-deep")
+    assert response.status_code < 500, response.get_data(as_text=True)

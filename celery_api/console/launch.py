@@ -148,7 +148,7 @@ def _convert(f: FormField, raw: str):
     if f.widget == "json":
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # validation names the field
             return raw
     return raw
 
