@@ -156,7 +156,8 @@ def queue_bounds(value: str | None, name: str = "CELERY_API_QUEUE_MAX_DEPTHS") -
         if not part.strip():
             continue
         queue, separator, depth = part.strip().rpartition(":")
-        if not separator or not queue.strip() or not depth.strip().isdigit():
+        depth = depth.strip()
+        if not separator or not queue.strip() or not (depth.isascii() and depth.isdigit()):
             raise ValueError(f"{name} must list queue:depth pairs such as "
                              f"'celery:10000,parked:100' (0: no bound); got {value!r}")
         bounds[queue.strip()] = int(depth)

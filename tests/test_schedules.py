@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -449,3 +449,36 @@ def test_purge_drops_old_fire_records_but_a_one_offs(app, client):
     resumed = client.post(f"{BASE}/{one_off['id']}/resume").get_json()
     assert resumed["next_run_at"] is None  # it fired: resuming does not fire it again
     assert due < utcnow() + timedelta(seconds=20)
+
+
+def test_a_default_worked_out_at_launch_is_worked_out_at_each_run(app, client, monkeypatch):
+    """sii.sync_f29_all_companies' year defaults to the current year: a schedule made
+    without it must not keep the year it was made in (the monthly F29 schedule would
+    sync that year forever); each run gets the year of its launch. Defaults that are
+    constants are shown as loaded."""
+    from celery_api.tasks import sii
+
+    given = create(client, task_type="sii.sync_f29_all_companies", params={"year": "2025"})
+    assert given["params"] == {"year": "2025"}  # a year given is kept
+    schedule = create(client, task_type="sii.sync_f29_all_companies", params={})
+    assert schedule["params"] == {}
+    assert stored(app, schedule["id"]).params == {}
+
+    class Later(date):  # the calendar moved on since the schedule was made
+        @classmethod
+        def today(cls):
+            return cls(2031, 3, 13)
+
+    monkeypatch.setattr(sii, "date", Later)
+    fired = client.post(f"{BASE}/{schedule['id']}/run")
+    assert fired.status_code == 202, fired.get_data(as_text=True)
+    (run,) = runs_of(app, schedule["id"])
+    assert run.params == {"year": "2031"}
+
+
+@pytest.mark.parametrize("year", ["٢٠٢٥", "２０２５", "2O25", "20255"])
+def test_a_year_in_other_digits_is_refused(client, year):
+    """Only ASCII digits: str.isdigit() accepts Arabic-Indic and fullwidth ones."""
+    response = client.post("/api/celery/tasks/launch", json={
+        "task_type": "sii.sync_f29_all_companies", "params": {"year": year}})
+    assert_problem(response, 422, "params.year")

@@ -137,7 +137,10 @@ def _field_error(field: str, message: str) -> InvalidParams:
 
 
 def _check_launch(task_type: str, params, queue: str | None) -> dict:
-    """The params loaded as a launch would load them; 422 naming the field otherwise."""
+    """The params loaded as a launch would load them (422 naming the field otherwise),
+    without the defaults that are worked out at each launch (a callable
+    ``load_default``, such as the current year): each run gets those when it is
+    launched, not the value of the day the schedule was made."""
     try:
         definition, clean = launch_service.validate(task_type, params)
     except UnknownTaskType as exc:
@@ -145,7 +148,9 @@ def _check_launch(task_type: str, params, queue: str | None) -> dict:
     allowed = known_queues()
     if queue is not None and queue not in allowed:
         raise _field_error("queue", f"Must be one of: {', '.join(allowed)}.")
-    return clean
+    fields = definition.params_schema().fields
+    return {name: value for name, value in clean.items()
+            if name in params or not callable(getattr(fields.get(name), "load_default", None))}
 
 
 def _check_name(name: str, schedule_id: str | None = None) -> None:

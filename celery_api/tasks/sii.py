@@ -42,7 +42,7 @@ YEAR_PATTERN = _year_pattern(date.today().year)
 
 
 def _validate_year(value: str) -> None:
-    if not (len(value) == 4 and value.isdigit()):
+    if not (len(value) == 4 and value.isascii() and value.isdigit()):  # not '٢٠٢٥'
         raise ma.ValidationError("Must be a year written as YYYY, e.g. '2025'.")
     if not 2000 <= int(value) <= date.today().year:
         raise ma.ValidationError(f"Must be between 2000 and {date.today().year}.")
