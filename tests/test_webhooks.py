@@ -935,3 +935,40 @@ def test_a_tampered_deliveries_cursor_is_a_422(app, monkeypatch, raw):
         assert body["errors"]["query"]["cursor"]
     finally:
         client.delete(f"{BASE}/{hook['id']}")
+
+
+def test_a_batch_resolves_each_webhook_host_once_and_names_few(guarded, app, monkeypatch):
+    """A batch's items usually share one webhook_url: its host is resolved once per
+    request, not once per item (1,000 items behind a slow name server held a thread for
+    199 s). A batch naming more than MAX_WEBHOOK_URLS distinct URLs is refused before
+    any is resolved."""
+    import socket
+
+    from celery_api.services import batches
+
+    monkeypatch.setitem(app.config, "WEBHOOK_SECRET", SECRET)
+    asked = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host.endswith(".hooks.example.com"):
+            asked.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    task = {"task_type": "sii.sync_documents", "params": {"company_id": COMPANY},
+            "countdown": 3000, "webhook_url": "https://one.hooks.example.com/in"}
+    accepted = guarded.post("/api/celery/tasks/batch", json={"tasks": [task] * 50})
+    assert accepted.status_code == 202, accepted.get_data(as_text=True)
+    assert asked == ["one.hooks.example.com"]
+
+    asked.clear()
+    many = [dict(task, webhook_url=f"https://h{n}.hooks.example.com/in")
+            for n in range(batches.MAX_WEBHOOK_URLS + 1)]
+    body = assert_problem(guarded.post("/api/celery/tasks/batch", json={"tasks": many}),
+                          422, f"at most {batches.MAX_WEBHOOK_URLS} distinct webhook_url")
+    assert body["errors"]["json"]["tasks"]
+    assert asked == []
+    revoked = guarded.delete(accepted.headers["Location"])
+    assert revoked.status_code == 200, revoked.get_data(as_text=True)

@@ -38,6 +38,9 @@ from celery_api.services.launch import BROKER_ERRORS, Launched, LaunchOptions, L
 log = logging.getLogger("celery_api.launch")
 
 
+MAX_WEBHOOK_URLS = 10  # distinct webhook_url values in one batch
+
+
 @dataclass
 class BatchItem:
     task_type: str
@@ -49,6 +52,15 @@ def launch_batch(items: list[BatchItem], *, launched_by: str | None = None
                  ) -> tuple[str, list[Launched]]:
     batch_id = str(uuid.uuid4())
     lineage = Lineage(batch_id=batch_id, launched_by=launched_by)
+    urls = {item.options.webhook_url for item in items if item.options.webhook_url}
+    if len(urls) > MAX_WEBHOOK_URLS:
+        # Each is resolved and checked before anything is launched: a name server that
+        # answers slowly must not hold the request (a thread) for minutes.
+        message = (f"A batch may name at most {MAX_WEBHOOK_URLS} distinct webhook_url "
+                   f"values; this one names {len(urls)}. Split it, or subscribe with "
+                   "POST /api/celery/webhooks.")
+        record_launch("batch", "invalid")
+        raise InvalidParams(message, errors={"json": {"tasks": [message]}})
     prepared, errors, details = [], {}, []
     for index, item in enumerate(items):
         try:

@@ -42,7 +42,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 import urllib3
-from flask import current_app
+from flask import current_app, g, has_request_context
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -92,7 +92,9 @@ def check_url(url: str, field: str, resolve: ssrf.Resolver = ssrf.system_resolve
 
 
 def check_launch_webhook(url: str | None) -> None:
-    """A launch's ``webhook_url``: the signing secret must be configured, the URL pass."""
+    """A launch's ``webhook_url``: the signing secret must be configured, the URL pass.
+    Within one request each URL is checked once (a batch's items often share one):
+    its host's name is resolved once, not once per item."""
     if url is None:
         return
     if not current_app.config.get("WEBHOOK_SECRET"):
@@ -101,7 +103,18 @@ def check_launch_webhook(url: str | None) -> None:
                    "subscribe with POST /api/celery/webhooks.")
         raise InvalidParams(f"Invalid request: webhook_url: {message}",
                             errors={"json": {"webhook_url": [message]}})
-    check_url(url, "webhook_url")
+    checked = g.setdefault("celery_api_webhook_urls", {}) if has_request_context() else {}
+    if url in checked:
+        if checked[url] is not None:
+            detail, errors = checked[url]
+            raise InvalidParams(detail, errors=errors)
+        return
+    try:
+        check_url(url, "webhook_url")
+    except InvalidParams as exc:
+        checked[url] = (exc.detail, exc.errors)
+        raise
+    checked[url] = None
 
 
 # Subscriptions.
