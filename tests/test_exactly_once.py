@@ -237,6 +237,10 @@ def test_long_delays_are_held_in_the_database_and_published_when_due(stack, monk
     key = uuid.uuid4().hex
     held = launch(stack, "acme.count", {"key": key}, countdown=4)
     revoked = launch(stack, "acme.count", {"key": key}, countdown=4)
+    # Held too, but it expires (1 s after its launch) long before its ETA: beat revokes
+    # it as expired, and it never runs (published with its expiry passed, RabbitMQ
+    # would drop it and leave it PENDING).
+    expiring = launch(stack, "acme.count", {"key": key}, countdown=4, expires=1)
     assert stack.client.delete(f"/api/celery/tasks/{revoked}").status_code == 200
     run = record(stack, held)
     assert run.dispatch_at is not None and run.eta is not None
@@ -244,11 +248,14 @@ def test_long_delays_are_held_in_the_database_and_published_when_due(stack, monk
     env = dict(stack.env(), CELERY_API_DISPATCH_INTERVAL="0.2",
                CELERY_API_RECONCILE_INTERVAL="3600", CELERY_API_PURGE_INTERVAL="3600")
     with Beat(env, stack.folder):
+        shown = wait_status(stack, expiring, "REVOKED", timeout=60)
+        assert "expired before it ran" in shown["error"]
         wait_status(stack, held, "SUCCESS", timeout=60)
         run = final_record(stack, held)
     assert run.dispatch_at is None
     assert run.started_at >= run.eta - timedelta(seconds=0.5)  # not before its time
     assert counted(stack, key) == (1, {held})
+    assert record(stack, expiring).dispatch_at is None
     assert record(stack, revoked).status == "REVOKED"
     assert stack.celery.backend.get_task_meta(revoked)["status"] != "SUCCESS"
 

@@ -21,6 +21,7 @@ from flask import current_app
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
 from celery_api.services import launch as launch_service
+from celery_api.services import runstate
 
 log = logging.getLogger("celery_api.dispatch")
 
@@ -29,11 +30,36 @@ COLUMNS = (TaskRun.id, TaskRun.task_type, TaskRun.task_name, TaskRun.params, Tas
            TaskRun.priority, TaskRun.eta, TaskRun.expires, TaskRun.root_id, TaskRun.parent_id)
 
 
+def expire_held(now, *, limit: int = PAGE) -> list[str]:
+    """Close the held runs whose ``expires`` passed before they were published: REVOKED,
+    as Celery revokes a message past its expiry (a run "not started by then" is
+    revoked), instead of PENDING until its ETA and then published with nothing left of
+    its expiry (RabbitMQ drops such a message: the run would stay PENDING). The ids."""
+    expired = list(db.session.execute(
+        sa.select(TaskRun.id)
+        .where(TaskRun.dispatch_at.is_not(None), TaskRun.status == "PENDING",
+               TaskRun.expires <= now)
+        .limit(limit)).scalars())
+    if not expired:
+        return []
+    closed = runstate.transition(
+        expired, "REVOKED", from_=["PENDING"], where=[TaskRun.dispatch_at.is_not(None)],
+        dispatch_at=None, finished_at=now, cache_key=None,
+        error="expired before it ran: its expires passed while it waited for its ETA")
+    db.session.commit()
+    for task_id in closed:
+        log.info("🚫 held run %s expired before it ran", task_id)
+    return closed
+
+
 def publish_due(*, limit: int = PAGE) -> int:
-    """Publish up to ``limit`` held runs whose time has come; return how many."""
+    """Close the held runs that expired (``expire_held``), then publish up to ``limit``
+    held runs whose time has come; return how many were published."""
     now = utcnow()
+    expire_held(now, limit=limit)
     due = (sa.select(TaskRun.id)
-           .where(TaskRun.dispatch_at <= now, TaskRun.status == "PENDING")
+           .where(TaskRun.dispatch_at <= now, TaskRun.status == "PENDING",
+                  sa.or_(TaskRun.expires.is_(None), TaskRun.expires > now))
            .order_by(TaskRun.dispatch_at).limit(limit))
     if db.engine.dialect.name == "postgresql":
         due = due.with_for_update(skip_locked=True)  # two beats never publish one run twice
