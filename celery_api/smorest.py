@@ -40,6 +40,9 @@ KEY_NUL_MESSAGE = "Names must not contain the NUL character (\\u0000)."
 KEY_SURROGATE_MESSAGE = "Names must be valid Unicode: a lone surrogate cannot be stored."
 MAX_TEXT_ERRORS = 20
 MAX_ERROR_DEPTH = 32  # deeper paths are named by their first 32 parts
+# Fields listed in a problem's errors, per level: a batch's items (1,000) each named.
+MAX_ERROR_FIELDS = 1000
+MAX_DETAIL_LINES = 5  # field messages repeated in a problem's detail
 
 
 def _text_problem(value: str, nul: str, surrogate: str) -> str | None:
@@ -225,10 +228,26 @@ def validation_detail(errors: dict) -> str:
         (location, inner), = errors.items()
         if location in ("json", "query", "path", "headers", "form") and isinstance(inner, dict):
             errors = inner
-    lines = _flatten(errors)
-    shown = "; ".join(lines[:5])
-    more = f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""
-    return f"Invalid request: {shown}{more}"
+    return "Invalid request: " + joined_lines(_flatten(errors))
+
+
+def joined_lines(lines: list[str], total: int | None = None) -> str:
+    """The first ``MAX_DETAIL_LINES`` field messages, and how many more there are
+    (``total``: how many there are, when ``lines`` holds only the first ones)."""
+    shown = "; ".join(lines[:MAX_DETAIL_LINES])
+    more = (len(lines) if total is None else total) - MAX_DETAIL_LINES
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def bounded_errors(errors):
+    """``errors`` with at most ``MAX_ERROR_FIELDS`` entries at each level (the first
+    ones): a body with 100,000 unknown keys gets a short answer, not megabytes."""
+    if isinstance(errors, Mapping):
+        items = list(errors.items())
+        return {key: bounded_errors(value) for key, value in items[:MAX_ERROR_FIELDS]}
+    if isinstance(errors, list) and len(errors) > MAX_ERROR_FIELDS:
+        return [bounded_errors(item) for item in errors[:MAX_ERROR_FIELDS]]
+    return errors
 
 
 def problem_response(status: int, detail: str, *, errors=None, headers=None, type_=None):
@@ -240,7 +259,7 @@ def problem_response(status: int, detail: str, *, errors=None, headers=None, typ
         "instance": (request.script_root + request.path) if request else None,
     }
     if errors is not None:
-        payload["errors"] = errors
+        payload["errors"] = bounded_errors(errors)
     response = Response(json.dumps(payload), status=status, mimetype=PROBLEM_JSON)
     for key, value in (headers or {}).items():
         response.headers[key] = value

@@ -415,3 +415,23 @@ def test_retry_with_an_idempotency_key_and_a_body_python_cannot_read(client, his
     task_id = stored_run(history_app, status="FAILURE")
     response = _raw_post(client, f"/api/celery/tasks/{task_id}/retry", DEEP, "retry-deep")
     assert response.status_code < 500, response.get_data(as_text=True)
+
+
+def test_a_body_with_very_many_bad_fields_gets_a_short_answer(client, history_app):
+    """60,000 unknown keys (in params, then at the top): the 422 names the first few in
+    detail and at most MAX_ERROR_FIELDS in errors (100,000 in params answered 5.76 MB,
+    2.9 MB of it detail)."""
+    from celery_api.smorest import MAX_DETAIL_LINES, MAX_ERROR_FIELDS
+
+    many = {f"k{n}": 0 for n in range(60_000)}  # under CELERY_API_MAX_BODY_BYTES
+    for body in ({"task_type": "acme.add", "params": {"a": 1, "b": 2, **many}},
+                 {"task_type": "acme.add", "params": {"a": 1, "b": 2}, **many}):
+        response = client.post(LAUNCH, json=body)
+        assert response.status_code == 422, response.get_data(as_text=True)[:500]
+        assert len(response.get_data()) < 100_000
+        problem = response.get_json()
+        assert problem["detail"].count("Unknown field") == MAX_DETAIL_LINES
+        assert f"(and {60_000 - MAX_DETAIL_LINES} more)" in problem["detail"]
+        errors = problem["errors"]["json"]
+        fields = errors["params"] if "params" in errors else errors
+        assert len(fields) == MAX_ERROR_FIELDS

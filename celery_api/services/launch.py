@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from celery_api.metrics import record_launch, record_result_cache
 from celery_api.models import TaskRun, TaskRunTag, company_id_of, storable_text, utcnow
 from celery_api.services import database, result_cache, runstate
 from celery_api.services.errors import Conflict, InvalidParams, Unavailable, UnknownTaskType
+from celery_api.smorest import MAX_DETAIL_LINES, joined_lines
 
 log = logging.getLogger("celery_api.launch")
 # Table-level inserts: compiled once and cached, unlike an ORM insert built per call.
@@ -78,9 +80,9 @@ def validate(task_type: str, params) -> tuple:
     except ma.ValidationError as exc:
         messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
         lines = [f"params.{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                 for k, v in messages.items()]
+                 for k, v in itertools.islice(messages.items(), MAX_DETAIL_LINES)]
         raise InvalidParams(
-            f"Invalid params for {task_type}: " + "; ".join(lines),
+            f"Invalid params for {task_type}: " + joined_lines(lines, len(messages)),
             errors={"json": {"params": messages}},
         ) from exc
     return definition, clean
