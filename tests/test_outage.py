@@ -74,6 +74,7 @@ def test_broker_outage_503_fast_then_recovers_and_loses_nothing(tmp_path):
         assert status(stack, waiting)["status"] == "PENDING"  # the failed revoke undone
         ready = stack.client.get("/readyz")
         assert ready.status_code == 503
+        assert int(ready.headers["Retry-After"]) > 0  # as every 503
         assert ready.get_json()["checks"]["broker"]["status"] == "down"
 
         server.start()

@@ -160,6 +160,10 @@ PAST = "2001-01-01T00:00:00Z"
 @pytest.mark.parametrize("fields, field", [
     ({"timezone": "Mars/Olympus", "cron": "0 2 * * *", "interval_seconds": None},
      "timezone"),
+    # Files of the zone database that are not IANA zones: the host's own, a placeholder.
+    ({"timezone": "localtime", "cron": "0 2 * * *", "interval_seconds": None}, "timezone"),
+    ({"timezone": "Factory", "cron": "0 2 * * *", "interval_seconds": None}, "timezone"),
+    ({"cron": "1" * 4301 + " * * * *", "interval_seconds": None}, "cron"),
     ({"cron": "61 * * * *", "interval_seconds": None}, "cron"),
     ({"cron": "0 0 30 2 *", "interval_seconds": None}, "cron"),
     ({"cron": "* * *", "interval_seconds": None}, "cron"),
@@ -179,6 +183,7 @@ PAST = "2001-01-01T00:00:00Z"
 def test_bad_input_is_422_naming_the_field(client, fields, field):
     answer = assert_problem(client.post(BASE, json=body(**fields)), 422)
     assert field in answer["errors"]["json"], answer
+    assert "sys." not in answer["detail"]  # not Python's own advice
 
 
 def test_duplicate_name_is_422_naming_name(client):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -63,9 +64,15 @@ TRIGGERS = ("cron", "interval_seconds", "run_at")
 
 # Triggers and the next-run computation (pure functions, ``now`` injected).
 
+# Files of the system's zone database that are not IANA zones: the host's own zone
+# (it differs from one host to the next) and tzdata's placeholder.
+NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
+
+
 @lru_cache(maxsize=1)
 def time_zones() -> tuple[str, ...]:
-    return tuple(sorted(available_timezones()))
+    return tuple(sorted(name for name in available_timezones() if name not in NOT_ZONES
+                        and not name.startswith(("posix/", "right/"))))
 
 
 def zone(name: str) -> ZoneInfo:
@@ -87,6 +94,9 @@ def check_cron(expression: str) -> str:
         raise ValueError("A cron expression has 5 fields: minute hour day-of-month month "
                          "day-of-week (e.g. '0 2 * * *').")
     normalized = " ".join(fields)
+    if re.search(r"\d{5,}", normalized):  # none is above 59 (Python's message otherwise)
+        raise ValueError("Invalid cron expression: a number in it is too long (minutes "
+                         "0-59, hours 0-23, days 1-31, months 1-12, weekdays 0-7).")
     try:
         CronSim(normalized, datetime(2000, 1, 1, tzinfo=UTC))
     except CronSimError as exc:

@@ -55,7 +55,7 @@ class Readyz(MethodView):
         # Open: each dependency's status, latency and kind of error. Its address and the
         # error's message (which names hosts and sockets) only for a read key.
         ready, body = health.readiness(detailed=granted("read"))
-        return body, 200 if ready else 503
+        return body, 200 if ready else 503, {} if ready else {"Retry-After": "5"}
 
 
 @blp.route("/metrics")
