@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from tests.support import (
     make_config,
     optional_component,
     postgres_binaries,
+    record,
     service_env,
     status,
     wait_for,
@@ -376,18 +378,31 @@ def test_a_broker_that_stopped_answering_a_launch_never_runs_it_and_launches_res
         try:
             refused = stack.client.post("/api/celery/tasks/launch", json=count)
             _problem(refused, 503, "broker is unreachable")
+            # A batch publishes through Celery's producer pool: 503 too, its delivery
+            # uncertain (README): the client revokes the batch it names.
+            batch = stack.client.post("/api/celery/tasks/batch", json={"tasks": [count]})
+            uncertain = _problem(batch, 503, "uncertain")
         finally:
             server.process.send_signal(signal.SIGCONT)
+        batch_id = re.search(r"batches/([0-9a-f-]{36})", uncertain["detail"]).group(1)
+        revoked = stack.client.delete(f"/api/celery/batches/{batch_id}")
+        assert revoked.status_code == 200, revoked.get_data(as_text=True)
+        batch = stack.client.post("/api/celery/tasks/batch", json={"tasks": [count] * 2})
+        assert batch.status_code == 202, batch.get_data(as_text=True)
+        batched = [task["task_id"] for task in batch.get_json()["tasks"]]
         after = []
         for _ in range(3):
             response = stack.client.post("/api/celery/tasks/launch", json=count)
             assert response.status_code == 202, response.get_data(as_text=True)
             after.append(response.get_json()["task_id"])
-        for task_id in after:
+        for task_id in [*after, *batched]:
             wait_status(stack, task_id, "SUCCESS")
         with stack.app.app_context():
             unpublished = db.session.execute(
-                sa.select(TaskRun).where(TaskRun.id.not_in([first, *after]))).scalars().all()
+                sa.select(TaskRun).where(TaskRun.id.not_in([first, *after, *batched]),
+                                         TaskRun.batch_id.is_(None))).scalars().all()
+            in_doubt = db.session.execute(
+                sa.select(TaskRun.id).where(TaskRun.batch_id == batch_id)).scalars().all()
         assert len(unpublished) == 1  # the 503 launch's record, kept
         assert unpublished[0].status == "FAILURE"
         assert "not published, never ran" in unpublished[0].error
@@ -395,8 +410,9 @@ def test_a_broker_that_stopped_answering_a_launch_never_runs_it_and_launches_res
         # launches sent after it): dropped, never run.
         wait_for(lambda: backend.llen("celery") == 0, timeout=30, message="queue drained")
         executed = {member.decode() for member in backend.smembers(f"acme:runs:{key}")}
-        assert executed == {first, *after}
+        assert executed == {first, *after, *batched}
         assert final_record(stack, unpublished[0].id).status == "FAILURE"
+        assert [record(stack, task_id).status for task_id in in_doubt] == ["REVOKED"]
     finally:
         stack.worker.stop()
         close_app(stack.app)
