@@ -139,6 +139,10 @@ def _trust_proxies(app: Flask) -> None:
 
 def _init_api(app: Flask):
     """The flask-smorest Api, with the path converters of task and batch ids."""
+    # A path with "//" inside is no route (404 problem+json), not werkzeug's text/plain
+    # 308 to the merged path (which also followed "%2e%2e%2f" up to "../"). Set before
+    # the routes are added: each rule takes the map's setting when it is added.
+    app.url_map.merge_slashes = False
     app.url_map.converters["task_id"] = TaskIdConverter
     app.url_map.converters["uuid_path"] = UuidPathConverter
     api = make_api()

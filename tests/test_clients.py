@@ -228,10 +228,14 @@ def test_a_trailing_slash_redirect_is_followed(client):
 
 
 @pytest.mark.parametrize("path", ["//evil.example/", f"{BASE}/nothing/", f"{BASE}//tasks/",
-                                  "/"])
+                                  "/", "/api//celery/tasks", f"{BASE}/tasks/%2e%2e%2f/status",
+                                  f"{BASE}//tasks"])
 def test_no_redirect_but_to_a_route(client, path):
+    """Only a trailing slash is redirected: "//" inside a path is no route (werkzeug
+    merged it with a text/plain 308, following "%2e%2e%2f" up to "../")."""
     response = client.get(path)
     assert response.status_code == 404 and "Location" not in response.headers
+    assert response.mimetype == "application/problem+json"
 
 
 @pytest.mark.parametrize("method, path", [
