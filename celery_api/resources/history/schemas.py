@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from datetime import UTC
 
 import marshmallow as ma
@@ -21,8 +22,14 @@ CURSOR_MESSAGE = ("Not a cursor this service issued: pass the next_cursor of the
                   "unchanged, or omit it for the first page.")
 
 
+CURSOR_CHARACTERS = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 def _issued_cursor(value: str) -> None:
-    """A cursor decodes to a (created_at, id) that the database can compare with."""
+    """A cursor is URL-safe base64 of a (created_at, id) that the database can compare
+    with; one message whatever is wrong with it."""
+    if not CURSOR_CHARACTERS.match(value):
+        raise ma.ValidationError(CURSOR_MESSAGE)
     try:
         created, run_id = decode_cursor(value)
         if not EARLIEST <= created.astimezone(UTC) <= LATEST:
@@ -62,9 +69,7 @@ class HistoryArgsSchema(RequestSchema):
     limit = ma.fields.Integer(load_default=50, validate=ma.validate.Range(1, MAX_LIMIT),
                               metadata={"description": f"Rows per page, 1 to {MAX_LIMIT}"})
     cursor = ma.fields.String(
-        validate=[ma.validate.Length(1, 400),
-                  ma.validate.Regexp(r"^[A-Za-z0-9_-]+$", error=CURSOR_MESSAGE),
-                  _issued_cursor],
+        validate=[ma.validate.Length(1, 400), _issued_cursor],
         metadata={"description": "The `next_cursor` of the previous page"})
 
 
