@@ -487,3 +487,22 @@ def test_a_year_in_other_digits_is_refused(client, year):
     response = client.post("/api/celery/tasks/launch", json={
         "task_type": "sii.sync_f29_all_companies", "params": {"year": year}})
     assert_problem(response, 422, "params.year")
+
+
+def test_of_two_deletes_at_once_one_finds_it_gone(app, client, monkeypatch):
+    """Two DELETEs of one schedule at the same moment: both read it, one deletes it,
+    the other then deletes nothing and answers 404 (both answered 204). The window is
+    held open by deleting the row from another connection right after the read."""
+    schedule = create(client)
+    real_get = schedules.get
+
+    def get_then_lose_the_race(schedule_id):
+        found = real_get(schedule_id)
+        with db.engine.begin() as other:  # the other request, committing first
+            other.execute(sa.delete(Schedule).where(Schedule.id == schedule_id))
+        return found
+
+    monkeypatch.setattr(schedules, "get", get_then_lose_the_race)
+    assert_problem(client.delete(f"{BASE}/{schedule['id']}"), 404)
+    monkeypatch.setattr(schedules, "get", real_get)
+    assert_problem(client.get(f"{BASE}/{schedule['id']}"), 404)

@@ -280,10 +280,17 @@ def _reschedule(schedule: Schedule, now: datetime) -> None:
 def delete(schedule_id: str) -> None:
     """Remove the schedule and its fire records; its runs stay in the history."""
     schedule = get(schedule_id)
-    db.session.execute(sa.delete(ScheduleFire).where(ScheduleFire.schedule_id == schedule.id))
-    db.session.delete(schedule)
+    name = schedule.name
+    db.session.expunge(schedule)
+    db.session.execute(sa.delete(ScheduleFire).where(ScheduleFire.schedule_id == schedule_id))
+    # By its id, counting the rows: of two requests deleting it at once, the one that
+    # finds it gone answers 404 (the ORM's delete of a row already gone only warned).
+    deleted = db.session.execute(sa.delete(Schedule).where(Schedule.id == schedule_id))
+    if deleted.rowcount != 1:
+        db.session.rollback()
+        raise NotFound(f"No schedule {schedule_id}.")
     db.session.commit()
-    log.info("🗓️ schedule %s (%s) deleted", schedule.name, schedule_id)
+    log.info("🗓️ schedule %s (%s) deleted", name, schedule_id)
 
 
 def set_enabled(schedule_id: str, enabled: bool, *, now: datetime | None = None) -> Schedule:
