@@ -383,6 +383,18 @@ class Parser(FlaskParser):
     integer longer than Python converts (``sys.get_int_max_str_digits``), answered as a
     400 (webargs answers only a syntax error so; these would be a 500)."""
 
+    def load_querystring(self, req, schema):
+        """The query string; a parameter that takes one value given more than once
+        (``limit=1&limit=2``) is a 422 naming it, not its first value taken silently."""
+        proxy = super().load_querystring(req, schema)
+        repeated = [key for key in req.args if key not in proxy.multiple_keys
+                    and len(req.args.getlist(key)) > 1]
+        if repeated:
+            abort(422, errors={"query": {
+                printable_name(key)[:100]: ["Given more than once: send it once."]
+                for key in repeated[:MAX_DETAIL_LINES]}})
+        return proxy
+
     def _raw_load_json(self, req):
         try:
             return super()._raw_load_json(req)

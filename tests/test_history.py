@@ -183,6 +183,19 @@ def test_bad_queries_are_422(runs, query):
         assert response.get_json()["detail"].count("Not a cursor") == 1
 
 
+def test_a_parameter_of_one_value_given_twice_is_422(runs):
+    """limit=1&limit=2 was read as limit=1 without a word; a repeatable filter
+    (task_type) still takes every value."""
+    client = runs["app"].test_client()
+    response = client.get("/api/celery/history?limit=1&limit=2&status=SUCCESS")
+    assert response.status_code == 422, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["errors"]["query"] == {"limit": ["Given more than once: send it once."]}
+    assert "limit: Given more than once" in body["detail"]
+    listed = client.get("/api/celery/history?task_type=acme.add&task_type=acme.count")
+    assert listed.status_code == 200, listed.get_data(as_text=True)
+
+
 def test_purge_removes_only_old_finished_runs(history_app):
     app = history_app
     old_done = add_run(app, minutes=-200 * 24 * 60, tags=["old"])

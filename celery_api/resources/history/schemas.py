@@ -26,10 +26,10 @@ CURSOR_CHARACTERS = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _issued_cursor(value: str) -> None:
-    """A cursor is URL-safe base64 of a (created_at, id) that the database can compare
-    with; one message whatever is wrong with it."""
+    """A cursor decodes to a (created_at, id) that the database can compare with (one
+    of URL-safe base64's characters only: the Regexp validator checks those)."""
     if not CURSOR_CHARACTERS.match(value):
-        raise ma.ValidationError(CURSOR_MESSAGE)
+        return  # the Regexp validator (which documents the pattern) says so already
     try:
         created, run_id = decode_cursor(value)
         if not EARLIEST <= created.astimezone(UTC) <= LATEST:
@@ -69,7 +69,9 @@ class HistoryArgsSchema(RequestSchema):
     limit = ma.fields.Integer(load_default=50, validate=ma.validate.Range(1, MAX_LIMIT),
                               metadata={"description": f"Rows per page, 1 to {MAX_LIMIT}"})
     cursor = ma.fields.String(
-        validate=[ma.validate.Length(1, 400), _issued_cursor],
+        validate=[ma.validate.Length(1, 400),
+                  ma.validate.Regexp(CURSOR_CHARACTERS, error=CURSOR_MESSAGE),
+                  _issued_cursor],
         metadata={"description": "The `next_cursor` of the previous page"})
 
 
