@@ -29,6 +29,7 @@ from flask_smorest import abort
 from flask_smorest.utils import prepare_response
 from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import WebsocketMismatch
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -326,6 +327,10 @@ class Api(BaseApi):
             errors = None
         elif message:
             detail = message
+        elif isinstance(error, WebsocketMismatch):
+            detail = ("This service does not speak WebSocket: send the request as plain "
+                      "HTTP, without 'Upgrade: websocket'. A run's events come as a "
+                      "server-sent event stream: GET /api/celery/tasks/{task_id}/events.")
         elif errors and code == 400 and _is_invalid_json(errors):
             detail = "The request body is not valid JSON (or not UTF-8): send a JSON object."
             errors = None

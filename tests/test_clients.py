@@ -254,3 +254,12 @@ def test_an_unknown_route_is_not_an_unknown_task(client, method, path):
 def test_an_unknown_route_echoes_a_bounded_path(client):
     body = assert_problem(client.get(f"{BASE}/{'x' * 5000}"), 404, "No such route")
     assert len(body["detail"]) < 400
+
+
+def test_a_websocket_upgrade_is_told_what_to_do(client):
+    """werkzeug refuses a websocket request to an HTTP route with its generic 400
+    ("The browser (or proxy) sent a request..."): the detail says what to send."""
+    body = assert_problem(client.get(f"{BASE}/tasks", headers={
+        "Upgrade": "websocket", "Connection": "Upgrade"}), 400, "does not speak WebSocket",
+        "/events")
+    assert "browser (or proxy)" not in body["detail"]
