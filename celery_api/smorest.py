@@ -124,7 +124,23 @@ class Schema(ma.Schema):
 class RequestSchema(Schema):
     """A schema of what clients send (body, query): its free strings are documented
     with ``NO_NUL_PATTERN`` in the OpenAPI document, which response schemas are not
-    (a worker may record any text in a run's error)."""
+    (a worker may record any text in a run's error). Its numbers sent as text are
+    ASCII: Python's ``int()`` reads ``"１"`` (fullwidth) and ``"٢"`` (Arabic-Indic)."""
+
+    @ma.pre_load
+    def _ascii_numbers(self, data, **_kwargs):
+        if not isinstance(data, Mapping):
+            return data
+        errors = {}
+        for name, field in self.load_fields.items():
+            key = field.data_key or name
+            if isinstance(field, ma.fields.Number) and key in data:
+                value = data[key]
+                if isinstance(value, str) and not value.isascii():
+                    errors[key] = [field.error_messages["invalid"]]
+        if errors:
+            raise ma.ValidationError(errors)
+        return data
 
 
 # The NUL rule as OpenAPI can say it. Lone surrogates cannot be said: without the

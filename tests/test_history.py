@@ -167,6 +167,7 @@ def tampered_cursor(run_id: str) -> str:
     "limit=0", "limit=-5", "limit=501", "limit=99999999999999999999", "limit=abc",
     "status=DONE", "created_after=yesterday", "company_id=../../etc/passwd",
     "cursor=not-a-cursor", "cursor=eyJ4IjoxfQ", "cursor=%40%40%40", "task_type=" + "x" * 201,
+    "limit=%EF%BC%91",  # a fullwidth 1: int() reads it, the contract says an integer
     # Tampered cursors (a NUL in the run id, a run id too long): 422, never a 500.
     "cursor=" + tampered_cursor("a\x00b"), "cursor=" + tampered_cursor("x" * 300),
     "tag=' OR 1=1 --x", "unknown_filter=1",
