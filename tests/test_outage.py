@@ -48,11 +48,8 @@ def test_broker_outage_503_fast_then_recovers_and_loses_nothing(tmp_path):
     """Redis (with its append-only file, as in production) stopped under an API and a
     worker: 503s fast, reads answer, and after the restart the 202s all run, the 503s
     never do, with neither API nor worker restarted."""
-    server = RedisServer(tmp_path / "redis", persistent=True).start()
-    stack = _start_stack(tmp_path, server.url, server.url, None, "broker-outage")
-    backend = redis.Redis(port=server.port)
-    key = f"broker-outage-{uuid.uuid4().hex[:8]}"
-    count = {"task_type": "acme.count", "params": {"key": key}}
+    server, stack, backend, key, count = _counting_stack(tmp_path, "broker-outage",
+                                                         persistent=True)
     try:
         ran = launch(stack, "acme.count", {"key": key})
         wait_status(stack, ran, "SUCCESS")
@@ -112,6 +109,17 @@ def _never_ran(app) -> int:
             sa.select(sa.func.count()).select_from(TaskRun)
             .where(TaskRun.status == "FAILURE",
                    TaskRun.error.like("not published, never ran%"))).scalar_one()
+
+
+def _counting_stack(tmp_path, name: str, persistent: bool = False):
+    """A private redis-server (broker and results), an API and a worker on it, and
+    what counts the runs of one key (acme.count): (server, stack, backend, key, the
+    launch body)."""
+    server = RedisServer(tmp_path / "redis", persistent=persistent).start()
+    stack = _start_stack(tmp_path, server.url, server.url, None, name)
+    key = f"{name}-{uuid.uuid4().hex[:8]}"
+    return (server, stack, redis.Redis(port=server.port), key,
+            {"task_type": "acme.count", "params": {"key": key}})
 
 
 def _accepted(response) -> str | None:
@@ -366,11 +374,7 @@ def test_a_broker_that_stopped_answering_a_launch_never_runs_it_and_launches_res
     for minutes after a 2 s pause, until the API restarted)."""
     import signal
 
-    server = RedisServer(tmp_path / "redis").start()
-    stack = _start_stack(tmp_path, server.url, server.url, None, "paused-broker")
-    backend = redis.Redis(port=server.port)
-    key = f"paused-{uuid.uuid4().hex[:8]}"
-    count = {"task_type": "acme.count", "params": {"key": key}}
+    server, stack, backend, key, count = _counting_stack(tmp_path, "paused-broker")
     try:
         first = launch(stack, "acme.count", {"key": key})
         wait_status(stack, first, "SUCCESS")
