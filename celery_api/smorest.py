@@ -131,13 +131,13 @@ class RequestSchema(Schema):
     def _ascii_numbers(self, data, **_kwargs):
         if not isinstance(data, Mapping):
             return data
-        errors = {}
-        for name, field in self.load_fields.items():
-            key = field.data_key or name
-            if isinstance(field, ma.fields.Number) and key in data:
-                value = data[key]
-                if isinstance(value, str) and not value.isascii():
-                    errors[key] = [field.error_messages["invalid"]]
+        numbers = self.__dict__.get("_number_fields")
+        if numbers is None:  # once per schema instance, not per request
+            numbers = self._number_fields = {
+                field.data_key or name: field for name, field in self.load_fields.items()
+                if isinstance(field, ma.fields.Number)}
+        errors = {key: [field.error_messages["invalid"]] for key, field in numbers.items()
+                  if key in data and isinstance(data[key], str) and not data[key].isascii()}
         if errors:
             raise ma.ValidationError(errors)
         return data

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from celery_api.extensions import db
 from celery_api.models import TaskRun, utcnow
-from tests.support import COMPANY, PROBLEM
+from tests.support import COMPANY, PROBLEM, assert_problem
 
 LAUNCH = "/api/celery/tasks/launch"
 BATCH = "/api/celery/tasks/batch"
@@ -370,15 +370,6 @@ def _raw_post(client, path, text: str, key: str | None = None):
     return client.post(path, data=text.encode(), headers=headers)
 
 
-def _problem(response, status: int, *words: str) -> dict:
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == PROBLEM
-    body = response.get_json()
-    for word in words:
-        assert word in body["detail"], body
-    return body
-
-
 @pytest.mark.parametrize("key", [None, "long-number"])
 @pytest.mark.parametrize("path", [LAUNCH, BATCH, "/api/celery/schedules", "/api/celery/webhooks"])
 def test_an_integer_too_long_to_read_is_a_400(client, history_app, path, key):
@@ -387,7 +378,7 @@ def test_an_integer_too_long_to_read_is_a_400(client, history_app, path, key):
     before = count_runs(history_app)
     text = ('{"task_type": "acme.add", "params": {"a": 1, "b": 2}, "priority": '
             + LONG_INTEGER + "}")
-    _problem(_raw_post(client, path, text, key), 400, "4,300", "send it as a string")
+    assert_problem(_raw_post(client, path, text, key), 400, "4,300", "send it as a string")
     assert count_runs(history_app) == before
 
 
@@ -399,7 +390,7 @@ def test_bodies_python_cannot_read_with_an_idempotency_key_are_4xx(client, histo
     for a valid request afterwards."""
     key = f"k-{uuid.uuid4()}"
     before = count_runs(history_app)
-    _problem(_raw_post(client, path, DEEP, key), 400, "nested too deeply")
+    assert_problem(_raw_post(client, path, DEEP, key), 400, "nested too deeply")
     surrogate = _raw_post(client, path, '{"task_type": "acme.add", "params": {"a": 1, '
                                          '"b": 2}, "tags": ["\\udfff"]}', key)
     assert surrogate.status_code == 422, surrogate.get_data(as_text=True)
