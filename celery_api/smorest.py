@@ -350,8 +350,12 @@ class Api(BaseApi):
         elif errors and code == 400 and _is_invalid_json(errors):
             detail = "The request body is not valid JSON (or not UTF-8): send a JSON object."
             errors = None
+        elif errors and _is_not_an_object(errors):
+            detail = _not_an_object_detail()
         elif errors:
             detail = validation_detail(errors)
+            if isinstance(errors, dict) and "json" in errors and not request.get_data(cache=True):
+                detail = f"The request body is empty: send a JSON object. {detail}"
         else:
             detail = error.description or http.HTTPStatus(code).phrase
         return problem_response(code, detail, errors=errors, headers=headers)
@@ -392,6 +396,25 @@ def unknown_route():
 
 def _is_invalid_json(errors) -> bool:
     return isinstance(errors, dict) and errors.get("json") == ["Invalid JSON body."]
+
+
+def _is_not_an_object(errors) -> bool:
+    """A JSON body that is not an object (``null``, a list, a string, a number), or no
+    body at all: marshmallow's schema-level "Invalid input type."."""
+    return (isinstance(errors, dict) and isinstance(errors.get("json"), dict)
+            and errors["json"].get("_schema") == ["Invalid input type."])
+
+
+JSON_TYPE_NAMES = {type(None): "null", list: "an array", str: "a string", bool: "a boolean",
+                   int: "a number", float: "a number"}
+
+
+def _not_an_object_detail() -> str:
+    if not request.get_data(cache=True):
+        return ("The request body is empty: send a JSON object, with "
+                "Content-Type: application/json.")
+    got = JSON_TYPE_NAMES.get(type(request.get_json(silent=True, cache=True)), "not an object")
+    return f"The request body must be a JSON object; it is {got}."
 
 
 DEEP_JSON = "The JSON body is nested too deeply to be read; flatten it."

@@ -426,3 +426,26 @@ def test_a_body_with_very_many_bad_fields_gets_a_short_answer(client, history_ap
         errors = problem["errors"]["json"]
         fields = errors["params"] if "params" in errors else errors
         assert len(fields) == MAX_ERROR_FIELDS
+
+
+@pytest.mark.parametrize(("text", "got"), [("null", "null"), ("[]", "an array"),
+                                           ('"launch"', "a string"), ("7", "a number"),
+                                           ("true", "a boolean")])
+@pytest.mark.parametrize("path", [LAUNCH, BATCH, "/api/celery/schedules", "/api/celery/webhooks"])
+def test_a_body_that_is_not_an_object_says_what_it_is(client, history_app, path, text, got):
+    """A JSON body that is not an object was a 422 '_schema: Invalid input type.'."""
+    before = count_runs(history_app)
+    body = assert_problem(_raw_post(client, path, text), 422,
+                          f"The request body must be a JSON object; it is {got}.")
+    assert "_schema" not in body["detail"]
+    assert count_runs(history_app) == before
+
+
+@pytest.mark.parametrize("headers", [{"Content-Type": "application/json"}, {}])
+def test_an_empty_body_says_it_is_empty(client, history_app, headers):
+    """Zero bytes: the 422 says the body is empty before naming the missing field."""
+    before = count_runs(history_app)
+    assert_problem(client.post(LAUNCH, data=b"", headers=headers), 422,
+                   "The request body is empty: send a JSON object.",
+                   "task_type: Missing data for required field.")
+    assert count_runs(history_app) == before
