@@ -51,10 +51,16 @@ class Scheduler(PersistentScheduler):
         """Run ``work`` in an app context: whatever it raises is logged and beat keeps
         running (the next tick tries again); the session is always given back."""
         from celery_api.extensions import db
+        from celery_api.services.launch import BROKER_ERRORS
 
         with flask_app.app_context():
             try:
                 work()
+            except BROKER_ERRORS as exc:
+                # An outage, not a bug: one line per tick, not a traceback.
+                log.error("❌ could not %s: the task broker is unreachable (%s: %s)",
+                          failed, type(exc).__name__, exc)
+                db.session.rollback()
             except Exception:  # noqa: BLE001 - beat keeps running; the next tick retries
                 log.exception("❌ could not %s", failed)
                 db.session.rollback()

@@ -421,3 +421,76 @@ def test_a_broker_that_stopped_answering_a_launch_never_runs_it_and_launches_res
         stack.worker.stop()
         close_app(stack.app)
         server.stop()
+
+
+def _schedule_runs(app, schedule_id: str) -> list[TaskRun]:
+    with app.app_context():
+        rows = db.session.execute(sa.select(TaskRun).where(
+            TaskRun.schedule_id == schedule_id)).scalars().all()
+        db.session.expunge_all()
+        return list(rows)
+
+
+def test_a_schedule_ticking_through_a_broker_outage_runs_each_tick_once(tmp_path):
+    """The broker stops answering while an every-second schedule fires: each tick's run
+    is recorded and held, and beat publishes it once the broker answers. One run per
+    tick, each executed once, none closed as a FAILURE (before: the fire was undone and
+    retried with a new run at each tick, leaving one FAILURE 'not published, never ran'
+    and one task.failed webhook per try: 8 for one tick of a 20 s pause)."""
+    import signal
+    from collections import Counter
+
+    from tests.support import Beat
+
+    server, stack, backend, key, _ = _counting_stack(tmp_path, "schedule-outage")
+    env = dict(service_env(dict(stack.app.config, INSTANCE_PATH=tmp_path / "app")),
+               CELERY_API_DISPATCH_INTERVAL="0.2",
+               CELERY_API_RECONCILE_INTERVAL="3600", CELERY_API_PURGE_INTERVAL="3600")
+    created = stack.client.post("/api/celery/schedules", json={
+        "name": f"outage-{key}", "task_type": "acme.count", "params": {"key": key},
+        "interval_seconds": 1, "overlap": "allow"})
+    assert created.status_code == 201, created.get_data(as_text=True)
+    schedule_id = created.get_json()["id"]
+
+    def succeeded() -> int:
+        return sum(run.status == "SUCCESS" for run in _schedule_runs(stack.app, schedule_id))
+
+    try:
+        with Beat(env, tmp_path / "beat") as beat:
+            wait_for(lambda: succeeded() >= 2, timeout=60, interval=0.2,
+                     message="two ticks ran before the outage")
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                wait_for(lambda: beat.log_text().count("held until the task broker") >= 2,
+                         timeout=90, interval=0.2, message="two ticks held in the outage")
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            held = [run.id for run in _schedule_runs(stack.app, schedule_id)
+                    if run.status == "PENDING"]
+            assert len(held) >= 2, held
+            # After the outage: the held runs are published and run, and ticks go on.
+            wait_for(lambda: all(run.status == "SUCCESS" for run in _schedule_runs(
+                stack.app, schedule_id) if run.id in held), timeout=60, interval=0.2,
+                message="the held runs to run")
+            ran_before = succeeded()
+            wait_for(lambda: succeeded() >= ran_before + 2, timeout=60, interval=0.2,
+                     message="two more ticks after the outage")
+            paused = stack.client.post(f"/api/celery/schedules/{schedule_id}/pause")
+            assert paused.status_code == 200, paused.get_data(as_text=True)
+        wait_for(lambda: all(run.finished for run in _schedule_runs(stack.app, schedule_id)),
+                 timeout=60, interval=0.2, message="every run to finish")
+        # Whatever the failed publishes wrote reached the worker by now: dropped.
+        wait_for(lambda: backend.llen("celery") == 0, timeout=30, message="queue drained")
+        assert "Traceback" not in beat.log_text()
+        runs = _schedule_runs(stack.app, schedule_id)
+        assert [run for run in runs if run.status != "SUCCESS"] == []
+        per_tick = Counter(run.scheduled_for for run in runs)
+        assert max(per_tick.values()) == 1, per_tick
+        executed = {member.decode() for member in backend.smembers(f"acme:runs:{key}")}
+        assert executed == {run.id for run in runs}
+        assert int(backend.get(f"acme:count:{key}")) == len(runs)
+    finally:
+        stack.client.delete(f"/api/celery/schedules/{schedule_id}")
+        stack.worker.stop()
+        close_app(stack.app)
+        server.stop()

@@ -291,6 +291,55 @@ def test_a_tick_fires_once_and_advances(app, client):
     client.delete(f"{BASE}/{schedule['id']}")
 
 
+def test_ticks_fired_while_the_broker_is_down_are_held_and_published_later(
+        app, client, monkeypatch):
+    """A publish that fails holds the tick's run (recorded, due now) instead of undoing
+    the fire: one run per tick, no FAILURE, and the pass's other schedules are held
+    without trying the broker again (each try waits for its timeout). Beat's dispatch
+    pass publishes them once the broker answers."""
+    from kombu.exceptions import OperationalError
+
+    from celery_api.services import dispatch
+    from celery_api.services import launch as launch_service
+
+    first = create(client, interval_seconds=10, queue="parked", overlap="allow", expires=600)
+    second = create(client, interval_seconds=10, queue="parked", overlap="allow")
+    due = max(datetime.fromisoformat(s["next_run_at"]) for s in (first, second))
+    publish, tries = launch_service.publish, []
+
+    def broker_down(*args, **kwargs):
+        tries.append(args[0]["id"])
+        raise OperationalError("the broker is down (injected)")
+
+    monkeypatch.setattr(launch_service, "publish", broker_down)
+    assert tick(app, due) == 2
+    runs = runs_of(app, first["id"]) + runs_of(app, second["id"])
+    assert len(tries) == 1 and [run.status for run in runs] == ["PENDING", "PENDING"]
+    assert all(run.dispatch_at is not None for run in runs)
+    (expiring,) = runs_of(app, first["id"])
+    assert expiring.expires == expiring.created_at + timedelta(seconds=600)
+    assert all(stored(app, s["id"]).next_run_at ==
+               datetime.fromisoformat(s["next_run_at"]) + timedelta(seconds=10)
+               for s in (first, second))
+    assert tick(app, due) == 0  # the tick is fired: not again
+
+    published = []
+    monkeypatch.setattr(launch_service, "publish",
+                        lambda record, *a, **kw: published.append(record["id"]))
+    with app.app_context():
+        try:
+            assert dispatch.publish_due() == 2
+            assert dispatch.publish_due() == 0
+        finally:
+            db.session.remove()
+    assert sorted(published) == sorted(run.id for run in runs)
+    assert all(run.dispatch_at is None and run.status == "PENDING"
+               for run in runs_of(app, first["id"]) + runs_of(app, second["id"]))
+    monkeypatch.setattr(launch_service, "publish", publish)
+    for schedule in (first, second):
+        client.delete(f"{BASE}/{schedule['id']}")
+
+
 def test_a_tick_another_beat_fired_is_skipped(app, client):
     """The database's guarantee: the fire record of a tick exists, the insert fails."""
     schedule = create(client, interval_seconds=10, queue="parked")

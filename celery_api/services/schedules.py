@@ -32,6 +32,7 @@ import logging
 import math
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -377,12 +378,22 @@ def fire_due(now: datetime | None = None, *, limit: int = PAGE) -> int:
         .order_by(Schedule.next_run_at).limit(limit)).all()
     db.session.rollback()  # the read's transaction ends: no lock held between fires
     handled = 0
+    broker = BrokerSeen()
     for schedule_id, scheduled_for in due:
         try:
-            handled += _fire(schedule_id, scheduled_for, now)
+            handled += _fire(schedule_id, scheduled_for, now, broker)
         except Unavailable:
-            break  # broker or database down: the next tick tries again
+            break  # the database is down: the next tick tries again
     return handled
+
+
+@dataclass
+class BrokerSeen:
+    """What one pass of :func:`fire_due` learnt of the broker: once a publish failed,
+    the pass's later runs are held without trying (each try waits for the broker's
+    timeout), and beat publishes them all once it answers."""
+
+    down: bool = False
 
 
 def fire_all_due(now: datetime | None = None) -> int:
@@ -402,7 +413,8 @@ def _unfinished(run_id: str | None) -> bool:
     return status in runstate.UNFINISHED
 
 
-def _fire(schedule_id: str, scheduled_for: datetime, now: datetime) -> int:
+def _fire(schedule_id: str, scheduled_for: datetime, now: datetime,
+          broker: BrokerSeen | None = None) -> int:
     schedule = db.session.get(Schedule, schedule_id)
     if schedule is None or not schedule.enabled or schedule.next_run_at != scheduled_for:
         db.session.rollback()  # changed since the page was read: the next tick sees it
@@ -438,18 +450,23 @@ def _fire(schedule_id: str, scheduled_for: datetime, now: datetime) -> int:
                     last_run_id)
         return 1
     return _launch(schedule_id, name, task_type, params, options, scheduled_for, following,
-                   now)
+                   now, broker or BrokerSeen())
 
 
-def _launch(schedule_id, name, task_type, params, options, scheduled_for, following, now):
+def _launch(schedule_id, name, task_type, params, options, scheduled_for, following, now,
+            broker: BrokerSeen):
     fire = sa.and_(ScheduleFire.schedule_id == schedule_id,
                    ScheduleFire.scheduled_for == scheduled_for)
     lateness = (utcnow() - scheduled_for).total_seconds()
     try:
+        # The broker down: the tick's run is recorded and held, and beat publishes it
+        # once the broker answers (one run per tick, however long the outage).
         run = launch_service.launch(task_type, params, options, launch_service.Lineage(
-            schedule_id=schedule_id, scheduled_for=scheduled_for))
+            schedule_id=schedule_id, scheduled_for=scheduled_for),
+            hold_when_unpublished=True, publish_now=not broker.down)
     except Unavailable as exc:
-        # Not launched: undo the fire so the next tick fires it again (exactly one wins).
+        # Not recorded (the database is down): undo the fire so the next tick fires it
+        # again (exactly one wins).
         db.session.rollback()
         db.session.execute(sa.delete(ScheduleFire).where(fire))
         db.session.execute(
@@ -474,8 +491,13 @@ def _launch(schedule_id, name, task_type, params, options, scheduled_for, follow
         last_run_id=run.id, last_run_at=now))
     webhooks.record_schedule_fired(run.id)  # in the same transaction (the outbox)
     db.session.commit()
-    log.info("📤 schedule %s fired the tick of %s as %s (%.3f s after its time)", name,
-             scheduled_for.isoformat(), run.id, lateness)
+    if run.held:
+        broker.down = True
+        log.warning("📤 schedule %s fired the tick of %s as %s, held until the task broker "
+                    "answers", name, scheduled_for.isoformat(), run.id)
+    else:
+        log.info("📤 schedule %s fired the tick of %s as %s (%.3f s after its time)", name,
+                 scheduled_for.isoformat(), run.id, lateness)
     return 1
 
 
