@@ -53,6 +53,8 @@ def test_schemathesis_finds_nothing(live):
          "--workers", "1",
          "--suppress-health-check", "all"],
         capture_output=True, text=True, timeout=900, cwd=folder,
-        env={**os.environ, "SCHEMATHESIS_HOOKS": str(ROOT / "tests" / "schemathesis_hooks.py")})
+        env={**os.environ, "SCHEMATHESIS_HOOKS": str(ROOT / "tests" / "schemathesis_hooks.py"),
+             # The hooks read the event schema from the package.
+             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     report.write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

@@ -70,6 +70,16 @@ def test_generated_client_runs_the_whole_flow(stack, generated):
     done = wait_for(finished, timeout=60, interval=0.2, message="SUCCESS via the client")
     assert done.result["compras"]["total"] >= 0 and done.task_type == "sii.sync_documents"
 
+    # The event stream, as the client reads it: its text (an object schema made the
+    # client parse the stream as JSON and raise on every 200).
+    stream_events = module("api.status.stream_task_events")
+    streamed = stream_events.sync_detailed(uuid.UUID(launched.task_id), client=client)
+    assert streamed.status_code == 200 and isinstance(streamed.parsed, str)
+    assert streamed.parsed.startswith("retry: 1000\n\n"), streamed.parsed[:200]
+    data = [line[len("data: "):] for line in streamed.parsed.splitlines()
+            if line.startswith("data: ")]
+    assert json.loads(data[-1])["status"] == "SUCCESS"
+
     later = launch_task.sync(client=client, body=models.LaunchSiiSyncF29(
         task_type=models.LaunchSiiSyncF29TaskType("sii.sync_f29"),
         params=models.SyncF29Params(company_id=uuid.UUID(SANDBOX_COMPANIES[1])),

@@ -117,6 +117,7 @@ def test_typescript_client_runs_the_readme_flow(stack, live, node_modules, tmp_p
     assert {"task_id": report["task_id"], "status": "SUCCESS"} in report["history"]
     assert report["problem"]["status"] == 404
     assert report["problem"]["detail"].startswith("No task with id")
+    assert report["streamed_status"] == "SUCCESS"  # the event stream, read as its text
 
 
 @pytest.mark.parametrize("stack", [("redis", "sqlite")], indirect=True, ids=["redis-sqlite"])

@@ -70,6 +70,17 @@ async function main() {
   if (sync.error) fail("launch sii.sync_documents", sync.error);
   const synced = await waitFor(sync.data.task_id, "SUCCESS");
 
+  // The event stream of the finished run: its text, typed string (parseAs "text": the
+  // document says text/event-stream, openapi-fetch parses JSON unless told).
+  const events = await client.GET("/api/celery/tasks/{task_id}/events", {
+    params: { path: { task_id: taskId } },
+    parseAs: "text",
+  });
+  if (events.error) fail("events", events.error);
+  const streamed: string = events.data;
+  const lastData = streamed.split("\n").filter((line) => line.startsWith("data: ")).pop();
+  const streamedStatus: string = lastData ? JSON.parse(lastData.slice(6)).status : "none";
+
   const history = await client.GET("/api/celery/history", {
     params: { query: { task_type: ["acme.add"], status: ["SUCCESS"], tag: "ts-client", limit: 10 } },
   });
@@ -84,7 +95,7 @@ async function main() {
   console.log(JSON.stringify({
     task_types: taskTypes, task_id: taskId, status_url: statusUrl, status: status.status,
     result: status.result, progress, seen, sync_progress: synced.seen, history: rows,
-    next_cursor: history.data.next_cursor, problem,
+    next_cursor: history.data.next_cursor, problem, streamed_status: streamedStatus,
   }));
 }
 

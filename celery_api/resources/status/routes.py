@@ -127,6 +127,23 @@ class TaskRunItem(MethodView):
         return revoke_answer(task_id, args)
 
 
+# One event of the stream, as the SSE format names its fields: what OpenAPI 3.2 calls the
+# stream's itemSchema. A 3.0 document has no place for it (its ``schema`` is the whole
+# body's), so it is not in /api/openapi.json; tests/schemathesis_hooks.py gives it to
+# the fuzzer, which checks every event it reads against it.
+EVENT_ITEM_SCHEMA = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string", "description": "Names the state the event carries"},
+        "event": {"type": "string", "enum": ["status", "progress"]},
+        "data": {"type": "string", "description": "The run's status document, "
+                 "`TaskStatusResponse` as JSON on one line"},
+        "retry": {"type": "integer", "description": "Milliseconds to wait before "
+                  "reconnecting"},
+    },
+}
+
 EVENT_STREAM_DOC = {
     "description": (
         "A Server-Sent Events stream. Each event's `data` is the run's status document "
@@ -134,22 +151,21 @@ EVENT_STREAM_DOC = {
         "`progress` when only its progress did; `id` names that state. The stream "
         "starts with the current state and ends after the run's final state; "
         "`: keep-alive` comments keep idle connections open."),
-    # Before OpenAPI 3.2 (no itemSchema), the schema of an event stream describes each
-    # event: its fields as the SSE format names them.
+    # The stream's text (as /metrics documents its text): generated clients read it as
+    # a string, where an object schema made them parse the stream as JSON and fail.
     # (Documented here, not with @blp.response, which has no schema for a stream; the
     # RateLimit headers as rate_limited documents them on other success responses.)
     "headers": limit_header_docs(),
     "content": {"text/event-stream": {"schema": {
-        "type": "object",
-        "required": ["id", "event", "data"],
-        "properties": {
-            "id": {"type": "string", "description": "Names the state the event carries"},
-            "event": {"type": "string", "enum": ["status", "progress"]},
-            "data": {"type": "string", "description": "The run's status document, "
-                     "`TaskStatusResponse` as JSON on one line"},
-            "retry": {"type": "integer", "description": "Milliseconds to wait before "
-                      "reconnecting"},
-        },
+        "type": "string",
+        "description": (
+            "Blocks separated by a blank line: first `retry: 1000` (milliseconds to "
+            "wait before reconnecting), then one block per event, of the lines "
+            "`id: <16 hex digits naming the state>`, `event: status` or "
+            "`event: progress`, and `data: <the run's TaskStatusResponse as JSON on "
+            "one line>`; `: keep-alive` comment lines in between."),
+        "example": ('retry: 1000\n\nid: 3f1c0e9a7b2d4c58\nevent: status\n'
+                    'data: {"task_id": "...", "status": "SUCCESS", ...}\n\n'),
     }}},
 }
 
