@@ -52,6 +52,8 @@ def register_keys_cli(app: Flask) -> None:
     @app.cli.group("keys")
     def keys_group():
         """Manage API keys (Authorization: Bearer <key>)."""
+        with app.app_context():
+            _require_migrated("api_keys")
 
     @keys_group.command("create")
     @click.argument("name")
@@ -94,6 +96,29 @@ def register_keys_cli(app: Flask) -> None:
         except ServiceError as exc:
             raise click.ClickException(exc.detail) from exc
         click.echo(f"API key {key.name!r} (id {key.id}) revoked at {_when(key.revoked_at)}.")
+
+
+def _require_migrated(table: str) -> None:
+    """Stop with a message that says what to do when the database has not been migrated
+    (a new INSTANCE_PATH, say), instead of a traceback ending in 'no such table'."""
+    import sqlalchemy as sa
+
+    from celery_api.extensions import db
+    from celery_api.services.database import is_unavailable
+
+    try:
+        migrated = sa.inspect(db.engine).has_table(table)
+    except sa.exc.SQLAlchemyError as exc:
+        if not is_unavailable(exc):
+            raise
+        raise click.ClickException(
+            f"The database at {db.engine.url.render_as_string()} cannot be reached: "
+            f"{exc.orig if hasattr(exc, 'orig') else exc}") from exc
+    if not migrated:
+        raise click.ClickException(
+            f"The database at {db.engine.url.render_as_string()} has no {table} table: "
+            "apply the migrations first, with the same INSTANCE_PATH / DATABASE_URL: "
+            "make migrate (or flask --app wsgi db upgrade).")
 
 
 def _when(moment) -> str:

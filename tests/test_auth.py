@@ -377,6 +377,20 @@ def test_keys_cli(secured):
     assert unknown.exit_code != 0 and "No API key is named 'never-made'" in unknown.output
 
 
+def test_keys_on_a_database_never_migrated_say_to_migrate(tmp_path):
+    """A new INSTANCE_PATH without ``make migrate``: a message naming the database and
+    the command, exit 1 (before: an 82-line traceback ending in 'no such table')."""
+    env = dict(service_env({"CELERY": {"broker_url": "memory://", "result_backend": "cache+memory://"},
+                            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path}/new.db",
+                            "INSTANCE_PATH": tmp_path}), CELERY_API_AUTH="required")
+    for args in (["create", "first", "--scope", "read"], ["list"], ["revoke", "first"]):
+        done = subprocess.run([str(BIN / "flask"), "--app", "wsgi", "keys", *args], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "has no api_keys table" in done.stderr and "make migrate" in done.stderr
+        assert "Traceback" not in done.stderr and str(tmp_path) in done.stderr
+
+
 def test_keys_create_in_a_real_process_prints_a_working_key(secured):
     env = service_env(secured.config)
     env.pop("CELERY_API_AUTH")  # the default, required: the CLI needs no key
