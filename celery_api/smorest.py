@@ -205,11 +205,14 @@ def document_nullable(converter, field, ret=None, **_kwargs) -> dict:
 class ProblemSchema(Schema):
     """RFC 9457 problem details, as every error of this API is answered."""
 
+    # type, title, status and detail are in every problem, also those nginx and the
+    # gunicorn edge write; instance (the request path) only in the app's.
     type = ma.fields.String(
+        required=True,
         metadata={"description": "URI of the problem type ('about:blank' when generic)"}
     )
-    title = ma.fields.String(metadata={"description": "HTTP status phrase"})
-    status = ma.fields.Integer(metadata={"description": "HTTP status code"})
+    title = ma.fields.String(required=True, metadata={"description": "HTTP status phrase"})
+    status = ma.fields.Integer(required=True, metadata={"description": "HTTP status code"})
     detail = ma.fields.String(
         required=True, metadata={"description": "What went wrong, in words a person can act on"}
     )

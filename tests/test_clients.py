@@ -81,6 +81,16 @@ def test_fields_the_server_always_sends_are_required(spec, name):
     assert set(schema["required"]) == set(schema["properties"])
 
 
+@pytest.mark.parametrize(("name", "optional"), [
+    ("Stats", {"note"}),  # only when no worker answered
+    # instance: not in the problems nginx and the gunicorn edge write; errors: 422 only
+    ("Problem", {"instance", "errors"}),
+])
+def test_fields_always_sent_are_required_and_the_others_are_named(spec, name, optional):
+    schema = schemas(spec)[name]
+    assert set(schema["required"]) == set(schema["properties"]) - optional
+
+
 def test_status_is_the_task_status_enum(spec):
     assert set(STATES) == runstate.ALL
     assert schemas(spec)["TaskStatus"] == {
