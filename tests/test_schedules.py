@@ -293,10 +293,10 @@ def test_a_tick_fires_once_and_advances(app, client):
 
 def test_ticks_fired_while_the_broker_is_down_are_held_and_published_later(
         app, client, monkeypatch):
-    """A publish that fails holds the tick's run (recorded, due now) instead of undoing
-    the fire: one run per tick, no FAILURE, and the pass's other schedules are held
-    without trying the broker again (each try waits for its timeout). Beat's dispatch
-    pass publishes them once the broker answers."""
+    """A publish that fails leaves the tick's run held (recorded with its fire, due now)
+    instead of undoing the fire: one run per tick, no FAILURE, and the pass's other
+    schedules are held without trying the broker again (each try waits for its timeout).
+    Beat's dispatch pass publishes them once the broker answers."""
     from kombu.exceptions import OperationalError
 
     from celery_api.services import dispatch
@@ -338,6 +338,54 @@ def test_ticks_fired_while_the_broker_is_down_are_held_and_published_later(
     monkeypatch.setattr(launch_service, "publish", publish)
     for schedule in (first, second):
         client.delete(f"{BASE}/{schedule['id']}")
+
+
+class Died(BaseException):
+    """Beat's process dying at a point of the tick (not an error it handles)."""
+
+
+def test_a_beat_that_dies_between_the_fire_and_the_publish_loses_no_tick(
+        app, client, monkeypatch):
+    """The fire record and the tick's run are written together: a beat that dies after
+    that commit, before the publish, leaves the run held; the dispatch pass of the next
+    beat publishes it, once. (Before, the fire record was committed first and the run
+    launched after it: a beat dying between the two lost the tick for good.)"""
+    from celery_api.services import dispatch
+    from celery_api.services import launch as launch_service
+
+    schedule = create(client, interval_seconds=10, queue="parked", overlap="allow",
+                      tags=["nightly"])
+    due = datetime.fromisoformat(schedule["next_run_at"])
+
+    def die(*args, **kwargs):
+        raise Died()
+
+    monkeypatch.setattr(dispatch, "publish_runs", die)
+    with pytest.raises(Died):
+        tick(app, due)
+    (run,) = runs_of(app, schedule["id"])
+    assert run.status == "PENDING" and run.dispatch_at is not None
+    assert run.scheduled_for == due and run.tags == ["nightly"]
+    with app.app_context():
+        fire = db.session.execute(sa.select(ScheduleFire).where(
+            ScheduleFire.schedule_id == schedule["id"])).scalar_one()
+        assert (fire.run_id, fire.outcome) == (run.id, "fired")
+        db.session.remove()
+    shown = stored(app, schedule["id"])
+    assert (shown.last_run_id, shown.runs_fired) == (run.id, 1)
+    assert tick(app, due) == 0  # the next beat: the tick is fired
+
+    published = []
+    monkeypatch.setattr(launch_service, "publish",
+                        lambda record, *a, **kw: published.append(record["id"]))
+    with app.app_context():
+        try:
+            assert dispatch.publish_due() == 1
+            assert dispatch.publish_due() == 0
+        finally:
+            db.session.remove()
+    assert published == [run.id]
+    client.delete(f"{BASE}/{schedule['id']}")
 
 
 def test_a_tick_another_beat_fired_is_skipped(app, client):

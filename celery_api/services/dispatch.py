@@ -57,10 +57,25 @@ def publish_due(*, limit: int = PAGE) -> int:
     held runs whose time has come; return how many were published."""
     now = utcnow()
     expire_held(now, limit=limit)
-    due = (sa.select(TaskRun.id)
-           .where(TaskRun.dispatch_at <= now, TaskRun.status == "PENDING",
-                  sa.or_(TaskRun.expires.is_(None), TaskRun.expires > now))
-           .order_by(TaskRun.dispatch_at).limit(limit))
+    return _publish(
+        sa.select(TaskRun.id)
+        .where(TaskRun.dispatch_at <= now, TaskRun.status == "PENDING",
+               sa.or_(TaskRun.expires.is_(None), TaskRun.expires > now))
+        .order_by(TaskRun.dispatch_at).limit(limit))
+
+
+def publish_runs(task_ids: list[str]) -> int:
+    """Publish the held runs ``task_ids`` now (a schedule's tick, just recorded held with
+    its fire record); those already published or closed are left alone. Raises what the
+    publish raises (the broker down): then they stay held, for the next pass."""
+    return _publish(sa.select(TaskRun.id).where(
+        TaskRun.id.in_(task_ids), TaskRun.status == "PENDING",
+        TaskRun.dispatch_at.is_not(None)))
+
+
+def _publish(due) -> int:
+    """Publish the held runs ``due`` selects and clear their ``dispatch_at``, in one
+    transaction: committed after the publish, rolled back (still held) if it fails."""
     if db.engine.dialect.name == "postgresql":
         due = due.with_for_update(skip_locked=True)  # two beats never publish one run twice
     try:

@@ -96,9 +96,6 @@ class Launched:
     task_type: str
     status: str = "PENDING"
     cached: bool = False  # an identical run answered it (services.result_cache)
-    # Recorded and held, not published: beat publishes it (services.dispatch). For a
-    # launch made with ``hold_when_unpublished``, not delayed: the broker was down.
-    held: bool = False
 
 
 def launch(
@@ -108,22 +105,17 @@ def launch(
     lineage: Lineage | None = None,
     *,
     cache: bool = False,
-    hold_when_unpublished: bool = False,
-    publish_now: bool = True,
 ) -> Launched:
     """Validate, record (PENDING) and publish one run. A publish that fails closes the
     record as a FAILURE that never ran and raises Unavailable (the caller answers 503).
 
     ``cache``: the launch may be answered by an identical run (the result cache; the
-    API's launches). Retries, schedules, fan-out and batches always start a run.
-    ``hold_when_unpublished``: a publish that fails holds the run instead (recorded,
-    due now: beat publishes it once the broker answers) and the launch succeeds, with
-    ``held`` set: a schedule's tick keeps its one run through a broker outage.
-    ``publish_now=False``: hold it without trying (the broker was just found down).
+    API's launches). Retries, fan-out and batches always start a run. (A schedule's
+    tick records its run with its fire record instead: ``services.schedules``.)
     """
     try:
         launched = _launch(task_type, params, options or LaunchOptions(), lineage or Lineage(),
-                           cache, hold_when_unpublished, publish_now)
+                           cache)
     except UnknownTaskType:
         record_launch("unknown", "unknown_task_type")
         raise
@@ -317,14 +309,8 @@ def _copy_runs(connection, records: list[dict]) -> None:
 
 
 def _launch(task_type: str, params, options: LaunchOptions, lineage: Lineage,
-            cache: bool, hold_when_unpublished: bool = False,
-            publish_now: bool = True) -> Launched:
+            cache: bool) -> Launched:
     prepared = prepare(task_type, params, options, lineage)
-    if not publish_now and not prepared.held:
-        _hold_from_now(prepared.record, options)
-        return _start(prepared)
-    if hold_when_unpublished:
-        return _start(prepared, hold_when_unpublished=True)
     if cache:
         definition = get_catalog().get(prepared.record["task_type"])
         ttl = result_cache.ttl_of(
@@ -413,10 +399,9 @@ def _database_reads():
         outcome="database_unavailable")
 
 
-def _start(prepared: Prepared, check=None, hold_when_unpublished: bool = False) -> Launched:
+def _start(prepared: Prepared, check=None) -> Launched:
     """Admit, record and publish a prepared run. ``check(record)``, called between the
-    record and the publish, may answer instead (then nothing is published).
-    ``hold_when_unpublished``: see :func:`launch`."""
+    record and the publish, may answer instead (then nothing is published)."""
     task_type = prepared.record["task_type"]
     options = prepared.options
     limits.admit([prepared])  # the task type's limit and the queue's bound (429)
@@ -428,16 +413,12 @@ def _start(prepared: Prepared, check=None, hold_when_unpublished: bool = False) 
     if prepared.held:
         log.info("📤 launching %s as %s on queue %s, held until %s", task_type, task_id,
                  record["queue"], record["dispatch_at"].isoformat())
-        return Launched(id=task_id, task_type=record["task_type"], held=True)
+        return Launched(id=task_id, task_type=record["task_type"])
     log.info("📤 launching %s as %s on queue %s", task_type, task_id, record["queue"])
     try:
         publish(record, prepared.celery_name, options)
     except BROKER_ERRORS as exc:
         log.error("❌ could not publish %s (%s): %s", task_id, task_type, exc)
-        if hold_when_unpublished and _hold_unpublished(record, options):
-            log.warning("📤 %s (%s) held: beat publishes it once the task broker answers",
-                        task_id, task_type)
-            return Launched(id=task_id, task_type=record["task_type"], held=True)
         _unpublished(record, f"the task broker was unreachable: {exc}")
         raise Unavailable(
             "The task broker is unreachable; the task was not launched. Retry later.",
@@ -479,39 +460,14 @@ def _unpublished(record: dict, reason: str) -> None:
 FAILURE_WRITES = 3  # a database that blinks while the broker is down
 
 
-def _hold_from_now(record: dict, options: LaunchOptions) -> None:
-    """Make a record that is not delayed a held one, due now: beat's dispatch pass
-    publishes it (services.dispatch). An ``expires`` in seconds counts from now, as for
-    a run held for its ETA."""
+def hold_from_now(prepared: Prepared) -> None:
+    """Make a prepared run that is not delayed a held one, due now: beat's dispatch pass
+    publishes it if its recorder does not (services.dispatch). An ``expires`` in seconds
+    counts from now, as for a run held for its ETA."""
+    record, options = prepared.record, prepared.options
     record["dispatch_at"] = record["created_at"]
     if isinstance(options.expires, int | float):
         record["expires"] = record["created_at"] + timedelta(seconds=options.expires)
-
-
-def _hold_unpublished(record: dict, options: LaunchOptions) -> bool:
-    """Hold a recorded run whose publish failed: due now, beat publishes it once the
-    broker answers (services.dispatch). A publish that failed may still have reached the
-    broker: then two messages name the run, and the worker's claim runs it once. False
-    when the hold could not be written (the run is closed as never run instead)."""
-    held = dict(record)
-    _hold_from_now(held, options)
-    for attempt in range(1, FAILURE_WRITES + 1):
-        try:
-            # Still PENDING and not yet held: a late delivery may have claimed it already.
-            db.session.execute(
-                sa.update(TaskRun)
-                .where(TaskRun.id == record["id"], TaskRun.status == "PENDING",
-                       TaskRun.dispatch_at.is_(None))
-                .values(dispatch_at=held["dispatch_at"], expires=held["expires"]))
-            db.session.commit()
-            return True
-        except SQLAlchemyError:
-            db.session.rollback()
-            if attempt == FAILURE_WRITES:
-                log.exception("❌ could not hold %s for a later publish", record["id"])
-            else:
-                time.sleep(0.1 * attempt)
-    return False
 
 
 def forget(task_ids: list[str]) -> None:

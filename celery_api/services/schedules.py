@@ -39,13 +39,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import sqlalchemy as sa
 from cronsim import CronSim, CronSimError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from celery_api.catalog import known_queues
 from celery_api.extensions import db
+from celery_api.metrics import record_launch
 from celery_api.models import Schedule, ScheduleFire, TaskRun, utcnow
+from celery_api.services import database, dispatch, runstate, webhooks
 from celery_api.services import launch as launch_service
-from celery_api.services import runstate, webhooks
 from celery_api.services.errors import (
     InvalidParams,
     NotFound,
@@ -415,6 +416,12 @@ def _unfinished(run_id: str | None) -> bool:
 
 def _fire(schedule_id: str, scheduled_for: datetime, now: datetime,
           broker: BrokerSeen | None = None) -> int:
+    """Fire (or skip) one tick. Its fire record, the schedule's move to its next tick
+    and the tick's run (recorded held, due now) are one transaction: a beat that dies
+    after it leaves a held run that the dispatch pass publishes, and one that dies
+    before it leaves the tick to the next pass. The run is then published at once;
+    if the broker does not take it, it stays held and is published once it answers."""
+    broker = broker or BrokerSeen()
     schedule = db.session.get(Schedule, schedule_id)
     if schedule is None or not schedule.enabled or schedule.next_run_at != scheduled_for:
         db.session.rollback()  # changed since the page was read: the next tick sees it
@@ -425,11 +432,29 @@ def _fire(schedule_id: str, scheduled_for: datetime, now: datetime,
     following = next_run_of(schedule, now, last=scheduled_for)
     counts = ({"runs_skipped": Schedule.runs_skipped + 1, "last_skipped_at": now} if skip
               else {"runs_fired": Schedule.runs_fired + 1})
+    prepared, failure = None, None
+    if not skip:
+        try:
+            prepared = launch_service.prepare(task_type, params, options, launch_service.Lineage(
+                schedule_id=schedule_id, scheduled_for=scheduled_for))
+        except ServiceError as exc:  # the catalog changed under the schedule
+            failure = exc
+            record_launch(task_type if isinstance(exc, InvalidParams) else "unknown",
+                          "invalid" if isinstance(exc, InvalidParams) else "unknown_task_type")
+    run_id = prepared.record["id"] if prepared is not None else None
     try:
-        # The fire record first: of two beats, the second waits on this key and fails.
+        if prepared is not None:
+            launch_service.hold_from_now(prepared)
+            db.session.execute(launch_service.RUNS_INSERT, prepared.record)
+            if prepared.tags:
+                db.session.execute(launch_service.TAGS_INSERT, [
+                    {"run_id": run_id, "tag": tag} for tag in prepared.tags])
+            counts.update(last_run_id=run_id, last_run_at=now)
+        # The fire record: of two beats, the second waits on this key and fails.
         db.session.execute(sa.insert(ScheduleFire).values(
             schedule_id=schedule_id, scheduled_for=scheduled_for, fired_at=now,
-            outcome="skipped" if skip else "fired"))
+            outcome="skipped" if skip else "failed" if failure else "fired", run_id=run_id,
+            error=failure.detail[:2000] if failure else None))
         moved = db.session.execute(
             sa.update(Schedule)
             .where(Schedule.id == schedule_id, Schedule.next_run_at == scheduled_for,
@@ -438,67 +463,51 @@ def _fire(schedule_id: str, scheduled_for: datetime, now: datetime,
         if moved != 1:
             db.session.rollback()  # changed through the API in between
             return 0
+        if run_id is not None:
+            webhooks.record_schedule_fired(run_id)  # in the same transaction (the outbox)
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
         log.info("🗓️ schedule %s: the tick of %s was fired by another beat", name,
                  scheduled_for.isoformat())
         return 0
+    except SQLAlchemyError as exc:
+        db.session.rollback()
+        if database.is_unavailable(exc):
+            raise Unavailable("The database is unreachable.",
+                              outcome="database_unavailable") from exc
+        raise
     if skip:
         log.warning("🗓️ schedule %s (%s): skipped the tick of %s, its previous run %s is "
                     "unfinished (overlap=skip)", name, schedule_id, scheduled_for.isoformat(),
                     last_run_id)
         return 1
-    return _launch(schedule_id, name, task_type, params, options, scheduled_for, following,
-                   now, broker or BrokerSeen())
-
-
-def _launch(schedule_id, name, task_type, params, options, scheduled_for, following, now,
-            broker: BrokerSeen):
-    fire = sa.and_(ScheduleFire.schedule_id == schedule_id,
-                   ScheduleFire.scheduled_for == scheduled_for)
-    lateness = (utcnow() - scheduled_for).total_seconds()
-    try:
-        # The broker down: the tick's run is recorded and held, and beat publishes it
-        # once the broker answers (one run per tick, however long the outage).
-        run = launch_service.launch(task_type, params, options, launch_service.Lineage(
-            schedule_id=schedule_id, scheduled_for=scheduled_for),
-            hold_when_unpublished=True, publish_now=not broker.down)
-    except Unavailable as exc:
-        # Not recorded (the database is down): undo the fire so the next tick fires it
-        # again (exactly one wins).
-        db.session.rollback()
-        db.session.execute(sa.delete(ScheduleFire).where(fire))
-        db.session.execute(
-            sa.update(Schedule)
-            .where(Schedule.id == schedule_id, Schedule.next_run_at == following)
-            .values(next_run_at=scheduled_for, runs_fired=Schedule.runs_fired - 1))
-        db.session.commit()
-        log.error("❌ schedule %s (%s): the tick of %s was not launched, retried at the "
-                  "next tick: %s", name, schedule_id, scheduled_for.isoformat(), exc.detail)
-        raise
-    except ServiceError as exc:
-        # The catalog changed under the schedule (task type gone, params now invalid).
-        db.session.rollback()
-        db.session.execute(sa.update(ScheduleFire).where(fire).values(
-            outcome="failed", error=exc.detail[:2000]))
-        db.session.commit()
+    if failure is not None:
         log.error("❌ schedule %s (%s): the tick of %s could not launch %s: %s", name,
-                  schedule_id, scheduled_for.isoformat(), task_type, exc.detail)
+                  schedule_id, scheduled_for.isoformat(), task_type, failure.detail)
         return 1
-    db.session.execute(sa.update(ScheduleFire).where(fire).values(run_id=run.id))
-    db.session.execute(sa.update(Schedule).where(Schedule.id == schedule_id).values(
-        last_run_id=run.id, last_run_at=now))
-    webhooks.record_schedule_fired(run.id)  # in the same transaction (the outbox)
-    db.session.commit()
-    if run.held:
-        broker.down = True
-        log.warning("📤 schedule %s fired the tick of %s as %s, held until the task broker "
-                    "answers", name, scheduled_for.isoformat(), run.id)
-    else:
-        log.info("📤 schedule %s fired the tick of %s as %s (%.3f s after its time)", name,
-                 scheduled_for.isoformat(), run.id, lateness)
+    record_launch(task_type, "accepted")
+    _publish(name, run_id, scheduled_for, broker)
     return 1
+
+
+def _publish(name: str, run_id: str, scheduled_for: datetime, broker: BrokerSeen) -> None:
+    """Publish a tick's run, recorded held: if the broker does not take it, it stays held
+    and beat's dispatch pass publishes it once the broker answers. Once a publish failed,
+    the pass's later runs are left held without trying (each try waits for a timeout)."""
+    if not broker.down:
+        try:
+            dispatch.publish_runs([run_id])
+        except launch_service.BROKER_ERRORS as exc:
+            broker.down = True
+            log.error("❌ could not publish %s: %s", run_id, exc)
+        else:
+            log.info("📤 schedule %s fired the tick of %s as %s (%.3f s after its time)",
+                     name, scheduled_for.isoformat(), run_id,
+                     (utcnow() - scheduled_for).total_seconds())
+            return
+    log.warning("📤 schedule %s fired the tick of %s as %s, held until the task broker "
+                "answers", name, scheduled_for.isoformat(), run_id)
 
 
 # The SII calendar (``make run`` with CELERY_API_SEED_SCHEDULES=1, or ``flask schedules seed``).
