@@ -286,6 +286,79 @@ def problem_response(status: int, detail: str, *, errors=None, headers=None, typ
     return response
 
 
+def open_responses(spec: dict) -> dict:
+    """Drop ``additionalProperties: false`` from what only responses use.
+
+    marshmallow schemas refuse unknown fields, so apispec writes ``additionalProperties:
+    false`` on every schema. For a request body that is the rule (an unknown field is a
+    422); for a response it would tell clients that a field added in a later version is
+    an error (openapi-generator's Java clients throw on it). So the components reached
+    only from responses, and the inline objects in them, leave it unsaid: a response may
+    carry fields this version does not document, and generated clients keep or ignore
+    them. Components a request uses keep it."""
+    components = spec.get("components", {}).get("schemas", {})
+
+    def refs(node, seen: set[str]) -> set[str]:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/components/schemas/"):
+                name = ref.rsplit("/", 1)[1]
+                if name not in seen and name in components:
+                    seen.add(name)
+                    refs(components[name], seen)
+            for value in node.values():
+                refs(value, seen)
+        elif isinstance(node, list):
+            for value in node:
+                refs(value, seen)
+        return seen
+
+    requests: set[str] = set()
+    answers: list = list(spec.get("components", {}).get("responses", {}).values())
+    for item in spec.get("paths", {}).values():
+        for operation in item.values():
+            if not isinstance(operation, dict):
+                continue
+            refs(operation.get("requestBody"), requests)
+            refs(operation.get("parameters"), requests)
+            refs(item.get("parameters"), requests)
+            answers.extend((operation.get("responses") or {}).values())
+
+    def relax(node) -> None:
+        if isinstance(node, dict):
+            if node.get("additionalProperties") is False:
+                del node["additionalProperties"]
+            for value in node.values():
+                relax(value)
+        elif isinstance(node, list):
+            for value in node:
+                relax(value)
+
+    responses = refs(answers, set())
+
+    def shapes(node, found: set) -> set:
+        """The property names of every object inside ``node`` (refs not followed)."""
+        if isinstance(node, dict):
+            if isinstance(node.get("properties"), dict):
+                found.add(frozenset(node["properties"]))
+            for value in node.values():
+                shapes(value, found)
+        elif isinstance(node, list):
+            for value in node:
+                shapes(value, found)
+        return found
+
+    inline = shapes([answers, [components[name] for name in responses]], set())
+    # A component no operation names, kept for clients to name a shape a response
+    # inlines (Progress: inlined where a run may have none), is a response's too.
+    named_only = {name for name in set(components) - requests - responses
+                  if frozenset(components[name].get("properties") or ()) in inline}
+    relax(answers)  # inline schemas of responses; refs are followed below
+    for name in (responses - requests) | named_only:
+        relax(components[name])
+    return spec
+
+
 class Api(BaseApi):
     ERROR_SCHEMA = ProblemSchema
 
@@ -303,6 +376,10 @@ class Api(BaseApi):
             return {} if key is None else {"maximum": config[key]}
 
         self.ma_plugin.converter.add_attribute_function(document_setting_maximum)
+        # Every way out of the document (/api/openapi.json, `flask openapi write`) goes
+        # through to_dict: responses open to fields added later (open_responses).
+        to_dict = self.spec.to_dict
+        self.spec.to_dict = lambda: open_responses(to_dict())
 
     def _register_responses(self):
         """Document every error status with the problem+json media type."""

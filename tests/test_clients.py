@@ -91,6 +91,29 @@ def test_fields_always_sent_are_required_and_the_others_are_named(spec, name, op
     assert set(schema["required"]) == set(schema["properties"]) - optional
 
 
+def test_responses_are_open_to_fields_added_later_and_requests_are_not(spec):
+    """A response component (and any object inside one) leaves additionalProperties
+    unsaid: a field a later version adds must not break a client (openapi-generator's
+    Java client throws on a field the document forbids). Request bodies keep false:
+    an unknown field there is a 422."""
+    every = schemas(spec)
+
+    def closed(node) -> list:
+        if isinstance(node, dict):
+            return ([node] if node.get("additionalProperties") is False else []) + [
+                n for value in node.values() for n in closed(value)]
+        if isinstance(node, list):
+            return [n for value in node for n in closed(value)]
+        return []
+
+    for name in ("TaskStatusResponse", "TaskLaunchResponse", "HistoryPage", "HistoryRow",
+                 "Stats", "Problem", "Schedule", "Webhook", "Progress", "BatchResponse"):
+        assert closed(every[name]) == [], name
+    for name in ("LaunchOptions", "LaunchSiiSyncDocuments", "SyncDocumentsParams",
+                 "WebhookCreate"):
+        assert every[name].get("additionalProperties") is False, (name, every[name])
+
+
 def test_status_is_the_task_status_enum(spec):
     assert set(STATES) == runstate.ALL
     assert schemas(spec)["TaskStatus"] == {
