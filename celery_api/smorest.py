@@ -325,30 +325,15 @@ def open_responses(spec: dict) -> dict:
             answers.extend((operation.get("responses") or {}).values())
 
     def relax(node) -> None:
-        if isinstance(node, dict):
-            if node.get("additionalProperties") is False:
-                del node["additionalProperties"]
-            for value in node.values():
-                relax(value)
-        elif isinstance(node, list):
-            for value in node:
-                relax(value)
+        for obj in _objects(node):
+            if obj.get("additionalProperties") is False:
+                del obj["additionalProperties"]
 
     responses = refs(answers, set())
-
-    def shapes(node, found: set) -> set:
-        """The property names of every object inside ``node`` (refs not followed)."""
-        if isinstance(node, dict):
-            if isinstance(node.get("properties"), dict):
-                found.add(frozenset(node["properties"]))
-            for value in node.values():
-                shapes(value, found)
-        elif isinstance(node, list):
-            for value in node:
-                shapes(value, found)
-        return found
-
-    inline = shapes([answers, [components[name] for name in responses]], set())
+    # The property names of every object in the responses (refs not followed).
+    inline = {frozenset(obj["properties"])
+              for obj in _objects([answers, [components[name] for name in responses]])
+              if isinstance(obj.get("properties"), dict)}
     # A component no operation names, kept for clients to name a shape a response
     # inlines (Progress: inlined where a run may have none), is a response's too.
     named_only = {name for name in set(components) - requests - responses
@@ -357,6 +342,17 @@ def open_responses(spec: dict) -> dict:
     for name in (responses - requests) | named_only:
         relax(components[name])
     return spec
+
+
+def _objects(node):
+    """Every dict inside ``node`` (lists and dicts, depth first), ``node`` included."""
+    if isinstance(node, dict):
+        yield node
+        for value in list(node.values()):
+            yield from _objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _objects(value)
 
 
 class Api(BaseApi):
