@@ -443,19 +443,20 @@ def test_a_schedule_ticking_through_a_broker_outage_runs_each_tick_once(tmp_path
     from tests.support import Beat
 
     server, stack, backend, key, _ = _counting_stack(tmp_path, "schedule-outage")
-    env = dict(service_env(dict(stack.app.config, INSTANCE_PATH=tmp_path / "app")),
-               CELERY_API_DISPATCH_INTERVAL="0.2",
-               CELERY_API_RECONCILE_INTERVAL="3600", CELERY_API_PURGE_INTERVAL="3600")
-    created = stack.client.post("/api/celery/schedules", json={
-        "name": f"outage-{key}", "task_type": "acme.count", "params": {"key": key},
-        "interval_seconds": 1, "overlap": "allow"})
-    assert created.status_code == 201, created.get_data(as_text=True)
-    schedule_id = created.get_json()["id"]
+    schedule_id = None
 
     def succeeded() -> int:
         return sum(run.status == "SUCCESS" for run in _schedule_runs(stack.app, schedule_id))
 
     try:
+        env = dict(service_env(dict(stack.app.config, INSTANCE_PATH=tmp_path / "app")),
+                   CELERY_API_DISPATCH_INTERVAL="0.2",
+                   CELERY_API_RECONCILE_INTERVAL="3600", CELERY_API_PURGE_INTERVAL="3600")
+        created = stack.client.post("/api/celery/schedules", json={
+            "name": f"outage-{key}", "task_type": "acme.count", "params": {"key": key},
+            "interval_seconds": 1, "overlap": "allow"})
+        assert created.status_code == 201, created.get_data(as_text=True)
+        schedule_id = created.get_json()["id"]
         with Beat(env, tmp_path / "beat") as beat:
             wait_for(lambda: succeeded() >= 2, timeout=60, interval=0.2,
                      message="two ticks ran before the outage")
@@ -490,7 +491,8 @@ def test_a_schedule_ticking_through_a_broker_outage_runs_each_tick_once(tmp_path
         assert executed == {run.id for run in runs}
         assert int(backend.get(f"acme:count:{key}")) == len(runs)
     finally:
-        stack.client.delete(f"/api/celery/schedules/{schedule_id}")
+        if schedule_id is not None:
+            stack.client.delete(f"/api/celery/schedules/{schedule_id}")
         stack.worker.stop()
         close_app(stack.app)
         server.stop()
