@@ -113,7 +113,7 @@ def _require_migrated(table: str) -> None:
             raise
         raise click.ClickException(
             f"The database at {db.engine.url.render_as_string()} cannot be reached: "
-            f"{exc.orig if hasattr(exc, 'orig') else exc}") from exc
+            f"{getattr(exc, 'orig', exc)}") from exc
     if not migrated:
         raise click.ClickException(
             f"The database at {db.engine.url.render_as_string()} has no {table} table: "

@@ -16,6 +16,7 @@ answer is a 422 naming the field path, never a 500 or a 503 from the database.
 
 from __future__ import annotations
 
+import functools
 import http
 from collections.abc import Mapping
 from json import JSONDecodeError
@@ -127,16 +128,19 @@ class RequestSchema(Schema):
     (a worker may record any text in a run's error). Its numbers sent as text are
     ASCII: Python's ``int()`` reads ``"１"`` (fullwidth) and ``"٢"`` (Arabic-Indic)."""
 
+    @functools.cached_property
+    def _number_fields(self) -> dict:
+        """The number fields by the key they are sent under: once per schema instance,
+        not per request (the launch path)."""
+        return {field.data_key or name: field for name, field in self.load_fields.items()
+                if isinstance(field, ma.fields.Number)}
+
     @ma.pre_load
     def _ascii_numbers(self, data, **_kwargs):
         if not isinstance(data, Mapping):
             return data
-        numbers = self.__dict__.get("_number_fields")
-        if numbers is None:  # once per schema instance, not per request
-            numbers = self._number_fields = {
-                field.data_key or name: field for name, field in self.load_fields.items()
-                if isinstance(field, ma.fields.Number)}
-        errors = {key: [field.error_messages["invalid"]] for key, field in numbers.items()
+        errors = {key: [field.error_messages["invalid"]]
+                  for key, field in self._number_fields.items()
                   if key in data and isinstance(data[key], str) and not data[key].isascii()}
         if errors:
             raise ma.ValidationError(errors)
@@ -299,18 +303,12 @@ def open_responses(spec: dict) -> dict:
     components = spec.get("components", {}).get("schemas", {})
 
     def refs(node, seen: set[str]) -> set[str]:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/components/schemas/"):
-                name = ref.rsplit("/", 1)[1]
-                if name not in seen and name in components:
-                    seen.add(name)
-                    refs(components[name], seen)
-            for value in node.values():
-                refs(value, seen)
-        elif isinstance(node, list):
-            for value in node:
-                refs(value, seen)
+        """The components ``node`` refers to, and those they refer to, added to ``seen``."""
+        for obj in _objects(node):
+            name = obj.get("$ref", "").removeprefix("#/components/schemas/")
+            if name in components and name not in seen:
+                seen.add(name)
+                refs(components[name], seen)
         return seen
 
     requests: set[str] = set()
@@ -475,8 +473,8 @@ def _is_invalid_json(errors) -> bool:
 
 
 def _is_not_an_object(errors) -> bool:
-    """A JSON body that is not an object (``null``, a list, a string, a number), or no
-    body at all: marshmallow's schema-level "Invalid input type."."""
+    """A JSON body that is not an object (``null``, a list, a string, a number):
+    marshmallow's schema-level "Invalid input type." (an empty body loads as ``{}``)."""
     return (isinstance(errors, dict) and isinstance(errors.get("json"), dict)
             and errors["json"].get("_schema") == ["Invalid input type."])
 
@@ -486,9 +484,6 @@ JSON_TYPE_NAMES = {type(None): "null", list: "an array", str: "a string", bool: 
 
 
 def _not_an_object_detail() -> str:
-    if not request.get_data(cache=True):
-        return ("The request body is empty: send a JSON object, with "
-                "Content-Type: application/json.")
     got = JSON_TYPE_NAMES.get(type(request.get_json(silent=True, cache=True)), "not an object")
     return f"The request body must be a JSON object; it is {got}."
 

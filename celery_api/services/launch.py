@@ -116,17 +116,22 @@ def launch(
     try:
         launched = _launch(task_type, params, options or LaunchOptions(), lineage or Lineage(),
                            cache)
-    except UnknownTaskType:
-        record_launch("unknown", "unknown_task_type")
-        raise
-    except InvalidParams:
-        record_launch(task_type, "invalid")
+    except (UnknownTaskType, InvalidParams) as exc:
+        record_refused(task_type, exc)
         raise
     except (Unavailable, limits.Refused) as exc:
         record_launch(task_type, exc.outcome)
         raise
     record_launch(task_type, "cached" if launched.cached else "accepted")
     return launched
+
+
+def record_refused(task_type: str, exc: UnknownTaskType | InvalidParams) -> None:
+    """Count a launch refused by the catalog (``prepare``'s errors) in the metrics."""
+    if isinstance(exc, UnknownTaskType):
+        record_launch("unknown", "unknown_task_type")
+    else:
+        record_launch(task_type, "invalid")
 
 
 @dataclass
@@ -158,8 +163,11 @@ def hold_seconds(config) -> float:
     return hold
 
 
-def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) -> Prepared:
-    """Validate and build the run's record; raise UnknownTaskType or InvalidParams."""
+def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage, *,
+            held: bool = False) -> Prepared:
+    """Validate and build the run's record; raise UnknownTaskType or InvalidParams.
+    ``held``: recorded held even if not delayed, due now (beat's dispatch pass publishes
+    it if its recorder does not: a schedule's tick)."""
     definition, clean = validate(task_type, params)
     from celery_api.services.webhooks import check_launch_webhook
 
@@ -177,14 +185,15 @@ def prepare(task_type: str, params, options: LaunchOptions, lineage: Lineage) ->
     if eta is None and options.countdown:
         eta = now + timedelta(seconds=options.countdown)
     expires = options.expires
-    dispatch_at = None
+    dispatch_at = now if held and eta is None else None
     if eta is not None:
         hold = hold_seconds(current_app.config)
         if (eta - now).total_seconds() > hold:
             dispatch_at = eta - timedelta(seconds=hold)
-            if isinstance(expires, int | float):  # counted from the launch, not the publish
-                expires = now + timedelta(seconds=expires)
-            options = dataclasses.replace(options, countdown=None, eta=eta, expires=expires)
+    if dispatch_at is not None:
+        if isinstance(expires, int | float):  # counted from the launch, not the publish
+            expires = now + timedelta(seconds=expires)
+        options = dataclasses.replace(options, countdown=None, eta=eta, expires=expires)
     record = {
         "id": task_id,
         "task_type": definition.task_type,
@@ -227,7 +236,7 @@ def record_runs(prepared: list[Prepared]) -> None:
     # committed). Many records: COPY on PostgreSQL, one executemany elsewhere, in one
     # explicit transaction.
     records = [p.record for p in prepared]
-    tags = [{"run_id": p.record["id"], "tag": tag} for p in prepared for tag in p.tags]
+    tags = tag_rows(prepared)
     single = len(records) == 1 and not tags
     try:
         for attempt in (1, 2):
@@ -269,6 +278,11 @@ def record_runs(prepared: list[Prepared]) -> None:
         raise Unavailable(
             "The database is unreachable; nothing was launched. Retry later.",
             outcome="database_unavailable") from exc
+
+
+def tag_rows(prepared: list[Prepared]) -> list[dict]:
+    """The ``task_run_tags`` rows of ``prepared`` (the history's tag filter)."""
+    return [{"run_id": p.record["id"], "tag": tag} for p in prepared for tag in p.tags]
 
 
 def _insert_alone(record: dict, again: bool) -> None:
@@ -458,16 +472,6 @@ def _unpublished(record: dict, reason: str) -> None:
 
 
 FAILURE_WRITES = 3  # a database that blinks while the broker is down
-
-
-def hold_from_now(prepared: Prepared) -> None:
-    """Make a prepared run that is not delayed a held one, due now: beat's dispatch pass
-    publishes it if its recorder does not (services.dispatch). An ``expires`` in seconds
-    counts from now, as for a run held for its ETA."""
-    record, options = prepared.record, prepared.options
-    record["dispatch_at"] = record["created_at"]
-    if isinstance(options.expires, int | float):
-        record["expires"] = record["created_at"] + timedelta(seconds=options.expires)
 
 
 def forget(task_ids: list[str]) -> None:

@@ -39,7 +39,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import sqlalchemy as sa
 from cronsim import CronSim, CronSimError
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from celery_api.catalog import known_queues
 from celery_api.extensions import db
@@ -50,7 +50,6 @@ from celery_api.services import launch as launch_service
 from celery_api.services.errors import (
     InvalidParams,
     NotFound,
-    ServiceError,
     Unavailable,
     UnknownTaskType,
 )
@@ -415,13 +414,12 @@ def _unfinished(run_id: str | None) -> bool:
 
 
 def _fire(schedule_id: str, scheduled_for: datetime, now: datetime,
-          broker: BrokerSeen | None = None) -> int:
+          broker: BrokerSeen) -> int:
     """Fire (or skip) one tick. Its fire record, the schedule's move to its next tick
     and the tick's run (recorded held, due now) are one transaction: a beat that dies
     after it leaves a held run that the dispatch pass publishes, and one that dies
     before it leaves the tick to the next pass. The run is then published at once;
     if the broker does not take it, it stays held and is published once it answers."""
-    broker = broker or BrokerSeen()
     schedule = db.session.get(Schedule, schedule_id)
     if schedule is None or not schedule.enabled or schedule.next_run_at != scheduled_for:
         db.session.rollback()  # changed since the page was read: the next tick sees it
@@ -436,47 +434,40 @@ def _fire(schedule_id: str, scheduled_for: datetime, now: datetime,
     if not skip:
         try:
             prepared = launch_service.prepare(task_type, params, options, launch_service.Lineage(
-                schedule_id=schedule_id, scheduled_for=scheduled_for))
-        except ServiceError as exc:  # the catalog changed under the schedule
+                schedule_id=schedule_id, scheduled_for=scheduled_for), held=True)
+        except (UnknownTaskType, InvalidParams) as exc:  # the catalog changed under it
             failure = exc
-            record_launch(task_type if isinstance(exc, InvalidParams) else "unknown",
-                          "invalid" if isinstance(exc, InvalidParams) else "unknown_task_type")
+            launch_service.record_refused(task_type, exc)
     run_id = prepared.record["id"] if prepared is not None else None
     try:
-        if prepared is not None:
-            launch_service.hold_from_now(prepared)
-            db.session.execute(launch_service.RUNS_INSERT, prepared.record)
-            if prepared.tags:
-                db.session.execute(launch_service.TAGS_INSERT, [
-                    {"run_id": run_id, "tag": tag} for tag in prepared.tags])
-            counts.update(last_run_id=run_id, last_run_at=now)
-        # The fire record: of two beats, the second waits on this key and fails.
-        db.session.execute(sa.insert(ScheduleFire).values(
-            schedule_id=schedule_id, scheduled_for=scheduled_for, fired_at=now,
-            outcome="skipped" if skip else "failed" if failure else "fired", run_id=run_id,
-            error=failure.detail[:2000] if failure else None))
-        moved = db.session.execute(
-            sa.update(Schedule)
-            .where(Schedule.id == schedule_id, Schedule.next_run_at == scheduled_for,
-                   Schedule.enabled.is_(True))
-            .values(next_run_at=following, **counts)).rowcount
-        if moved != 1:
-            db.session.rollback()  # changed through the API in between
-            return 0
-        if run_id is not None:
-            webhooks.record_schedule_fired(run_id)  # in the same transaction (the outbox)
-        db.session.commit()
-    except IntegrityError:
-        db.session.rollback()
+        with database.unavailable_as("The database is unreachable.",
+                                     outcome="database_unavailable"):
+            if prepared is not None:
+                db.session.execute(launch_service.RUNS_INSERT, prepared.record)
+                if prepared.tags:
+                    db.session.execute(launch_service.TAGS_INSERT,
+                                       launch_service.tag_rows([prepared]))
+                counts.update(last_run_id=run_id, last_run_at=now)
+            # The fire record: of two beats, the second waits on this key and fails.
+            db.session.execute(sa.insert(ScheduleFire).values(
+                schedule_id=schedule_id, scheduled_for=scheduled_for, fired_at=now,
+                outcome="skipped" if skip else "failed" if failure else "fired",
+                run_id=run_id, error=failure.detail[:2000] if failure else None))
+            moved = db.session.execute(
+                sa.update(Schedule)
+                .where(Schedule.id == schedule_id, Schedule.next_run_at == scheduled_for,
+                       Schedule.enabled.is_(True))
+                .values(next_run_at=following, **counts)).rowcount
+            if moved != 1:
+                db.session.rollback()  # changed through the API in between
+                return 0
+            if run_id is not None:
+                webhooks.record_schedule_fired(run_id)  # in the same transaction (the outbox)
+            db.session.commit()
+    except IntegrityError:  # unavailable_as has rolled back
         log.info("🗓️ schedule %s: the tick of %s was fired by another beat", name,
                  scheduled_for.isoformat())
         return 0
-    except SQLAlchemyError as exc:
-        db.session.rollback()
-        if database.is_unavailable(exc):
-            raise Unavailable("The database is unreachable.",
-                              outcome="database_unavailable") from exc
-        raise
     if skip:
         log.warning("🗓️ schedule %s (%s): skipped the tick of %s, its previous run %s is "
                     "unfinished (overlap=skip)", name, schedule_id, scheduled_for.isoformat(),
